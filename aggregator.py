@@ -1,0 +1,520 @@
+"""The vote aggregation service: RabbitMQ consumer, flush thread and main().
+
+Threads:
+- the main thread owns the pika BlockingConnection: it receives and validates
+  messages, appends votes to the buffer, and runs every ack and reject (pika is
+  not thread-safe, so nothing else touches the channel);
+- the "flush" thread takes batches from the buffer and writes them to
+  PostgreSQL; when a batch has committed it asks the main thread, through
+  `add_callback_threadsafe`, to ack it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import FrameType
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from pika.spec import Basic, BasicProperties
+
+import db
+from config import Config, ConfigError, load_config
+from metrics import Metrics
+from votes import InvalidVote, Vote, parse_vote
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+# How long the connection thread blocks in pika between checks of the stop flag.
+_POLL_S = 0.05
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A valid vote waiting for its batch, and where to ack it."""
+
+    vote: Vote
+    tag: int
+    channel: BlockingChannel
+    received_at: float
+
+
+class Buffer:
+    """Votes waiting to be written. The lock is held only to append or swap."""
+
+    def __init__(self, *, batch_size: int, timeout_s: float) -> None:
+        self._batch_size = batch_size
+        self._timeout_s = timeout_s
+        self._cond = threading.Condition(threading.Lock())
+        self._items: list[Delivery] = []
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+    def add(self, delivery: Delivery) -> None:
+        with self._cond:
+            self._items.append(delivery)
+            if len(self._items) == self._batch_size:
+                self._cond.notify()
+
+    def take(self, *, wait_s: float, drain: bool = False) -> list[Delivery]:
+        """The next batch, once it is full or its oldest vote has waited BATCH_TIMEOUT_SECONDS.
+
+        Returns an empty list if no batch is due within `wait_s`. With `drain`,
+        whatever is buffered is due at once.
+        """
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                items = self._items
+                if items and (drain or len(items) >= self._batch_size or now - items[0].received_at >= self._timeout_s):
+                    batch = items[: self._batch_size]
+                    del items[: self._batch_size]
+                    return batch
+                if now >= deadline:
+                    return []
+                wake_at = deadline
+                if items:
+                    wake_at = min(wake_at, items[0].received_at + self._timeout_s)
+                self._cond.wait(max(wake_at - now, 0.001))
+
+    def drop_channel(self, channel: BlockingChannel) -> int:
+        """Forget deliveries of a channel that closed: RabbitMQ redelivers them."""
+        with self._cond:
+            kept = [d for d in self._items if d.channel is not channel]
+            dropped = len(self._items) - len(kept)
+            self._items = kept
+            return dropped
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+class Aggregator:
+    """Consumes votes from RabbitMQ and writes them to PostgreSQL in batches."""
+
+    def __init__(self, *, config: Config, database: db.Database, metrics: Metrics) -> None:
+        self._config = config
+        self._db = database
+        self._metrics = metrics
+        self._buffer = Buffer(batch_size=config.batch_size, timeout_s=config.batch_timeout_s)
+        self._stop = threading.Event()  # a signal arrived: stop consuming
+        self._draining = threading.Event()  # consuming stopped: write what is buffered, then exit
+        self._abandon = threading.Event()  # shutdown budget spent: stop retrying
+        self._stop_deadline = float("inf")
+        self._flush_thread = threading.Thread(target=self._flush_loop, name="flush", daemon=True)
+        self._channel: BlockingChannel | None = None
+
+    # -- control (any thread, signal handlers included) -----------------------
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            self._stop_deadline = time.monotonic() + self._config.shutdown_timeout_s
+            self._stop.set()
+
+    # -- connection thread ----------------------------------------------------
+
+    def run(self) -> int:
+        """Consume until a stop is requested; reconnect on connection loss. Returns the exit code."""
+        self._flush_thread.start()
+        delay = 1.0
+        connected_once = False
+        clean = True
+        while not self._stop.is_set():
+            connection: BlockingConnection | None = None
+            try:
+                connection = pika.BlockingConnection(self._connection_parameters())
+                connected_once = True
+                delay = 1.0
+                clean = self._consume(connection)
+            except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
+                if not connected_once:
+                    logger.error("RabbitMQ refused %s: %s", self._config.rabbitmq_url_for_logs(), exc)
+                    self.request_stop()
+                    clean = False
+                    break
+                logger.error("RabbitMQ refused the connection (%s); retrying in %.1fs", exc, delay)
+            except pika.exceptions.AMQPError as exc:
+                self._metrics.record_error("rabbitmq_connection")
+                logger.warning(
+                    "RabbitMQ connection to %s lost or refused (%s: %s); retrying in %.1fs",
+                    self._config.rabbitmq_url_for_logs(),
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+            finally:
+                self._forget_channel()
+                if connection is not None and connection.is_open:
+                    _close_quietly(connection.close)
+            if not self._stop.is_set():
+                self._stop.wait(delay)
+                delay = min(delay * 2, self._config.rabbitmq_reconnect_max_delay_s)
+        # Stopped while disconnected (or the drain above did not finish): let the
+        # flush thread write what it holds; its acks cannot be sent, so RabbitMQ
+        # redelivers those votes and the database absorbs them.
+        if not self._finish_flushing(None):
+            clean = False
+        return EXIT_OK if clean else EXIT_FAILURE
+
+    def _connection_parameters(self) -> pika.ConnectionParameters:
+        c = self._config
+        return pika.ConnectionParameters(
+            host=c.rabbitmq_host,
+            port=c.rabbitmq_port,
+            virtual_host=c.rabbitmq_vhost,
+            credentials=pika.PlainCredentials(c.rabbitmq_user, c.rabbitmq_password),
+            heartbeat=c.rabbitmq_heartbeat_s,
+            blocked_connection_timeout=300,
+            connection_attempts=1,
+            socket_timeout=10,
+            client_properties={"connection_name": "vote-aggregator"},
+        )
+
+    def _open_queue(self, connection: BlockingConnection) -> BlockingChannel:
+        """A channel on RABBITMQ_QUEUE: an existing queue is used as it is, a missing one declared durable."""
+        channel = connection.channel()
+        queue = self._config.rabbitmq_queue
+        try:
+            channel.queue_declare(queue, passive=True)
+            return channel
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+        channel = connection.channel()
+        channel.queue_declare(queue, durable=True)
+        logger.info("declared durable queue %s", queue)
+        return channel
+
+    def _consume(self, connection: BlockingConnection) -> bool:
+        channel = self._open_queue(connection)
+        channel.basic_qos(prefetch_count=self._config.rabbitmq_prefetch_count)
+        consumer_tag = channel.basic_consume(self._config.rabbitmq_queue, on_message_callback=self._on_message)
+        self._channel = channel
+        logger.info(
+            "consuming %s on %s (prefetch %d, batch %d votes or %.2fs)",
+            self._config.rabbitmq_queue,
+            self._config.rabbitmq_url_for_logs(),
+            self._config.rabbitmq_prefetch_count,
+            self._config.batch_size,
+            self._config.batch_timeout_s,
+        )
+        while not self._stop.is_set():
+            connection.process_data_events(time_limit=_POLL_S)
+
+        logger.info("stopping: no new messages; writing %d buffered votes", len(self._buffer))
+        # Undelivered prefetched messages are nacked by pika and stay in the queue.
+        channel.basic_cancel(consumer_tag)
+        clean = self._finish_flushing(connection)
+        # Every ack was scheduled before this sentinel; once it has run, all were sent.
+        acks_sent = threading.Event()
+        connection.add_callback_threadsafe(acks_sent.set)
+        while not acks_sent.is_set() and time.monotonic() < self._stop_deadline + 1.0:
+            connection.process_data_events(time_limit=_POLL_S)
+        self._forget_channel()
+        _close_quietly(channel.close)
+        _close_quietly(connection.close)
+        return clean and acks_sent.is_set()
+
+    def _finish_flushing(self, connection: BlockingConnection | None) -> bool:
+        """Let the flush thread write what is buffered, within the shutdown budget."""
+        self._draining.set()
+        self._buffer.wake()
+        while self._flush_thread.is_alive() and time.monotonic() < self._stop_deadline:
+            if connection is not None:
+                connection.process_data_events(time_limit=_POLL_S)
+            else:
+                self._flush_thread.join(_POLL_S)
+        if self._flush_thread.is_alive():
+            self._abandon.set()
+            logger.error(
+                "shutdown budget (SHUTDOWN_TIMEOUT_SECONDS=%.1f) spent with %d votes not written: "
+                "they stay unacked and RabbitMQ redelivers them",
+                self._config.shutdown_timeout_s,
+                len(self._buffer),
+            )
+            return False
+        return True
+
+    def _forget_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            dropped = self._buffer.drop_channel(channel)
+            if dropped:
+                logger.warning("dropped %d buffered votes of a closed channel; RabbitMQ redelivers them", dropped)
+
+    def _on_message(
+        self, channel: BlockingChannel, method: Basic.Deliver, _properties: BasicProperties, body: bytes
+    ) -> None:
+        tag = method.delivery_tag
+        try:
+            vote = parse_vote(body, max_bytes=self._config.max_message_bytes)
+        except InvalidVote as exc:
+            self._reject_invalid(channel, tag, len(body), exc)
+            return
+        except Exception:
+            logger.exception("validation failed unexpectedly (delivery tag %d)", tag)
+            self._reject_invalid(channel, tag, len(body), InvalidVote("unexpected", "validation raised an error"))
+            return
+        self._buffer.add(Delivery(vote, tag, channel, time.monotonic()))
+
+    def _reject_invalid(self, channel: BlockingChannel, tag: int, size: int, exc: InvalidVote) -> None:
+        # Never requeued: it would fail the same way forever. A dead-letter
+        # exchange on the queue keeps it for audit.
+        channel.basic_reject(tag, requeue=False)
+        self._metrics.record_error(exc.reason)
+        logger.warning("rejected message (delivery tag %d, %d bytes): %s", tag, size, exc)
+
+    # -- flush thread -----------------------------------------------------------
+
+    def _flush_loop(self) -> None:
+        while True:
+            try:
+                draining = self._draining.is_set()
+                batch = self._buffer.take(wait_s=0.2, drain=draining)
+                if batch:
+                    self._write(batch)
+                elif draining:
+                    return
+                if self._abandon.is_set():
+                    return
+            except Exception:
+                # Never die: a dead flush thread would stall every vote behind it.
+                logger.exception("unexpected error in the flush thread")
+                self._metrics.record_error("unexpected")
+                time.sleep(1.0)
+
+    def _write(self, batch: list[Delivery]) -> None:
+        """Write one batch until it commits, then have it acked. Never drops it."""
+        started = time.monotonic()
+        delay = self._config.retry_delay_s
+        while True:
+            try:
+                committed, rejected = self._write_isolating(batch)
+                break
+            except db.RetryableError as exc:
+                self._metrics.record_error("database_unavailable")
+                logger.error(
+                    "batch of %d votes not written after %d retries (%s); keeping it and retrying in %.1fs",
+                    len(batch),
+                    self._config.max_retry_attempts,
+                    exc,
+                    delay,
+                )
+            except db.DatabaseError as exc:
+                self._metrics.record_error("database_error")
+                logger.error("batch of %d votes failed (%s); keeping it and retrying in %.1fs", len(batch), exc, delay)
+            # The votes stay unacked meanwhile, so RabbitMQ stops delivering once
+            # prefetch is full: memory stays bounded while PostgreSQL is away.
+            if self._abandon.wait(delay):
+                return
+            delay = min(delay * 2, self._config.retry_max_delay_s)
+        duration = time.monotonic() - started
+        for delivery in rejected:
+            self._schedule(delivery.channel, functools.partial(_reject, delivery.channel, delivery.tag))
+        self._ack(committed)
+        self._metrics.batch_processing_duration.set(duration)
+        logger.debug("batch of %d votes committed in %.3fs", len(batch), duration)
+
+    def _write_isolating(self, batch: list[Delivery]) -> tuple[list[Delivery], list[Delivery]]:
+        """Write the batch; if PostgreSQL refuses its data, split it until the refused votes are alone.
+
+        Returns (committed, rejected). Raises RetryableError if the database went away.
+        """
+        try:
+            outcome = self._db.write_batch([d.vote for d in batch])
+        except db.DatabaseRejected as exc:
+            if len(batch) == 1:
+                self._metrics.record_error("database_rejected")
+                logger.error(
+                    "PostgreSQL refused vote %s (delivery tag %d): %s; rejecting it",
+                    batch[0].vote.vote_hash,
+                    batch[0].tag,
+                    exc,
+                )
+                return [], list(batch)
+            middle = len(batch) // 2
+            first = self._write_isolating(batch[:middle])
+            second = self._write_isolating(batch[middle:])
+            return first[0] + second[0], first[1] + second[1]
+        self._metrics.record_batch(outcome, size=len(batch))
+        return list(batch), []
+
+    def _ack(self, deliveries: Sequence[Delivery]) -> None:
+        """One multiple-ack per channel, up to the batch's highest tag.
+
+        Safe because there is one writer: every earlier delivery on the channel
+        was already acked or rejected.
+        """
+        last: dict[int, Delivery] = {}
+        for d in deliveries:
+            key = id(d.channel)
+            if key not in last or d.tag > last[key].tag:
+                last[key] = d
+        for d in last.values():
+            self._schedule(d.channel, functools.partial(self._ack_on_connection_thread, d.channel, d.tag))
+
+    def _schedule(self, channel: BlockingChannel, callback: Callable[[], None]) -> None:
+        try:
+            channel.connection.add_callback_threadsafe(callback)
+        except (pika.exceptions.AMQPError, AttributeError) as exc:
+            # The connection is gone; RabbitMQ redelivers and the database absorbs.
+            logger.warning("could not schedule an ack (%s); RabbitMQ will redeliver", exc)
+
+    # -- runs on the connection thread ------------------------------------------
+
+    def _ack_on_connection_thread(self, channel: BlockingChannel, tag: int) -> None:
+        current = self._channel
+        if current is None or channel is not current or not current.is_open:
+            # Acking on another channel would ack someone else's messages.
+            logger.warning("channel closed before delivery tag %d was acked; RabbitMQ will redeliver", tag)
+            return
+        current.basic_ack(tag, multiple=True)
+
+
+def _reject(channel: BlockingChannel, tag: int) -> None:
+    if channel.is_open:
+        channel.basic_reject(tag, requeue=False)
+
+
+def _close_quietly(close: Callable[[], None]) -> None:
+    try:
+        close()
+    except Exception as exc:  # closing something already broken
+        logger.debug("ignored while closing: %s", exc)
+
+
+# -- start-up ------------------------------------------------------------------
+
+
+def _open_database(config: Config, stop: threading.Event) -> db.Database | None:
+    """Connect and make sure the schema exists, waiting for PostgreSQL if it is down."""
+    database = db.Database(config=config)
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            database.open()
+            database.ensure_schema()
+            logger.info("connected to PostgreSQL at %s", config.postgres_target_for_logs())
+            return database
+        except db.RetryableError as exc:
+            database.close()
+            logger.warning("PostgreSQL not available (%s); retrying in %.1fs", exc, delay)
+        stop.wait(delay)
+        delay = min(delay * 2, config.retry_max_delay_s)
+    return None
+
+
+def init_db(config: Config) -> int:
+    if db.create_database(config):
+        print(f"created database {config.postgres_db}")
+    database = db.Database(config=config)
+    database.open()
+    try:
+        database.apply_schema()
+    finally:
+        database.close()
+    print(f"schema applied to {config.postgres_target_for_logs()}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Vote aggregation service: counts validated votes from RabbitMQ into PostgreSQL.",
+        epilog="Configuration comes from the environment (and a .env file); see .env.example.",
+    )
+    parser.add_argument(
+        "--init-db", action="store_true", help="create the database if missing, apply init_db.sql, and exit"
+    )
+    args = parser.parse_args(argv)
+
+    from dotenv import find_dotenv, load_dotenv
+
+    # Variables already set (systemd's EnvironmentFile=, docker -e) win over .env.
+    load_dotenv(find_dotenv(usecwd=True))
+    try:
+        config = load_config(os.environ)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=config.log_level_number,
+        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
+    )
+    # pika logs every broker-side channel close (a missing queue is one) as a warning;
+    # the service logs what matters about its connection itself.
+    logging.getLogger("pika").setLevel(max(config.log_level_number, logging.ERROR))
+
+    if args.init_db:
+        try:
+            return init_db(config)
+        except db.DatabaseError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+
+    stop = threading.Event()
+    aggregator: Aggregator | None = None
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            # Second signal: leave now. Unacked votes are redelivered and absorbed.
+            os._exit(EXIT_FAILURE)
+        stop.set()
+        if aggregator is not None:
+            aggregator.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    metrics = Metrics()
+    try:
+        metrics.serve(config.prometheus_port)
+    except OSError as exc:
+        logger.error("cannot serve metrics on port %d (PROMETHEUS_PORT): %s", config.prometheus_port, exc)
+        return EXIT_CONFIG
+
+    try:
+        database = _open_database(config, stop)
+    except (db.DatabaseMissing, db.DatabaseConfigError) as exc:
+        logger.error("%s", exc)
+        return EXIT_CONFIG
+    if database is None:
+        return EXIT_OK
+    try:
+        try:
+            metrics.set_totals(database.read_totals())
+        except db.DatabaseError as exc:
+            logger.warning("could not read current totals (%s); gauges fill in as batches commit", exc)
+        aggregator = Aggregator(config=config, database=database, metrics=metrics)
+        if stop.is_set():
+            aggregator.request_stop()
+        code = aggregator.run()
+    finally:
+        database.close()
+    logger.info("stopped (exit code %d)", code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
