@@ -1,0 +1,38 @@
+# Set-up and day-to-day commands. `make run` and `make test` do everything on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint check-services init-db clean
+
+$(VENV)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt requirements.txt $(VENV)/.runtime
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+check-services:
+	@scripts/check_services.sh
+
+## Create the database if missing and apply init_db.sql (idempotent).
+init-db: $(VENV)/.runtime check-services
+	$(PY) aggregator.py --init-db
+
+## Run the service against the local RabbitMQ and PostgreSQL (settings: environment or .env).
+run: init-db
+	$(PY) aggregator.py
+
+## Lint, type-check and run the whole test suite against the local RabbitMQ and PostgreSQL.
+test: $(VENV)/.dev check-services lint
+	$(PY) -m pytest
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

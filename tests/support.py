@@ -1,0 +1,250 @@
+"""Test helpers: the service as a subprocess, the broker and database as a user sees them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pika
+import psycopg2
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+RABBITMQ_HOST = os.environ.get("TEST_RABBITMQ_HOST", "127.0.0.1")
+RABBITMQ_PORT = int(os.environ.get("TEST_RABBITMQ_PORT", "5672"))
+POSTGRES_HOST = os.environ.get("TEST_POSTGRES_HOST", "127.0.0.1")
+POSTGRES_PORT = int(os.environ.get("TEST_POSTGRES_PORT", "5432"))
+POSTGRES_USER = os.environ.get("TEST_POSTGRES_USER", "postgres")
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- votes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VoteMsg:
+    vote_hash: str
+    citizen_id: str
+    law_id: str
+    choice: str
+    timestamp: str = "2025-11-14T12:00:00Z"
+
+    def body(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+
+def make_votes(count: int, *, laws: int, seed: int = 1, prefix: str = "citizen") -> list[VoteMsg]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        citizen = f"{prefix}-{seed}-{i}"
+        law = f"law-{rng.randrange(laws):03d}"
+        out.append(
+            VoteMsg(
+                vote_hash=hashlib.sha256(f"{citizen}:{law}".encode()).hexdigest(),
+                citizen_id=citizen,
+                law_id=law,
+                choice=rng.choice(("oui", "non")),
+            )
+        )
+    return out
+
+
+def expected_totals(votes: Iterable[VoteMsg]) -> dict[str, tuple[int, int]]:
+    totals: dict[str, list[int]] = {}
+    for v in votes:
+        t = totals.setdefault(v.law_id, [0, 0])
+        t[0 if v.choice == "oui" else 1] += 1
+    return {law: (oui, non) for law, (oui, non) in totals.items()}
+
+
+# -- RabbitMQ --------------------------------------------------------------------
+
+
+def amqp_connection() -> pika.BlockingConnection:
+    return pika.BlockingConnection(pika.ConnectionParameters(RABBITMQ_HOST, RABBITMQ_PORT))
+
+
+def publish(queue: str, bodies: Iterable[bytes]) -> int:
+    """Publish with confirms, so every body is in the queue when this returns."""
+    n = 0
+    conn = amqp_connection()
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+        for body in bodies:
+            ch.basic_publish("", queue, body, props, mandatory=True)
+            n += 1
+    finally:
+        conn.close()
+    return n
+
+
+def queue_state(queue: str) -> tuple[int, int]:
+    """(messages ready, consumers) of a queue."""
+    conn = amqp_connection()
+    try:
+        ok = conn.channel().queue_declare(queue, passive=True).method
+        return int(ok.message_count), int(ok.consumer_count)
+    finally:
+        conn.close()
+
+
+def drain_queue(queue: str) -> list[bytes]:
+    """Take every ready message off a queue (for dead-letter checks)."""
+    bodies: list[bytes] = []
+    conn = amqp_connection()
+    try:
+        ch = conn.channel()
+        while True:
+            method, _props, body = ch.basic_get(queue, auto_ack=True)
+            if method is None:
+                return bodies
+            bodies.append(body)
+    finally:
+        conn.close()
+
+
+# -- PostgreSQL ----------------------------------------------------------------------
+
+
+def pg_connect(dbname: str) -> psycopg2.extensions.connection:
+    conn = psycopg2.connect(host=POSTGRES_HOST, port=POSTGRES_PORT, user=POSTGRES_USER, dbname=dbname)
+    conn.autocommit = True
+    return conn
+
+
+def query(dbname: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    conn = pg_connect(dbname)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement, params)
+            return list(cur.fetchall())
+    finally:
+        conn.close()
+
+
+def audit_count(dbname: str) -> int:
+    try:
+        return int(query(dbname, "SELECT count(*) FROM vote_audit")[0][0])
+    except psycopg2.errors.UndefinedTable:
+        return 0
+
+
+def results(dbname: str) -> dict[str, tuple[int, int]]:
+    rows = query(dbname, "SELECT law_id, oui_count, non_count FROM vote_results")
+    return {law: (int(oui), int(non)) for law, oui, non in rows if oui or non}
+
+
+def assert_invariant(dbname: str) -> None:
+    """For every law, vote_results equals vote_audit grouped by law and choice."""
+    audit: dict[str, list[int]] = {}
+    for law, choice, n in query(dbname, "SELECT law_id, choice, count(*) FROM vote_audit GROUP BY 1, 2"):
+        audit.setdefault(law, [0, 0])[0 if choice == "oui" else 1] = int(n)
+    assert results(dbname) == {law: (oui, non) for law, (oui, non) in audit.items()}
+
+
+# -- the service --------------------------------------------------------------------
+
+
+class Service:
+    """The service as users run it: `python aggregator.py` with environment variables."""
+
+    def __init__(self, *, queue: str, dbname: str, log_path: Path, env: Mapping[str, str] | None = None) -> None:
+        self.queue = queue
+        self.dbname = dbname
+        self.log_path = log_path
+        self.metrics_port = free_port()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "POSTGRES_"))},
+            "RABBITMQ_HOST": RABBITMQ_HOST,
+            "RABBITMQ_PORT": str(RABBITMQ_PORT),
+            "RABBITMQ_QUEUE": queue,
+            "POSTGRES_HOST": POSTGRES_HOST,
+            "POSTGRES_PORT": str(POSTGRES_PORT),
+            "POSTGRES_USER": POSTGRES_USER,
+            "POSTGRES_DB": dbname,
+            "PROMETHEUS_PORT": str(self.metrics_port),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, wait_consuming: bool = True) -> Service:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "aggregator.py"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        if wait_consuming:
+            self.wait_consuming()
+        return self
+
+    def wait_consuming(self, timeout: float = 30) -> None:
+        def consuming() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"service exited with {self.proc.returncode}:\n{self.logs()}")
+            return "consuming " in self.logs()
+
+        wait_for(consuming, timeout=timeout, what="the service to start consuming")
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, *, timeout: float = 30) -> int:
+        """SIGTERM, then wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return samples
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
