@@ -58,7 +58,8 @@ class Config:
 
     def rabbitmq_url_for_logs(self) -> str:
         """Where RabbitMQ is, for log lines: never the password."""
-        return f"amqp://{self.rabbitmq_user}@{self.rabbitmq_host}:{self.rabbitmq_port}{self.rabbitmq_vhost}"
+        vhost = self.rabbitmq_vhost if self.rabbitmq_vhost.startswith("/") else f"/{self.rabbitmq_vhost}"
+        return f"amqp://{self.rabbitmq_user}@{self.rabbitmq_host}:{self.rabbitmq_port}{vhost}"
 
     def postgres_target_for_logs(self) -> str:
         return f"postgresql://{self.postgres_user}@{self.postgres_host}:{self.postgres_port}/{self.postgres_db}"

@@ -1,0 +1,278 @@
+"""Unit tests of config.load_config: defaults, every variable, bad values, secrets."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import config
+from config import Config, ConfigError, load_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+RABBIT_SECRET = "rabbit-S3cret-pw-7f1c"
+PG_SECRET = "pg-S3cret-pw-9a2e"
+
+# One non-default, valid value for every variable the service reads, and the
+# field value it must produce.
+NON_DEFAULTS: dict[str, tuple[str, str, object]] = {
+    "RABBITMQ_HOST": ("rabbit.example.org", "rabbitmq_host", "rabbit.example.org"),
+    "RABBITMQ_PORT": ("5673", "rabbitmq_port", 5673),
+    "RABBITMQ_USER": ("voter", "rabbitmq_user", "voter"),
+    "RABBITMQ_PASSWORD": (RABBIT_SECRET, "rabbitmq_password", RABBIT_SECRET),
+    "RABBITMQ_VHOST": ("/elections", "rabbitmq_vhost", "/elections"),
+    "RABBITMQ_QUEUE": ("votes.other-queue", "rabbitmq_queue", "votes.other-queue"),
+    "RABBITMQ_PREFETCH_COUNT": ("250", "rabbitmq_prefetch_count", 250),
+    "RABBITMQ_HEARTBEAT_SECONDS": ("45", "rabbitmq_heartbeat_s", 45),
+    "RABBITMQ_RECONNECT_MAX_DELAY_SECONDS": ("12.5", "rabbitmq_reconnect_max_delay_s", 12.5),
+    "POSTGRES_HOST": ("db.example.org", "postgres_host", "db.example.org"),
+    "POSTGRES_PORT": ("6543", "postgres_port", 6543),
+    "POSTGRES_DB": ("other_votes", "postgres_db", "other_votes"),
+    "POSTGRES_USER": ("aggregator", "postgres_user", "aggregator"),
+    "POSTGRES_PASSWORD": (PG_SECRET, "postgres_password", PG_SECRET),
+    "POSTGRES_MIN_CONNECTIONS": ("3", "postgres_min_connections", 3),
+    "POSTGRES_MAX_CONNECTIONS": ("20", "postgres_max_connections", 20),
+    "POSTGRES_CONNECT_TIMEOUT_SECONDS": ("9", "postgres_connect_timeout_s", 9),
+    "BATCH_SIZE": ("500", "batch_size", 500),
+    "BATCH_TIMEOUT_SECONDS": ("2.5", "batch_timeout_s", 2.5),
+    "MAX_RETRY_ATTEMPTS": ("7", "max_retry_attempts", 7),
+    "RETRY_DELAY_SECONDS": ("0.25", "retry_delay_s", 0.25),
+    "RETRY_MAX_DELAY_SECONDS": ("60", "retry_max_delay_s", 60.0),
+    "MAX_MESSAGE_BYTES": ("8192", "max_message_bytes", 8192),
+    "SHUTDOWN_TIMEOUT_SECONDS": ("30", "shutdown_timeout_s", 30.0),
+    "PROMETHEUS_PORT": ("9100", "prometheus_port", 9100),
+    "LOG_LEVEL": ("WARNING", "log_level", "WARNING"),
+}
+
+
+def full_environment() -> dict[str, str]:
+    return {name: raw for name, (raw, _attr, _value) in NON_DEFAULTS.items()}
+
+
+def test_empty_environment_gives_documented_defaults() -> None:
+    cfg = load_config({})
+
+    assert cfg.rabbitmq_host == "localhost"
+    assert cfg.rabbitmq_port == 5672
+    assert cfg.rabbitmq_user == "guest"
+    assert cfg.rabbitmq_password == "guest"
+    assert cfg.rabbitmq_queue == "votes.aggregation"
+    assert cfg.rabbitmq_prefetch_count == 100
+    assert cfg.postgres_host == "localhost"
+    assert cfg.postgres_port == 5432
+    assert cfg.postgres_db == "election_votes"
+    assert cfg.postgres_user == "postgres"
+    assert cfg.postgres_password == ""
+    assert cfg.postgres_min_connections == 2
+    assert cfg.postgres_max_connections == 10
+    assert cfg.batch_size == 100
+    assert cfg.batch_timeout_s == 1.0
+    assert cfg.max_retry_attempts == 3
+    assert cfg.retry_delay_s == 1.0
+    assert cfg.prometheus_port == 8001
+    assert cfg.log_level == "INFO"
+
+
+def test_default_value_types() -> None:
+    cfg = load_config({})
+
+    for name in ("rabbitmq_port", "rabbitmq_prefetch_count", "postgres_port", "batch_size", "prometheus_port"):
+        assert type(getattr(cfg, name)) is int, name
+    for name in ("batch_timeout_s", "retry_delay_s"):
+        assert type(getattr(cfg, name)) is float, name
+
+
+def test_empty_environment_equals_dataclass_defaults() -> None:
+    assert load_config({}) == Config()
+
+
+def test_unrelated_variables_are_ignored() -> None:
+    assert load_config({"PATH": "/usr/bin", "HOME": "/root", "BATCH": "abc"}) == Config()
+
+
+def test_non_defaults_table_covers_every_variable() -> None:
+    assert set(NON_DEFAULTS) == set(config.variables())
+    assert {attr for _raw, attr, _value in NON_DEFAULTS.values()} == {f.name for f in dataclasses.fields(Config)}
+
+
+@pytest.mark.parametrize("name", sorted(NON_DEFAULTS))
+def test_every_variable_is_read(name: str) -> None:
+    raw, attr, expected = NON_DEFAULTS[name]
+    assert getattr(Config(), attr) != expected, "the test value must differ from the default"
+
+    cfg = load_config({name: raw})
+
+    assert getattr(cfg, attr) == expected
+    assert type(getattr(cfg, attr)) is type(expected)
+    # Nothing else changed.
+    others = {f.name for f in dataclasses.fields(Config)} - {attr}
+    for other in others:
+        assert getattr(cfg, other) == getattr(Config(), other), other
+
+
+def test_all_variables_at_once() -> None:
+    cfg = load_config(full_environment())
+
+    for name, (_raw, attr, expected) in NON_DEFAULTS.items():
+        assert getattr(cfg, attr) == expected, name
+
+
+def test_surrounding_whitespace_is_stripped_from_numbers_and_names() -> None:
+    cfg = load_config({"BATCH_SIZE": " 42 ", "RABBITMQ_HOST": "  broker  ", "BATCH_TIMEOUT_SECONDS": "\t0.5\n"})
+
+    assert cfg.batch_size == 42
+    assert cfg.rabbitmq_host == "broker"
+    assert cfg.batch_timeout_s == 0.5
+
+
+def test_passwords_are_kept_verbatim() -> None:
+    cfg = load_config({"RABBITMQ_PASSWORD": " pass word ", "POSTGRES_PASSWORD": "  "})
+
+    assert cfg.rabbitmq_password == " pass word "
+    assert cfg.postgres_password == "  "
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "shown"),
+    [
+        ("BATCH_SIZE", "abc", "abc"),
+        ("BATCH_SIZE", "0", "0"),
+        ("BATCH_SIZE", "-5", "-5"),
+        ("BATCH_SIZE", "1.5", "1.5"),
+        ("BATCH_TIMEOUT_SECONDS", "-1", "-1"),
+        ("BATCH_TIMEOUT_SECONDS", "0", "0"),
+        ("BATCH_TIMEOUT_SECONDS", "nan", "nan"),
+        ("BATCH_TIMEOUT_SECONDS", "inf", "inf"),
+        ("BATCH_TIMEOUT_SECONDS", "soon", "soon"),
+        ("RABBITMQ_PORT", "70000", "70000"),
+        ("RABBITMQ_PORT", "0", "0"),
+        ("RABBITMQ_PORT", "amqp", "amqp"),
+        ("POSTGRES_PORT", "0", "0"),
+        ("POSTGRES_PORT", "65536", "65536"),
+        ("POSTGRES_PORT", "-1", "-1"),
+        ("PROMETHEUS_PORT", "abc", "abc"),
+        ("PROMETHEUS_PORT", "99999", "99999"),
+        ("LOG_LEVEL", "LOUD", "LOUD"),
+        ("LOG_LEVEL", "WARN", "WARN"),
+        ("RETRY_DELAY_SECONDS", "0", "0"),
+        ("RETRY_DELAY_SECONDS", "-0.5", "-0.5"),
+        ("RETRY_MAX_DELAY_SECONDS", "0", "0"),
+        ("MAX_RETRY_ATTEMPTS", "0", "0"),
+        ("MAX_RETRY_ATTEMPTS", "three", "three"),
+        ("RABBITMQ_PREFETCH_COUNT", "0", "0"),
+        ("RABBITMQ_HEARTBEAT_SECONDS", "-1", "-1"),
+        ("RABBITMQ_RECONNECT_MAX_DELAY_SECONDS", "0", "0"),
+        ("RABBITMQ_QUEUE", "bad queue", "bad queue"),
+        ("POSTGRES_MIN_CONNECTIONS", "0", "0"),
+        ("POSTGRES_MAX_CONNECTIONS", "0", "0"),
+        ("POSTGRES_CONNECT_TIMEOUT_SECONDS", "0", "0"),
+        ("MAX_MESSAGE_BYTES", "100", "100"),
+        ("SHUTDOWN_TIMEOUT_SECONDS", "-3", "-3"),
+    ],
+)
+def test_bad_value_raises_config_error_naming_variable_and_value(name: str, raw: str, shown: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config({name: raw})
+
+    message = str(excinfo.value)
+    assert name in message
+    assert shown in message
+
+
+def test_config_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        load_config({"BATCH_SIZE": "abc"})
+
+
+def test_min_connections_above_max_is_refused() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config({"POSTGRES_MIN_CONNECTIONS": "11", "POSTGRES_MAX_CONNECTIONS": "4"})
+
+    message = str(excinfo.value)
+    assert "POSTGRES_MIN_CONNECTIONS" in message
+    assert "POSTGRES_MAX_CONNECTIONS" in message
+    assert "11" in message
+    assert "4" in message
+
+
+def test_min_connections_above_default_max_is_refused() -> None:
+    with pytest.raises(ConfigError, match="POSTGRES_MIN_CONNECTIONS"):
+        load_config({"POSTGRES_MIN_CONNECTIONS": "11"})
+
+
+def test_min_connections_equal_to_max_is_accepted() -> None:
+    cfg = load_config({"POSTGRES_MIN_CONNECTIONS": "5", "POSTGRES_MAX_CONNECTIONS": "5"})
+
+    assert (cfg.postgres_min_connections, cfg.postgres_max_connections) == (5, 5)
+
+
+@pytest.mark.parametrize(("name", "raw"), [("RABBITMQ_PORT", "1"), ("RABBITMQ_PORT", "65535"), ("BATCH_SIZE", "1")])
+def test_boundary_values_are_accepted(name: str, raw: str) -> None:
+    _value, attr, _expected = NON_DEFAULTS[name]
+    assert getattr(load_config({name: raw}), attr) == int(raw)
+
+
+def test_passwords_never_appear_in_repr_or_log_targets() -> None:
+    cfg = load_config(full_environment())
+
+    for text in (repr(cfg), str(cfg), cfg.rabbitmq_url_for_logs(), cfg.postgres_target_for_logs()):
+        assert RABBIT_SECRET not in text
+        assert PG_SECRET not in text
+
+
+def test_log_targets_say_where_the_services_are() -> None:
+    cfg = load_config(full_environment())
+
+    rabbit = cfg.rabbitmq_url_for_logs()
+    assert "voter" in rabbit
+    assert "rabbit.example.org" in rabbit
+    assert "5673" in rabbit
+    postgres = cfg.postgres_target_for_logs()
+    assert postgres == "postgresql://aggregator@db.example.org:6543/other_votes"
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_config({})
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.batch_size = 5  # type: ignore[misc]
+    assert cfg.batch_size == 100
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected", "number"),
+    [("debug", "DEBUG", 10), ("Info", "INFO", 20), ("warning", "WARNING", 30), (" error ", "ERROR", 40)],
+)
+def test_log_level_is_case_insensitive(raw: str, expected: str, number: int) -> None:
+    cfg = load_config({"LOG_LEVEL": raw})
+
+    assert cfg.log_level == expected
+    assert cfg.log_level_number == number
+
+
+@pytest.mark.parametrize(("name", "raw"), [("BATCH_SIZE", "abc"), ("RABBITMQ_PORT", "70000")])
+def test_service_exits_2_with_one_line_on_bad_configuration(name: str, raw: str) -> None:
+    env = dict(os.environ)
+    env[name] = raw
+
+    result = subprocess.run(
+        [sys.executable, "aggregator.py"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert name in lines[0]
+    assert raw in lines[0]
+    assert "Traceback" not in result.stderr
