@@ -203,8 +203,20 @@ class Aggregator:
             if exc.reply_code != 404:
                 raise
         channel = connection.channel()
-        channel.queue_declare(queue, durable=True)
-        logger.info("declared durable queue %s", queue)
+        arguments: dict[str, str] = {}
+        c = self._config
+        if c.rabbitmq_dead_lettering:
+            # Rejected messages are kept for audit instead of being discarded.
+            channel.exchange_declare(c.dead_letter_exchange, "fanout", durable=True)
+            channel.queue_declare(c.dead_letter_queue, durable=True)
+            channel.queue_bind(c.dead_letter_queue, c.dead_letter_exchange)
+            arguments["x-dead-letter-exchange"] = c.dead_letter_exchange
+        channel.queue_declare(queue, durable=True, arguments=arguments)
+        logger.info(
+            "declared durable queue %s%s",
+            queue,
+            f" dead-lettering to {c.dead_letter_exchange} -> {c.dead_letter_queue}" if arguments else "",
+        )
         return channel
 
     def _consume(self, connection: BlockingConnection) -> bool:
@@ -269,7 +281,9 @@ class Aggregator:
     ) -> None:
         tag = method.delivery_tag
         try:
-            vote = parse_vote(body, max_bytes=self._config.max_message_bytes)
+            vote = parse_vote(
+                body, max_bytes=self._config.max_message_bytes, law_id_pattern=self._config.law_id_pattern
+            )
         except InvalidVote as exc:
             self._reject_invalid(channel, tag, len(body), exc)
             return
@@ -487,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    metrics = Metrics()
+    metrics = Metrics(max_laws=config.metrics_max_laws)
     try:
         metrics.serve(config.prometheus_port)
     except OSError as exc:

@@ -11,9 +11,8 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import TypeVar
 
-T = TypeVar("T")
+from votes import DEFAULT_LAW_ID_PATTERN
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -33,6 +32,11 @@ class Config:
     rabbitmq_prefetch_count: int = 100
     rabbitmq_heartbeat_s: int = 30
     rabbitmq_reconnect_max_delay_s: float = 30.0
+    # Dead-lettering, set up only when the service declares the queue itself.
+    # Empty names mean "<RABBITMQ_QUEUE>.dlx" and "<RABBITMQ_QUEUE>.dead".
+    rabbitmq_dead_lettering: bool = True
+    rabbitmq_dead_letter_exchange: str = ""
+    rabbitmq_dead_letter_queue: str = ""
 
     postgres_host: str = "localhost"
     postgres_port: int = 5432
@@ -42,6 +46,7 @@ class Config:
     postgres_min_connections: int = 2
     postgres_max_connections: int = 10
     postgres_connect_timeout_s: int = 5
+    postgres_query_timeout_s: float = 30.0
 
     batch_size: int = 100
     batch_timeout_s: float = 1.0
@@ -51,6 +56,8 @@ class Config:
     retry_max_delay_s: float = 30.0
 
     max_message_bytes: int = 4096
+    law_id_pattern: re.Pattern[str] = DEFAULT_LAW_ID_PATTERN
+    metrics_max_laws: int = 1000
     shutdown_timeout_s: float = 15.0
 
     prometheus_port: int = 8001
@@ -60,6 +67,14 @@ class Config:
         """Where RabbitMQ is, for log lines: never the password."""
         vhost = self.rabbitmq_vhost if self.rabbitmq_vhost.startswith("/") else f"/{self.rabbitmq_vhost}"
         return f"amqp://{self.rabbitmq_user}@{self.rabbitmq_host}:{self.rabbitmq_port}{vhost}"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return self.rabbitmq_dead_letter_exchange or f"{self.rabbitmq_queue}.dlx"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return self.rabbitmq_dead_letter_queue or f"{self.rabbitmq_queue}.dead"
 
     def postgres_target_for_logs(self) -> str:
         return f"postgresql://{self.postgres_user}@{self.postgres_host}:{self.postgres_port}/{self.postgres_db}"
@@ -108,6 +123,22 @@ def _queue_name(name: str, raw: str) -> str:
     return value
 
 
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _pattern(name: str, raw: str) -> re.Pattern[str]:
+    try:
+        return re.compile(raw.strip())
+    except re.error as exc:
+        raise ConfigError(f"{name} is not a valid regular expression ({exc}), got {raw!r}") from None
+
+
 def _log_level(name: str, raw: str) -> str:
     value = raw.strip().upper()
     if value not in LOG_LEVELS:
@@ -144,6 +175,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
     "RABBITMQ_PREFETCH_COUNT": ("rabbitmq_prefetch_count", _parse_int, _at_least(1)),
     "RABBITMQ_HEARTBEAT_SECONDS": ("rabbitmq_heartbeat_s", _parse_int, _at_least(0)),
     "RABBITMQ_RECONNECT_MAX_DELAY_SECONDS": ("rabbitmq_reconnect_max_delay_s", _parse_float, _positive),
+    "RABBITMQ_DEAD_LETTERING": ("rabbitmq_dead_lettering", _bool, None),
+    "RABBITMQ_DEAD_LETTER_EXCHANGE": ("rabbitmq_dead_letter_exchange", _queue_name, None),
+    "RABBITMQ_DEAD_LETTER_QUEUE": ("rabbitmq_dead_letter_queue", _queue_name, None),
     "POSTGRES_HOST": ("postgres_host", _parse_str, None),
     "POSTGRES_PORT": ("postgres_port", _parse_int, _port),
     "POSTGRES_DB": ("postgres_db", _parse_str, None),
@@ -152,12 +186,15 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
     "POSTGRES_MIN_CONNECTIONS": ("postgres_min_connections", _parse_int, _at_least(1)),
     "POSTGRES_MAX_CONNECTIONS": ("postgres_max_connections", _parse_int, _at_least(1)),
     "POSTGRES_CONNECT_TIMEOUT_SECONDS": ("postgres_connect_timeout_s", _parse_int, _at_least(1)),
+    "POSTGRES_QUERY_TIMEOUT_SECONDS": ("postgres_query_timeout_s", _parse_float, _at_least(1)),
     "BATCH_SIZE": ("batch_size", _parse_int, _at_least(1)),
     "BATCH_TIMEOUT_SECONDS": ("batch_timeout_s", _parse_float, _positive),
     "MAX_RETRY_ATTEMPTS": ("max_retry_attempts", _parse_int, _at_least(1)),
     "RETRY_DELAY_SECONDS": ("retry_delay_s", _parse_float, _positive),
     "RETRY_MAX_DELAY_SECONDS": ("retry_max_delay_s", _parse_float, _positive),
     "MAX_MESSAGE_BYTES": ("max_message_bytes", _parse_int, _at_least(256)),
+    "LAW_ID_PATTERN": ("law_id_pattern", _pattern, None),
+    "METRICS_MAX_LAWS": ("metrics_max_laws", _parse_int, _at_least(1)),
     "SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_s", _parse_float, _positive),
     "PROMETHEUS_PORT": ("prometheus_port", _parse_int, _port),
     "LOG_LEVEL": ("log_level", _log_level, None),
@@ -169,7 +206,8 @@ assert {f.name for f in fields(Config)} == {spec[0] for spec in _VARIABLES.value
 def variables() -> dict[str, object]:
     """Every variable the service reads, with its default (for docs and tests)."""
     defaults = Config()
-    return {name: getattr(defaults, spec[0]) for name, spec in _VARIABLES.items()}
+    values = {name: getattr(defaults, spec[0]) for name, spec in _VARIABLES.items()}
+    return {name: v.pattern if isinstance(v, re.Pattern) else v for name, v in values.items()}
 
 
 def load_config(environ: Mapping[str, str]) -> Config:
@@ -180,7 +218,7 @@ def load_config(environ: Mapping[str, str]) -> Config:
         if raw is None or (raw.strip() == "" and parse is not _password):
             continue
         value = parse(name, raw)
-        if check is not None and isinstance(value, (int, float)):
+        if check is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
             check(name, value)
         values[attr] = value
     config = Config(**values)  # type: ignore[arg-type]

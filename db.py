@@ -10,6 +10,10 @@ psycopg2's exceptions stop here. Callers see:
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -124,6 +128,9 @@ def connect_kwargs(config: Config, *, dbname: str | None = None) -> dict[str, An
         "password": config.postgres_password,
         "connect_timeout": config.postgres_connect_timeout_s,
         "application_name": "vote-aggregator",
+        # The server aborts a statement stuck on a lock; a server or network that
+        # stops answering altogether is the watchdog's job (see _Watchdog).
+        "options": f"-c statement_timeout={int(config.postgres_query_timeout_s * 1000)}",
         # Notice a dead peer within about a minute instead of the kernel's two hours.
         "keepalives": 1,
         "keepalives_idle": 15,
@@ -153,12 +160,69 @@ def create_database(config: Config) -> bool:
         conn.close()
 
 
+class _Watchdog:
+    """Breaks connections whose transaction overran its deadline.
+
+    A server that is paused, or a network path that silently drops packets,
+    leaves libpq waiting forever for an answer; TCP keepalives do not help when
+    something still acknowledges the packets. Shutting the socket down makes
+    the blocked call fail at once with a connection error, so the connection is
+    discarded and the batch retried.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._deadlines: dict[int, tuple[psycopg2.extensions.connection, float]] = {}
+        self._thread: threading.Thread | None = None
+
+    def watch(self, conn: psycopg2.extensions.connection) -> None:
+        with self._lock:
+            self._deadlines[id(conn)] = (conn, time.monotonic() + self._timeout_s)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="db-watchdog", daemon=True)
+                self._thread.start()
+
+    def unwatch(self, conn: psycopg2.extensions.connection) -> None:
+        with self._lock:
+            self._deadlines.pop(id(conn), None)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(min(1.0, self._timeout_s / 4))
+            now = time.monotonic()
+            with self._lock:
+                overdue = [conn for conn, deadline in self._deadlines.values() if deadline <= now]
+                for conn in overdue:
+                    del self._deadlines[id(conn)]
+            for conn in overdue:
+                logger.warning("PostgreSQL did not answer within %.0fs; dropping the connection", self._timeout_s)
+                _break(conn)
+
+
+def _break(conn: psycopg2.extensions.connection) -> None:
+    try:
+        # A duplicate of the descriptor: libpq keeps (and later closes) its own.
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except (OSError, psycopg2.Error):
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
 class Database:
     """A connection pool and the statements the service runs."""
 
     def __init__(self, *, config: Config, sleep: Callable[[float], None] | None = None) -> None:
         self._config = config
         self._pool: ThreadedConnectionPool | None = None
+        # The client-side bound sits above the server's statement_timeout, so the
+        # server gets the first chance to cancel cleanly.
+        self._watchdog = _Watchdog(config.postgres_query_timeout_s + 5.0)
         retry_kwargs: dict[str, Any] = {}
         if sleep is not None:
             retry_kwargs["sleep"] = sleep
@@ -204,6 +268,7 @@ class Database:
         except psycopg2.OperationalError as exc:
             raise _classify_connect_error(exc, self._config) from None
         discard = False
+        self._watchdog.watch(conn)
         try:
             with conn.cursor() as cur:
                 yield cur
@@ -224,6 +289,7 @@ class Database:
             discard = _rollback(conn) is False
             raise
         finally:
+            self._watchdog.unwatch(conn)
             self._pool.putconn(conn, close=discard or bool(conn.closed))
 
     # -- schema -------------------------------------------------------------

@@ -38,8 +38,8 @@ REASONS = (
 
 _HEX = re.compile(r"[0-9a-fA-F]+")
 # Laws are referenced by short identifiers; anything else is refused rather than
-# becoming a database row and a Prometheus label.
-_LAW_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]*")
+# becoming a database row and a Prometheus label. LAW_ID_PATTERN replaces it.
+DEFAULT_LAW_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]*")
 
 
 class InvalidVote(ValueError):
@@ -118,7 +118,7 @@ def parse_timestamp(value: str) -> datetime:
         raise InvalidVote("invalid_timestamp", "timestamp is out of range") from None
 
 
-def parse_vote(body: bytes, *, max_bytes: int) -> Vote:
+def parse_vote(body: bytes, *, max_bytes: int, law_id_pattern: re.Pattern[str] = DEFAULT_LAW_ID_PATTERN) -> Vote:
     """Turn one message body into a Vote, or raise InvalidVote saying why not."""
     if len(body) > max_bytes:
         raise InvalidVote("too_large", f"body is {len(body)} bytes, limit {max_bytes}")
@@ -152,11 +152,8 @@ def parse_vote(body: bytes, *, max_bytes: int) -> Vote:
     if not vote_hash or len(vote_hash) > VOTE_HASH_MAX or not _HEX.fullmatch(vote_hash):
         raise InvalidVote("invalid_vote_hash", f"vote_hash must be 1-{VOTE_HASH_MAX} hex characters")
     _printable_id(citizen_id, "citizen_id", CITIZEN_ID_MAX)
-    if not law_id or len(law_id) > LAW_ID_MAX or not _LAW_ID.fullmatch(law_id):
-        raise InvalidVote(
-            "invalid_law_id",
-            f"law_id must be 1-{LAW_ID_MAX} letters, digits or . _ : - starting with a letter or digit",
-        )
+    if not law_id or len(law_id) > LAW_ID_MAX or not law_id.isprintable() or not law_id_pattern.fullmatch(law_id):
+        raise InvalidVote("invalid_law_id", f"law_id must be 1-{LAW_ID_MAX} characters matching LAW_ID_PATTERN")
     if choice not in CHOICES:
         raise InvalidVote("invalid_choice", "choice must be 'oui' or 'non'")
     return Vote(

@@ -30,15 +30,18 @@ def dbname() -> Iterator[str]:
 
 @pytest.fixture
 def queue_names() -> Iterator[list[str]]:
-    """Names registered here are deleted from RabbitMQ after the test."""
+    """Queues registered here are deleted from RabbitMQ after the test, with the
+    dead-letter queue and exchange the service names after them."""
     names: list[str] = []
     yield names
     conn = amqp_connection()
     try:
         for name in names:
-            ch = conn.channel()
+            for queue_name in (name, f"{name}.dead"):
+                with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                    conn.channel().queue_delete(queue_name)
             with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
-                ch.queue_delete(name)
+                conn.channel().exchange_delete(f"{name}.dlx")
     finally:
         conn.close()
 

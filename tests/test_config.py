@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,9 @@ NON_DEFAULTS: dict[str, tuple[str, str, object]] = {
     "RABBITMQ_PREFETCH_COUNT": ("250", "rabbitmq_prefetch_count", 250),
     "RABBITMQ_HEARTBEAT_SECONDS": ("45", "rabbitmq_heartbeat_s", 45),
     "RABBITMQ_RECONNECT_MAX_DELAY_SECONDS": ("12.5", "rabbitmq_reconnect_max_delay_s", 12.5),
+    "RABBITMQ_DEAD_LETTERING": ("false", "rabbitmq_dead_lettering", False),
+    "RABBITMQ_DEAD_LETTER_EXCHANGE": ("audit.dlx", "rabbitmq_dead_letter_exchange", "audit.dlx"),
+    "RABBITMQ_DEAD_LETTER_QUEUE": ("audit.rejected", "rabbitmq_dead_letter_queue", "audit.rejected"),
     "POSTGRES_HOST": ("db.example.org", "postgres_host", "db.example.org"),
     "POSTGRES_PORT": ("6543", "postgres_port", 6543),
     "POSTGRES_DB": ("other_votes", "postgres_db", "other_votes"),
@@ -38,12 +42,15 @@ NON_DEFAULTS: dict[str, tuple[str, str, object]] = {
     "POSTGRES_MIN_CONNECTIONS": ("3", "postgres_min_connections", 3),
     "POSTGRES_MAX_CONNECTIONS": ("20", "postgres_max_connections", 20),
     "POSTGRES_CONNECT_TIMEOUT_SECONDS": ("9", "postgres_connect_timeout_s", 9),
+    "POSTGRES_QUERY_TIMEOUT_SECONDS": ("12", "postgres_query_timeout_s", 12.0),
     "BATCH_SIZE": ("500", "batch_size", 500),
     "BATCH_TIMEOUT_SECONDS": ("2.5", "batch_timeout_s", 2.5),
     "MAX_RETRY_ATTEMPTS": ("7", "max_retry_attempts", 7),
     "RETRY_DELAY_SECONDS": ("0.25", "retry_delay_s", 0.25),
     "RETRY_MAX_DELAY_SECONDS": ("60", "retry_max_delay_s", 60.0),
     "MAX_MESSAGE_BYTES": ("8192", "max_message_bytes", 8192),
+    "LAW_ID_PATTERN": ("law-[0-9]{3}", "law_id_pattern", re.compile("law-[0-9]{3}")),
+    "METRICS_MAX_LAWS": ("50", "metrics_max_laws", 50),
     "SHUTDOWN_TIMEOUT_SECONDS": ("30", "shutdown_timeout_s", 30.0),
     "PROMETHEUS_PORT": ("9100", "prometheus_port", 9100),
     "LOG_LEVEL": ("WARNING", "log_level", "WARNING"),
@@ -158,6 +165,11 @@ def test_passwords_are_kept_verbatim() -> None:
         ("PROMETHEUS_PORT", "abc", "abc"),
         ("PROMETHEUS_PORT", "99999", "99999"),
         ("LOG_LEVEL", "LOUD", "LOUD"),
+        ("RABBITMQ_DEAD_LETTERING", "maybe", "maybe"),
+        ("RABBITMQ_DEAD_LETTER_QUEUE", "bad queue!", "bad queue!"),
+        ("LAW_ID_PATTERN", "law-(", "law-("),
+        ("METRICS_MAX_LAWS", "0", "0"),
+        ("POSTGRES_QUERY_TIMEOUT_SECONDS", "0.5", "0.5"),
         ("LOG_LEVEL", "WARN", "WARN"),
         ("RETRY_DELAY_SECONDS", "0", "0"),
         ("RETRY_DELAY_SECONDS", "-0.5", "-0.5"),

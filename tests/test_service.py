@@ -297,19 +297,42 @@ def test_sigterm_with_votes_in_flight_loses_and_doubles_nothing(
     assert_invariant(dbname)
 
 
-def test_service_declares_a_missing_queue_durable(make_service: MakeService, queue_names: list[str]) -> None:
+def test_service_declares_a_missing_queue_durable_with_dead_lettering(
+    make_service: MakeService, queue_names: list[str], dbname: str
+) -> None:
     name = f"agg.test.{uuid.uuid4().hex[:12]}"
     queue_names.append(name)
     svc = make_service(queue_name=name).start()
     conn = amqp_connection()
     try:
-        # Re-declaring with durable=True succeeds only if the queue is durable.
-        conn.channel().queue_declare(name, durable=True)
+        # Re-declaring with the same arguments succeeds only if the queue is durable
+        # and dead-letters to the documented exchange.
+        conn.channel().queue_declare(name, durable=True, arguments={"x-dead-letter-exchange": f"{name}.dlx"})
         with pytest.raises(pika.exceptions.ChannelClosedByBroker):
             conn.channel().queue_declare(name, durable=False)
     finally:
         conn.close()
+    vote = make_votes(1, laws=1)[0]
+    publish(name, [b"not json", vote.body()])
+    wait_for(lambda: queue_state(f"{name}.dead")[0] == 1, timeout=15, what="the rejected message dead-lettered")
+    wait_for(lambda: audit_count(dbname) == 1, timeout=15, what="the vote counted")
     assert svc.stop() == 0
+    assert drain_queue(f"{name}.dead") == [b"not json"]
+    assert_invariant(dbname)
+
+
+def test_dead_lettering_can_be_turned_off(make_service: MakeService, queue_names: list[str]) -> None:
+    name = f"agg.test.{uuid.uuid4().hex[:12]}"
+    queue_names.append(name)
+    svc = make_service({"RABBITMQ_DEAD_LETTERING": "false"}, queue_name=name).start()
+    assert svc.stop() == 0
+    conn = amqp_connection()
+    try:
+        conn.channel().queue_declare(name, durable=True)  # no arguments: matches only if none were set
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+            conn.channel().queue_declare(f"{name}.dead", passive=True)
+    finally:
+        conn.close()
 
 
 def test_existing_quorum_queue_is_used_as_it_is(make_service: MakeService, queue_names: list[str], dbname: str) -> None:
