@@ -89,6 +89,9 @@ class TcpProxy:
                     data = src.recv(65536)
                     if not data:
                         return
+                    # Bytes read just as a pause began are held back too.
+                    while self._paused.is_set() and not self._closed.is_set():
+                        self._closed.wait(0.05)
                     peers[src].sendall(data)
         except (OSError, ValueError):
             return

@@ -147,8 +147,8 @@ def query(dbname: str, statement: str, params: tuple[Any, ...] = ()) -> list[tup
     conn = pg_connect(dbname)
     try:
         with conn.cursor() as cur:
-            cur.execute(statement, params)
-            return list(cur.fetchall())
+            cur.execute(statement, params or None)
+            return list(cur.fetchall()) if cur.description else []
     finally:
         conn.close()
 
