@@ -309,7 +309,7 @@ def test_batch_refused_for_one_vote_commits_the_rest_and_rejects_the_offender(
 
 
 def _vote_json(**overrides: object) -> dict[str, object]:
-    vote = {
+    vote: dict[str, object] = {
         "vote_hash": "ab" * 32,
         "citizen_id": "hostile-citizen",
         "law_id": "law-001",
