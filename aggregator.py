@@ -121,6 +121,7 @@ class Aggregator:
         self._stop_deadline = float("inf")
         self._flush_thread = threading.Thread(target=self._flush_loop, name="flush", daemon=True)
         self._channel: BlockingChannel | None = None
+        self._consumed_since_connect = False
 
     # -- control (any thread, signal handlers included) -----------------------
 
@@ -140,19 +141,22 @@ class Aggregator:
         self._flush_thread.start()
         delay = 1.0
         connected_once = False
-        clean = True
+        code = EXIT_OK
         while not self._stop.is_set():
             connection: BlockingConnection | None = None
+            self._consumed_since_connect = False
             try:
                 connection = pika.BlockingConnection(self._connection_parameters())
                 connected_once = True
-                delay = 1.0
-                clean = self._consume(connection)
+                if not self._consume(connection):
+                    code = EXIT_FAILURE
             except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
                 if not connected_once:
+                    # Wrong credentials or vhost: retrying will not help, and the
+                    # operator needs to see it at once.
                     logger.error("RabbitMQ refused %s: %s", self._config.rabbitmq_url_for_logs(), exc)
                     self.request_stop()
-                    clean = False
+                    code = EXIT_CONFIG
                     break
                 logger.error("RabbitMQ refused the connection (%s); retrying in %.1fs", exc, delay)
             except pika.exceptions.AMQPError as exc:
@@ -168,15 +172,17 @@ class Aggregator:
                 self._forget_channel()
                 if connection is not None and connection.is_open:
                     _close_quietly(connection.close)
+            if self._consumed_since_connect:
+                delay = 1.0  # the last connection worked: start the backoff over
             if not self._stop.is_set():
                 self._stop.wait(delay)
                 delay = min(delay * 2, self._config.rabbitmq_reconnect_max_delay_s)
         # Stopped while disconnected (or the drain above did not finish): let the
         # flush thread write what it holds; its acks cannot be sent, so RabbitMQ
         # redelivers those votes and the database absorbs them.
-        if not self._finish_flushing(None):
-            clean = False
-        return EXIT_OK if clean else EXIT_FAILURE
+        if not self._finish_flushing(None) and code == EXIT_OK:
+            code = EXIT_FAILURE
+        return code
 
     def _connection_parameters(self) -> pika.ConnectionParameters:
         c = self._config
@@ -224,6 +230,7 @@ class Aggregator:
         channel.basic_qos(prefetch_count=self._config.rabbitmq_prefetch_count)
         consumer_tag = channel.basic_consume(self._config.rabbitmq_queue, on_message_callback=self._on_message)
         self._channel = channel
+        self._consumed_since_connect = True
         logger.info(
             "consuming %s on %s (prefetch %d, batch %d votes or %.2fs)",
             self._config.rabbitmq_queue,
@@ -476,9 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.log_level_number,
         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
     )
-    # pika logs every broker-side channel close (a missing queue is one) as a warning;
-    # the service logs what matters about its connection itself.
-    logging.getLogger("pika").setLevel(max(config.log_level_number, logging.ERROR))
+    # pika logs each failed connection attempt as errors with a traceback, and a
+    # missing queue as a warning; the service logs what matters itself, once.
+    logging.getLogger("pika").setLevel(logging.WARNING if config.log_level == "DEBUG" else logging.CRITICAL)
 
     if args.init_db:
         try:

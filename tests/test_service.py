@@ -443,3 +443,22 @@ def test_schema_rejects_what_the_invariant_forbids(dbname: str) -> None:
     assert query(dbname, "SELECT total_votes, oui_percentage::text, leading_choice FROM vote_statistics") == [
         (4, "75.00", "oui")
     ]
+
+
+def test_credentials_never_reach_the_logs(make_service: MakeService, queue: str, dbname: str) -> None:
+    # Trust authentication ignores the password, so the service runs normally with it.
+    pg_secret = "pg-Secret-" + uuid.uuid4().hex
+    svc = make_service({"POSTGRES_PASSWORD": pg_secret, "LOG_LEVEL": "DEBUG"}).start()
+    publish(queue, (v.body() for v in make_votes(50, laws=2)))
+    wait_for(lambda: audit_count(dbname) == 50, timeout=30, what="votes counted")
+    assert svc.stop() == 0
+
+    amqp_secret = "amqp-Secret-" + uuid.uuid4().hex
+    refused = make_service({"RABBITMQ_PASSWORD": amqp_secret}).start(wait_consuming=False)
+    assert refused.proc is not None
+    assert refused.proc.wait(60) == 2
+    # Wrong credentials: one clear line, no traceback.
+    assert refused.logs().count("RabbitMQ refused") == 1
+    assert "Traceback" not in refused.logs()
+    for log in (svc.logs(), refused.logs()):
+        assert pg_secret not in log and amqp_secret not in log
