@@ -41,6 +41,9 @@ EXIT_CONFIG = 2
 
 # How long the connection thread blocks in pika between checks of the stop flag.
 _POLL_S = 0.05
+# With no batch to write for this long, the flush thread checks that PostgreSQL answers.
+_IDLE_CHECK_S = 10.0
+VERSION = "1.0.0"
 
 
 @dataclass(slots=True)
@@ -122,12 +125,25 @@ class Aggregator:
         self._flush_thread = threading.Thread(target=self._flush_loop, name="flush", daemon=True)
         self._channel: BlockingChannel | None = None
         self._consumed_since_connect = False
+        self._database_error: str | None = None  # why the last database operation failed, if it did
+        self._last_database_check = time.monotonic()
+        metrics.buffer_depth.set_function(lambda: len(self._buffer))
 
     # -- control (any thread, signal handlers included) -----------------------
 
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()
+
+    def readiness(self) -> tuple[bool, str]:
+        """For /readyz: consuming from RabbitMQ and PostgreSQL answering."""
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            return False, "RabbitMQ channel is not open"
+        error = self._database_error
+        if error is not None:
+            return False, f"PostgreSQL is failing: {error}"
+        return True, "ready"
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -231,6 +247,7 @@ class Aggregator:
         consumer_tag = channel.basic_consume(self._config.rabbitmq_queue, on_message_callback=self._on_message)
         self._channel = channel
         self._consumed_since_connect = True
+        self._metrics.rabbitmq_connected.set(1)
         logger.info(
             "consuming %s on %s (prefetch %d, batch %d votes or %.2fs)",
             self._config.rabbitmq_queue,
@@ -277,6 +294,7 @@ class Aggregator:
         return True
 
     def _forget_channel(self) -> None:
+        self._metrics.rabbitmq_connected.set(0)
         channel, self._channel = self._channel, None
         if channel is not None:
             dropped = self._buffer.drop_channel(channel)
@@ -287,6 +305,7 @@ class Aggregator:
         self, channel: BlockingChannel, method: Basic.Deliver, _properties: BasicProperties, body: bytes
     ) -> None:
         tag = method.delivery_tag
+        self._metrics.messages_received.inc()
         try:
             vote = parse_vote(
                 body, max_bytes=self._config.max_message_bytes, law_id_pattern=self._config.law_id_pattern
@@ -304,7 +323,7 @@ class Aggregator:
         # Never requeued: it would fail the same way forever. A dead-letter
         # exchange on the queue keeps it for audit.
         channel.basic_reject(tag, requeue=False)
-        self._metrics.record_error(exc.reason)
+        self._metrics.record_rejected(exc.reason)
         logger.warning("rejected message (delivery tag %d, %d bytes): %s", tag, size, exc)
 
     # -- flush thread -----------------------------------------------------------
@@ -318,6 +337,8 @@ class Aggregator:
                     self._write(batch)
                 elif draining:
                     return
+                elif time.monotonic() - self._last_database_check >= _IDLE_CHECK_S:
+                    self._check_database()
                 if self._abandon.is_set():
                     return
             except Exception:
@@ -335,6 +356,7 @@ class Aggregator:
                 committed, rejected = self._write_isolating(batch)
                 break
             except db.RetryableError as exc:
+                self._database_failed(exc)
                 self._metrics.record_error("database_unavailable")
                 logger.error(
                     "batch of %d votes not written after %d retries (%s); keeping it and retrying in %.1fs",
@@ -344,6 +366,7 @@ class Aggregator:
                     delay,
                 )
             except db.DatabaseError as exc:
+                self._database_failed(exc)
                 self._metrics.record_error("database_error")
                 logger.error("batch of %d votes failed (%s); keeping it and retrying in %.1fs", len(batch), exc, delay)
             # The votes stay unacked meanwhile, so RabbitMQ stops delivering once
@@ -355,7 +378,10 @@ class Aggregator:
         for delivery in rejected:
             self._schedule(delivery.channel, functools.partial(_reject, delivery.channel, delivery.tag))
         self._ack(committed)
+        self._database_ok()
         self._metrics.batch_processing_duration.set(duration)
+        self._metrics.batch_duration.observe(duration)
+        self._metrics.last_flush.set_to_current_time()
         logger.debug("batch of %d votes committed in %.3fs", len(batch), duration)
 
     def _write_isolating(self, batch: list[Delivery]) -> tuple[list[Delivery], list[Delivery]]:
@@ -367,7 +393,7 @@ class Aggregator:
             outcome = self._db.write_batch([d.vote for d in batch])
         except db.DatabaseRejected as exc:
             if len(batch) == 1:
-                self._metrics.record_error("database_rejected")
+                self._metrics.record_rejected("database_rejected")
                 logger.error(
                     "PostgreSQL refused vote %s (delivery tag %d): %s; rejecting it",
                     batch[0].vote.vote_hash,
@@ -381,6 +407,27 @@ class Aggregator:
             return first[0] + second[0], first[1] + second[1]
         self._metrics.record_batch(outcome, size=len(batch))
         return list(batch), []
+
+    def _check_database(self) -> None:
+        """While idle, keep /readyz and database_up honest with a trivial query."""
+        try:
+            self._db.ping()
+        except db.DatabaseError as exc:
+            self._database_failed(exc)
+        else:
+            self._database_ok()
+
+    def _database_ok(self) -> None:
+        self._last_database_check = time.monotonic()
+        if self._database_error is not None:
+            logger.info("PostgreSQL is answering again")
+        self._database_error = None
+        self._metrics.database_up.set(1)
+
+    def _database_failed(self, exc: Exception) -> None:
+        self._last_database_check = time.monotonic()
+        self._database_error = str(exc) or type(exc).__name__
+        self._metrics.database_up.set(0)
 
     def _ack(self, deliveries: Sequence[Delivery]) -> None:
         """One multiple-ack per channel, up to the batch's highest tag.
@@ -429,9 +476,9 @@ def _close_quietly(close: Callable[[], None]) -> None:
 # -- start-up ------------------------------------------------------------------
 
 
-def _open_database(config: Config, stop: threading.Event) -> db.Database | None:
+def _open_database(config: Config, stop: threading.Event, metrics: Metrics) -> db.Database | None:
     """Connect and make sure the schema exists, waiting for PostgreSQL if it is down."""
-    database = db.Database(config=config)
+    database = db.Database(config=config, on_retry=metrics.database_retries.inc)
     delay = 1.0
     while not stop.is_set():
         try:
@@ -508,15 +555,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    metrics = Metrics(max_laws=config.metrics_max_laws)
+    def readiness() -> tuple[bool, str]:
+        if aggregator is None:
+            return False, "starting: waiting for PostgreSQL"
+        return aggregator.readiness()
+
+    metrics = Metrics(max_laws=config.metrics_max_laws, version=VERSION)
     try:
-        metrics.serve(config.prometheus_port)
+        metrics.serve(port=config.prometheus_port, addr=config.prometheus_bind_address, readiness=readiness)
     except OSError as exc:
-        logger.error("cannot serve metrics on port %d (PROMETHEUS_PORT): %s", config.prometheus_port, exc)
+        logger.error(
+            "cannot serve metrics on %s:%d (PROMETHEUS_BIND_ADDRESS, PROMETHEUS_PORT): %s",
+            config.prometheus_bind_address,
+            config.prometheus_port,
+            exc,
+        )
         return EXIT_CONFIG
 
     try:
-        database = _open_database(config, stop)
+        database = _open_database(config, stop, metrics)
     except (db.DatabaseMissing, db.DatabaseConfigError) as exc:
         logger.error("%s", exc)
         return EXIT_CONFIG
@@ -527,6 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics.set_totals(database.read_totals())
         except db.DatabaseError as exc:
             logger.warning("could not read current totals (%s); gauges fill in as batches commit", exc)
+        metrics.database_up.set(1)
         aggregator = Aggregator(config=config, database=database, metrics=metrics)
         if stop.is_set():
             aggregator.request_stop()

@@ -61,6 +61,7 @@ class Config:
     shutdown_timeout_s: float = 15.0
 
     prometheus_port: int = 8001
+    prometheus_bind_address: str = "0.0.0.0"
     log_level: str = "INFO"
 
     def rabbitmq_url_for_logs(self) -> str:
@@ -197,6 +198,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
     "METRICS_MAX_LAWS": ("metrics_max_laws", _parse_int, _at_least(1)),
     "SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_s", _parse_float, _positive),
     "PROMETHEUS_PORT": ("prometheus_port", _parse_int, _port),
+    "PROMETHEUS_BIND_ADDRESS": ("prometheus_bind_address", _parse_str, None),
     "LOG_LEVEL": ("log_level", _log_level, None),
 }
 

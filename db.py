@@ -27,6 +27,7 @@ from psycopg2 import sql
 from psycopg2.extras import execute_values
 from psycopg2.pool import ThreadedConnectionPool
 from tenacity import (
+    RetryCallState,
     Retrying,
     before_sleep_log,
     retry_if_exception_type,
@@ -217,7 +218,13 @@ def _break(conn: psycopg2.extensions.connection) -> None:
 class Database:
     """A connection pool and the statements the service runs."""
 
-    def __init__(self, *, config: Config, sleep: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        sleep: Callable[[float], None] | None = None,
+        on_retry: Callable[[], None] | None = None,
+    ) -> None:
         self._config = config
         self._pool: ThreadedConnectionPool | None = None
         # The client-side bound sits above the server's statement_timeout, so the
@@ -226,12 +233,19 @@ class Database:
         retry_kwargs: dict[str, Any] = {}
         if sleep is not None:
             retry_kwargs["sleep"] = sleep
+        log_retry = before_sleep_log(logger, logging.WARNING)
+
+        def before_sleep(state: RetryCallState) -> None:
+            log_retry(state)
+            if on_retry is not None:
+                on_retry()
+
         # MAX_RETRY_ATTEMPTS counts retries after the first try: 3 gives waits of 1 s, 2 s, 4 s.
         self._retrying = Retrying(
             stop=stop_after_attempt(config.max_retry_attempts + 1),
             wait=wait_exponential(multiplier=config.retry_delay_s, max=config.retry_max_delay_s),
             retry=retry_if_exception_type(RetryableError),
-            before_sleep=before_sleep_log(logger, logging.WARNING),
+            before_sleep=before_sleep,
             reraise=True,
             **retry_kwargs,
         )
@@ -317,6 +331,11 @@ class Database:
         logger.info("schema objects missing (%s): applying %s", ", ".join(missing), SCHEMA_FILE.name)
         self.apply_schema()
         return True
+
+    def ping(self) -> None:
+        """A trivial round trip: raises DatabaseError if PostgreSQL cannot be used."""
+        with self._transaction() as cur:
+            cur.execute("SELECT 1")
 
     def read_totals(self) -> dict[str, tuple[int, int]]:
         with self._transaction() as cur:

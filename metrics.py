@@ -5,17 +5,34 @@ The first five are the seed's interface, unchanged in name, type and labels.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+import logging
+import platform
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 from prometheus_client.process_collector import ProcessCollector
 
 from db import BatchOutcome
 
+logger = logging.getLogger(__name__)
+
 # Label value for votes of laws beyond METRICS_MAX_LAWS.
 OTHER_LAWS = "_other"
 
+BATCH_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# (ready, reason) for /readyz.
+Readiness = Callable[[], tuple[bool, str]]
+
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None, *, max_laws: int = 1000) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, max_laws: int = 1000, version: str = "unknown"
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         # law_id comes from message data: the label set is capped so that a
         # flood of distinct ids cannot grow Prometheus' series without bound.
@@ -57,6 +74,30 @@ class Metrics:
             'Votes counted in the database whose law_id is beyond METRICS_MAX_LAWS (exported as law_id="_other")',
             registry=r,
         )
+        self.batch_duration = Histogram(
+            "batch_duration_seconds",
+            "Duration of each batch write, retries included",
+            buckets=BATCH_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.messages_received = Counter("messages_received", "Messages received from RabbitMQ", registry=r)
+        self.votes_rejected = Counter(
+            "votes_rejected", "Messages rejected without requeue, by reason", ["reason"], registry=r
+        )
+        self.buffer_depth = Gauge("vote_buffer_depth", "Valid votes received and not yet written", registry=r)
+        self.last_flush = Gauge(
+            "last_successful_flush_timestamp_seconds", "Unix time of the last committed batch", registry=r
+        )
+        self.database_up = Gauge(
+            "database_up", "1 when the last PostgreSQL operation succeeded, 0 while it is failing", registry=r
+        )
+        self.database_retries = Counter("database_retries", "Failed batch-write attempts that were retried", registry=r)
+        self.rabbitmq_connected = Gauge(
+            "rabbitmq_connected", "1 while the service is consuming from RabbitMQ", registry=r
+        )
+        Info("vote_aggregator_build", "Version of the service and of Python", registry=r).info(
+            {"version": version, "python": platform.python_version()}
+        )
         ProcessCollector(registry=r)
 
     def _law_label(self, law_id: str) -> str | None:
@@ -95,5 +136,38 @@ class Metrics:
     def record_error(self, error_type: str, count: int = 1) -> None:
         self.aggregation_errors.labels(error_type).inc(count)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+    def record_rejected(self, reason: str) -> None:
+        self.aggregation_errors.labels(reason).inc()
+        self.votes_rejected.labels(reason).inc()
+
+    def serve(self, *, port: int, addr: str, readiness: Readiness) -> WSGIServer:
+        """/metrics, /healthz (the process answers) and /readyz (it can do its job) on one port."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "/")
+            if path == "/healthz":
+                return _text(start_response, "200 OK", "ok\n")
+            if path == "/readyz":
+                ready, reason = readiness()
+                return _text(start_response, "200 OK" if ready else "503 Service Unavailable", reason + "\n")
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+        server = make_server(addr, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+        return server
+
+
+def _text(start_response: Callable[..., Any], status: str, body: str) -> list[bytes]:
+    data = body.encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes and probes every few seconds are not worth a log line."""

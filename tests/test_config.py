@@ -53,6 +53,7 @@ NON_DEFAULTS: dict[str, tuple[str, str, object]] = {
     "METRICS_MAX_LAWS": ("50", "metrics_max_laws", 50),
     "SHUTDOWN_TIMEOUT_SECONDS": ("30", "shutdown_timeout_s", 30.0),
     "PROMETHEUS_PORT": ("9100", "prometheus_port", 9100),
+    "PROMETHEUS_BIND_ADDRESS": ("127.0.0.1", "prometheus_bind_address", "127.0.0.1"),
     "LOG_LEVEL": ("WARNING", "log_level", "WARNING"),
 }
 

@@ -1,0 +1,97 @@
+"""What operators watch: health endpoints and the metrics added beside the seed's five."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+from tests.proxy import TcpProxy
+from tests.support import (
+    POSTGRES_HOST,
+    POSTGRES_PORT,
+    RABBITMQ_HOST,
+    RABBITMQ_PORT,
+    Service,
+    audit_count,
+    make_votes,
+    publish,
+    wait_for,
+)
+
+MakeService = Callable[..., Service]
+
+
+def probe(svc: Service, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_readiness_follows_postgres_and_rabbitmq(make_service: MakeService, queue: str, dbname: str) -> None:
+    pg = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
+    amqp = TcpProxy(RABBITMQ_HOST, RABBITMQ_PORT)
+    try:
+        svc = make_service(
+            {
+                "POSTGRES_PORT": str(pg.port),
+                "RABBITMQ_PORT": str(amqp.port),
+                "RABBITMQ_RECONNECT_MAX_DELAY_SECONDS": "2",
+                "RETRY_DELAY_SECONDS": "0.2",
+                "MAX_RETRY_ATTEMPTS": "1",
+            }
+        ).start()
+        assert probe(svc, "/healthz") == (200, "ok\n")
+        assert probe(svc, "/readyz") == (200, "ready\n")
+        assert svc.metric("database_up") == 1 and svc.metric("rabbitmq_connected") == 1
+
+        # PostgreSQL goes away while votes arrive: not ready, process still healthy.
+        pg.refuse()
+        pg.cut()
+        publish(queue, (v.body() for v in make_votes(20, laws=2)))
+        wait_for(lambda: probe(svc, "/readyz")[0] == 503, timeout=30, what="not ready without PostgreSQL")
+        status, reason = probe(svc, "/readyz")
+        assert status == 503 and "PostgreSQL" in reason
+        assert probe(svc, "/healthz")[0] == 200
+        assert svc.metric("database_up") == 0
+        wait_for(lambda: svc.metric("database_retries_total") >= 1, timeout=10, what="retries counted")
+        pg.resume()
+        wait_for(lambda: probe(svc, "/readyz")[0] == 200, timeout=60, what="ready again")
+        assert audit_count(dbname) == 20
+
+        # RabbitMQ goes away: not ready until the service has reconnected.
+        amqp.refuse()
+        amqp.cut()
+        wait_for(lambda: probe(svc, "/readyz")[0] == 503, timeout=30, what="not ready without RabbitMQ")
+        assert "RabbitMQ" in probe(svc, "/readyz")[1]
+        assert svc.metric("rabbitmq_connected") == 0
+        amqp.resume()
+        wait_for(lambda: probe(svc, "/readyz")[0] == 200, timeout=30, what="ready after reconnecting")
+        assert svc.stop() == 0
+    finally:
+        pg.close()
+        amqp.close()
+
+
+def test_operator_metrics_describe_what_happened(make_service: MakeService, queue: str, dbname: str) -> None:
+    svc = make_service().start()
+    votes = make_votes(500, laws=3)
+    before = time.time()
+    publish(queue, [b"not json", b"[]"] + [v.body() for v in votes] + [votes[0].body()])
+    wait_for(lambda: svc.metric("messages_received_total") == len(votes) + 3, timeout=30, what="all received")
+    wait_for(lambda: svc.metric("votes_redelivered_total") == 1, timeout=30, what="the copy absorbed")
+
+    assert svc.metric("votes_rejected_total", reason="invalid_json") == 1
+    assert svc.metric("votes_rejected_total", reason="not_an_object") == 1
+    assert svc.metric("batch_duration_seconds_count") >= 5
+    assert svc.metric("batch_duration_seconds_bucket", le="+Inf") == svc.metric("batch_duration_seconds_count")
+    assert svc.metric("last_successful_flush_timestamp_seconds") >= before
+    assert svc.metric("vote_buffer_depth") == 0
+    assert svc.metric("database_retries_total") == 0
+    builds = [labels for (name, labels) in svc.metrics() if name == "vote_aggregator_build_info"]
+    assert len(builds) == 1 and dict(builds[0])["version"]
+    assert audit_count(dbname) == len(votes)
+    assert svc.stop() == 0
