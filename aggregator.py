@@ -154,6 +154,19 @@ class Aggregator:
 
     def run(self) -> int:
         """Consume until a stop is requested; reconnect on connection loss. Returns the exit code."""
+        c = self._config
+        if c.rabbitmq_prefetch_count < 2 * c.batch_size:
+            # Acks follow commits: with fewer unacked messages allowed than two
+            # batches, RabbitMQ stops delivering while each batch is written.
+            logger.warning(
+                "RABBITMQ_PREFETCH_COUNT=%d is below twice BATCH_SIZE=%d: consumption pauses while each batch "
+                "is written%s",
+                c.rabbitmq_prefetch_count,
+                c.batch_size,
+                ", and batches never fill (they are written on the timeout)"
+                if c.rabbitmq_prefetch_count < c.batch_size
+                else "",
+            )
         self._flush_thread.start()
         delay = 1.0
         connected_once = False

@@ -29,7 +29,7 @@ class Config:
     rabbitmq_password: str = field(default="guest", repr=False)
     rabbitmq_vhost: str = "/"
     rabbitmq_queue: str = "votes.aggregation"
-    rabbitmq_prefetch_count: int = 100
+    rabbitmq_prefetch_count: int = 1000
     rabbitmq_heartbeat_s: int = 30
     rabbitmq_reconnect_max_delay_s: float = 30.0
     # Dead-lettering, set up only when the service declares the queue itself.
@@ -48,7 +48,7 @@ class Config:
     postgres_connect_timeout_s: int = 5
     postgres_query_timeout_s: float = 30.0
 
-    batch_size: int = 100
+    batch_size: int = 200
     batch_timeout_s: float = 1.0
 
     max_retry_attempts: int = 3

@@ -365,19 +365,40 @@ def _rollback(conn: psycopg2.extensions.connection) -> bool:
         return False
 
 
-_INSERT_AUDIT = (
-    'INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp") VALUES %s '
-    "ON CONFLICT (vote_hash) DO NOTHING RETURNING vote_hash"
+# One round trip counts a whole batch: insert the audit rows, aggregate the
+# ones that were new per law, add them to vote_results, and return the new
+# totals together with the hashes that were already stored. Rows are inserted
+# and locked in key order (vote_hash, then law_id) so that instances writing
+# overlapping batches cannot deadlock.
+_COUNT_BATCH = """
+WITH incoming AS (
+    SELECT * FROM unnest(%s::varchar[], %s::varchar[], %s::varchar[], %s::varchar[], %s::timestamptz[])
+        AS t(vote_hash, citizen_id, law_id, choice, ts)
+), inserted AS (
+    INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp")
+    SELECT vote_hash, citizen_id, law_id, choice, ts FROM incoming ORDER BY vote_hash
+    ON CONFLICT (vote_hash) DO NOTHING
+    RETURNING vote_hash, law_id, choice
+), counted AS (
+    SELECT law_id,
+           count(*) FILTER (WHERE choice = 'oui') AS oui,
+           count(*) FILTER (WHERE choice = 'non') AS non
+    FROM inserted GROUP BY law_id
+), totals AS (
+    INSERT INTO vote_results AS r (law_id, oui_count, non_count)
+    SELECT law_id, oui, non FROM counted ORDER BY law_id
+    ON CONFLICT (law_id) DO UPDATE SET
+        oui_count = r.oui_count + EXCLUDED.oui_count,
+        non_count = r.non_count + EXCLUDED.non_count,
+        updated_at = now()
+    RETURNING law_id, oui_count, non_count
 )
+SELECT c.law_id, c.oui, c.non, t.oui_count, t.non_count FROM counted c JOIN totals t USING (law_id)
+UNION ALL
+SELECT i.vote_hash, NULL, NULL, NULL, NULL FROM incoming i
+WHERE NOT EXISTS (SELECT 1 FROM inserted n WHERE n.vote_hash = i.vote_hash)
+"""
 _SELECT_STORED = 'SELECT vote_hash, citizen_id, law_id, choice, "timestamp" FROM vote_audit WHERE vote_hash = ANY(%s)'
-_UPSERT_RESULTS = (
-    "INSERT INTO vote_results AS r (law_id, oui_count, non_count) VALUES %s "
-    "ON CONFLICT (law_id) DO UPDATE SET "
-    "oui_count = r.oui_count + EXCLUDED.oui_count, "
-    "non_count = r.non_count + EXCLUDED.non_count, "
-    "updated_at = now() "
-    "RETURNING law_id, oui_count, non_count"
-)
 _INSERT_ATTEMPTS = (
     "INSERT INTO duplicate_attempts (vote_hash, citizen_id, law_id, choice, vote_timestamp) VALUES %s "
     "ON CONFLICT ON CONSTRAINT duplicate_attempts_once DO NOTHING RETURNING id"
@@ -402,16 +423,31 @@ def _write_batch(cur: psycopg2.extensions.cursor, votes: Sequence[Vote]) -> Batc
     if not candidates:
         return outcome
 
-    # Rows are inserted and locked in key order (vote_hash here, law_id below)
-    # so that instances writing overlapping batches cannot deadlock.
-    ordered = sorted(candidates.values(), key=lambda v: v.vote_hash)
-    inserted = {
-        row[0]
-        for row in execute_values(cur, _INSERT_AUDIT, [_row(v) for v in ordered], page_size=PAGE_SIZE, fetch=True)
-    }
+    cur.execute(
+        _COUNT_BATCH,
+        (
+            [v.vote_hash for v in candidates.values()],
+            [v.citizen_id for v in candidates.values()],
+            [v.law_id for v in candidates.values()],
+            [v.choice for v in candidates.values()],
+            [v.timestamp for v in candidates.values()],
+        ),
+    )
+    conflicting: list[str] = []
+    for key, oui, non, oui_total, non_total in cur.fetchall():
+        if oui is None:
+            conflicting.append(key)
+            continue
+        outcome.totals[key] = (oui_total, non_total)
+        if oui:
+            outcome.counted[(key, "oui")] = oui
+        if non:
+            outcome.counted[(key, "non")] = non
 
-    stored: dict[str, Vote] = {h: candidates[h] for h in inserted}
-    conflicting = [h for h in candidates if h not in inserted]
+    if not conflicting and not copies:
+        return outcome
+    already_stored = set(conflicting)
+    stored = {h: v for h, v in candidates.items() if h not in already_stored}
     if conflicting:
         # A new statement sees rows another instance committed while our
         # INSERT waited on them (READ COMMITTED takes a snapshot per statement).
@@ -427,21 +463,6 @@ def _write_batch(cur: psycopg2.extensions.cursor, votes: Sequence[Vote]) -> Batc
             outcome.redeliveries += 1
         else:
             attempts[_row(vote)] = vote
-
-    per_law: dict[str, list[int]] = {}
-    for vote_hash in inserted:
-        vote = candidates[vote_hash]
-        counts = per_law.setdefault(vote.law_id, [0, 0])
-        counts[0 if vote.choice == "oui" else 1] += 1
-    if per_law:
-        rows = [(law, oui, non) for law, (oui, non) in sorted(per_law.items())]
-        for law_id, oui_total, non_total in execute_values(cur, _UPSERT_RESULTS, rows, page_size=PAGE_SIZE, fetch=True):
-            outcome.totals[law_id] = (oui_total, non_total)
-        for law, (oui, non) in per_law.items():
-            if oui:
-                outcome.counted[(law, "oui")] = oui
-            if non:
-                outcome.counted[(law, "non")] = non
 
     if attempts:
         recorded = execute_values(cur, _INSERT_ATTEMPTS, sorted(attempts), page_size=PAGE_SIZE, fetch=True)

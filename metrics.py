@@ -9,6 +9,7 @@ import logging
 import platform
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -29,6 +30,12 @@ BATCH_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 Readiness = Callable[[], tuple[bool, str]]
 
 
+@dataclass(frozen=True, slots=True)
+class _LawSeries:
+    counted: dict[str, Counter]  # choice -> votes_aggregated_total child
+    totals: dict[str, Gauge]  # choice -> current_vote_totals child
+
+
 class Metrics:
     def __init__(
         self, registry: CollectorRegistry | None = None, *, max_laws: int = 1000, version: str = "unknown"
@@ -37,7 +44,7 @@ class Metrics:
         # law_id comes from message data: the label set is capped so that a
         # flood of distinct ids cannot grow Prometheus' series without bound.
         self._max_laws = max_laws
-        self._laws: set[str] = set()
+        self._series: dict[str, _LawSeries] = {}
         r = self.registry
         # -- the seed's five ----------------------------------------------------
         self.votes_aggregated = Counter(
@@ -100,32 +107,37 @@ class Metrics:
         )
         ProcessCollector(registry=r)
 
-    def _law_label(self, law_id: str) -> str | None:
-        """The label for a law, or None once METRICS_MAX_LAWS distinct laws have labels."""
-        if law_id in self._laws:
-            return law_id
-        if len(self._laws) < self._max_laws:
-            self._laws.add(law_id)
-            return law_id
-        return None
+    def _law_series(self, law_id: str) -> _LawSeries | None:
+        """The series of a law, or None once METRICS_MAX_LAWS laws have theirs.
+
+        Children are looked up once per law, not once per batch: label lookups
+        are the costliest part of recording a batch.
+        """
+        series = self._series.get(law_id)
+        if series is None and len(self._series) < self._max_laws:
+            series = self._series[law_id] = _LawSeries(
+                counted={c: self.votes_aggregated.labels(law_id, c) for c in ("oui", "non")},
+                totals={c: self.current_vote_totals.labels(law_id, c) for c in ("oui", "non")},
+            )
+        return series
 
     def set_totals(self, totals: dict[str, tuple[int, int]]) -> None:
         # Past the cap, a law has no per-law gauge: its totals are in vote_results.
         for law_id in sorted(totals):
-            label = self._law_label(law_id)
-            if label is not None:
+            series = self._law_series(law_id)
+            if series is not None:
                 oui, non = totals[law_id]
-                self.current_vote_totals.labels(label, "oui").set(oui)
-                self.current_vote_totals.labels(label, "non").set(non)
+                series.totals["oui"].set(oui)
+                series.totals["non"].set(non)
 
     def record_batch(self, outcome: BatchOutcome, *, size: int) -> None:
         for (law_id, choice), count in outcome.counted.items():
-            label = self._law_label(law_id)
-            if label is None:
+            series = self._law_series(law_id)
+            if series is None:
                 self.votes_aggregated.labels(OTHER_LAWS, choice).inc(count)
                 self.laws_over_label_cap.inc(count)
             else:
-                self.votes_aggregated.labels(label, choice).inc(count)
+                series.counted[choice].inc(count)
         self.set_totals(outcome.totals)
         self.batch_size_processed.inc(size)
         if outcome.redeliveries:
