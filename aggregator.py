@@ -16,11 +16,12 @@ import functools
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 
 import pika
@@ -29,8 +30,11 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.spec import Basic, BasicProperties
 
 import db
-from config import Config, ConfigError, load_config
+import logsetup
+import results
+from config import HELP, Config, ConfigError, load_config, variables
 from metrics import Metrics
+from systemd import Notifier
 from votes import InvalidVote, Vote, parse_vote
 
 logger = logging.getLogger(__name__)
@@ -110,10 +114,28 @@ class Buffer:
             self._cond.notify_all()
 
 
+@dataclass
+class _Summary:
+    """Counts for the periodic summary line. Each counter has one writing thread."""
+
+    since: float = field(default_factory=time.monotonic)
+    received: int = 0  # connection thread
+    rejected: int = 0  # connection thread
+    batches: int = 0
+    written: int = 0
+    new: int = 0
+    redelivered: int = 0
+    duplicates: int = 0
+    errors: int = 0
+    laws: set[str] = field(default_factory=set)
+
+
 class Aggregator:
     """Consumes votes from RabbitMQ and writes them to PostgreSQL in batches."""
 
-    def __init__(self, *, config: Config, database: db.Database, metrics: Metrics) -> None:
+    def __init__(
+        self, *, config: Config, database: db.Database, metrics: Metrics, notifier: Notifier | None = None
+    ) -> None:
         self._config = config
         self._db = database
         self._metrics = metrics
@@ -125,6 +147,10 @@ class Aggregator:
         self._flush_thread = threading.Thread(target=self._flush_loop, name="flush", daemon=True)
         self._channel: BlockingChannel | None = None
         self._consumed_since_connect = False
+        self._notifier = notifier if notifier is not None else Notifier({})
+        self._next_watchdog = 0.0
+        self._ready_sent = False
+        self._summary = _Summary()
         self._database_error: str | None = None  # why the last database operation failed, if it did
         self._last_database_check = time.monotonic()
         metrics.buffer_depth.set_function(lambda: len(self._buffer))
@@ -149,6 +175,7 @@ class Aggregator:
         if not self._stop.is_set():
             self._stop_deadline = time.monotonic() + self._config.shutdown_timeout_s
             self._stop.set()
+            self._notifier.notify("STOPPING=1", "STATUS=draining buffered votes")
 
     # -- connection thread ----------------------------------------------------
 
@@ -175,7 +202,7 @@ class Aggregator:
             connection: BlockingConnection | None = None
             self._consumed_since_connect = False
             try:
-                connection = pika.BlockingConnection(self._connection_parameters())
+                connection = pika.BlockingConnection(amqp_parameters(self._config))
                 connected_once = True
                 if not self._consume(connection):
                     code = EXIT_FAILURE
@@ -204,7 +231,8 @@ class Aggregator:
             if self._consumed_since_connect:
                 delay = 1.0  # the last connection worked: start the backoff over
             if not self._stop.is_set():
-                self._stop.wait(delay)
+                self._notifier.notify(f"STATUS=RabbitMQ unavailable; reconnecting in {delay:.0f}s")
+                self._wait(delay)
                 delay = min(delay * 2, self._config.rabbitmq_reconnect_max_delay_s)
         # Stopped while disconnected (or the drain above did not finish): let the
         # flush thread write what it holds; its acks cannot be sent, so RabbitMQ
@@ -213,19 +241,18 @@ class Aggregator:
             code = EXIT_FAILURE
         return code
 
-    def _connection_parameters(self) -> pika.ConnectionParameters:
-        c = self._config
-        return pika.ConnectionParameters(
-            host=c.rabbitmq_host,
-            port=c.rabbitmq_port,
-            virtual_host=c.rabbitmq_vhost,
-            credentials=pika.PlainCredentials(c.rabbitmq_user, c.rabbitmq_password),
-            heartbeat=c.rabbitmq_heartbeat_s,
-            blocked_connection_timeout=300,
-            connection_attempts=1,
-            socket_timeout=10,
-            client_properties={"connection_name": "vote-aggregator"},
-        )
+    def _wait(self, seconds: float) -> None:
+        """Sleep on the connection thread, still answering systemd's watchdog."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            self._watchdog()
+            self._stop.wait(min(remaining, 1.0))
+
+    def _watchdog(self) -> None:
+        interval = self._notifier.watchdog_interval_s
+        if interval is not None and time.monotonic() >= self._next_watchdog:
+            self._notifier.notify("WATCHDOG=1")
+            self._next_watchdog = time.monotonic() + interval
 
     def _open_queue(self, connection: BlockingConnection) -> BlockingChannel:
         """A channel on RABBITMQ_QUEUE: an existing queue is used as it is, a missing one declared durable."""
@@ -261,6 +288,13 @@ class Aggregator:
         self._channel = channel
         self._consumed_since_connect = True
         self._metrics.rabbitmq_connected.set(1)
+        status = f"STATUS=consuming {self._config.rabbitmq_queue}"
+        if self._ready_sent:
+            self._notifier.notify(status)
+        else:
+            # Both connections are up: the unit counts as started from here.
+            self._notifier.notify("READY=1", status)
+            self._ready_sent = True
         logger.info(
             "consuming %s on %s (prefetch %d, batch %d votes or %.2fs)",
             self._config.rabbitmq_queue,
@@ -271,6 +305,7 @@ class Aggregator:
         )
         while not self._stop.is_set():
             connection.process_data_events(time_limit=_POLL_S)
+            self._watchdog()
 
         logger.info("stopping: no new messages; writing %d buffered votes", len(self._buffer))
         # Undelivered prefetched messages are nacked by pika and stay in the queue.
@@ -319,6 +354,7 @@ class Aggregator:
     ) -> None:
         tag = method.delivery_tag
         self._metrics.messages_received.inc()
+        self._summary.received += 1
         try:
             vote = parse_vote(
                 body, max_bytes=self._config.max_message_bytes, law_id_pattern=self._config.law_id_pattern
@@ -337,6 +373,7 @@ class Aggregator:
         # exchange on the queue keeps it for audit.
         channel.basic_reject(tag, requeue=False)
         self._metrics.record_rejected(exc.reason)
+        self._summary.rejected += 1
         logger.warning("rejected message (delivery tag %d, %d bytes): %s", tag, size, exc)
 
     # -- flush thread -----------------------------------------------------------
@@ -352,6 +389,7 @@ class Aggregator:
                     return
                 elif time.monotonic() - self._last_database_check >= _IDLE_CHECK_S:
                     self._check_database()
+                self._log_summary()
                 if self._abandon.is_set():
                     return
             except Exception:
@@ -369,6 +407,7 @@ class Aggregator:
                 committed, rejected = self._write_isolating(batch)
                 break
             except db.RetryableError as exc:
+                self._summary.errors += 1
                 self._database_failed(exc)
                 self._metrics.record_error("database_unavailable")
                 logger.error(
@@ -379,6 +418,7 @@ class Aggregator:
                     delay,
                 )
             except db.DatabaseError as exc:
+                self._summary.errors += 1
                 self._database_failed(exc)
                 self._metrics.record_error("database_error")
                 logger.error("batch of %d votes failed (%s); keeping it and retrying in %.1fs", len(batch), exc, delay)
@@ -395,7 +435,14 @@ class Aggregator:
         self._metrics.batch_processing_duration.set(duration)
         self._metrics.batch_duration.observe(duration)
         self._metrics.last_flush.set_to_current_time()
-        logger.debug("batch of %d votes committed in %.3fs", len(batch), duration)
+        self._summary.batches += 1
+        self._summary.written += len(committed)
+        logger.debug(
+            "batch of %d votes committed in %.3fs",
+            len(batch),
+            duration,
+            extra={"batch_size": len(batch), "duration_s": round(duration, 4), "rejected": len(rejected)},
+        )
 
     def _write_isolating(self, batch: list[Delivery]) -> tuple[list[Delivery], list[Delivery]]:
         """Write the batch; if PostgreSQL refuses its data, split it until the refused votes are alone.
@@ -419,7 +466,48 @@ class Aggregator:
             second = self._write_isolating(batch[middle:])
             return first[0] + second[0], first[1] + second[1]
         self._metrics.record_batch(outcome, size=len(batch))
+        self._summary.new += outcome.new_votes
+        self._summary.redelivered += outcome.redeliveries
+        self._summary.duplicates += outcome.duplicate_attempts
+        self._summary.laws.update(law for law, _choice in outcome.counted)
         return list(batch), []
+
+    def _log_summary(self) -> None:
+        """One INFO line per LOG_SUMMARY_INTERVAL_SECONDS: at 10k votes/s a line per batch is too much."""
+        interval = self._config.log_summary_interval_s
+        elapsed = time.monotonic() - self._summary.since
+        if not interval or elapsed < interval:
+            return
+        done, self._summary = self._summary, _Summary()
+        if not (done.received or done.written or done.errors):
+            return
+        logger.info(
+            "last %.0fs: %d votes/s, %d received, %d counted, %d redelivered, %d duplicate attempts, "
+            "%d rejected, %d batches, %d database errors, %d buffered",
+            elapsed,
+            done.new / elapsed,
+            done.received,
+            done.new,
+            done.redelivered,
+            done.duplicates,
+            done.rejected,
+            done.batches,
+            done.errors,
+            len(self._buffer),
+            extra={
+                "interval_s": round(elapsed, 1),
+                "votes_per_s": round(done.new / elapsed, 1),
+                "received": done.received,
+                "counted": done.new,
+                "redelivered": done.redelivered,
+                "duplicate_attempts": done.duplicates,
+                "rejected": done.rejected,
+                "batches": done.batches,
+                "database_errors": done.errors,
+                "laws": len(done.laws),
+                "buffered": len(self._buffer),
+            },
+        )
 
     def _check_database(self) -> None:
         """While idle, keep /readyz and database_up honest with a trivial query."""
@@ -474,6 +562,29 @@ class Aggregator:
         current.basic_ack(tag, multiple=True)
 
 
+def amqp_parameters(c: Config) -> pika.ConnectionParameters:
+    """Connection parameters for RabbitMQ, TLS included."""
+    ssl_options = None
+    if c.rabbitmq_tls:
+        context = ssl.create_default_context(cafile=c.rabbitmq_tls_ca_file or None)
+        context.check_hostname = c.rabbitmq_tls_verify_hostname
+        if c.rabbitmq_tls_cert_file:
+            context.load_cert_chain(c.rabbitmq_tls_cert_file, c.rabbitmq_tls_key_file)
+        ssl_options = pika.SSLOptions(context, c.rabbitmq_tls_server_name or c.rabbitmq_host)
+    return pika.ConnectionParameters(
+        ssl_options=ssl_options,
+        host=c.rabbitmq_host,
+        port=c.rabbitmq_port,
+        virtual_host=c.rabbitmq_vhost,
+        credentials=pika.PlainCredentials(c.rabbitmq_user, c.rabbitmq_password),
+        heartbeat=c.rabbitmq_heartbeat_s,
+        blocked_connection_timeout=300,
+        connection_attempts=1,
+        socket_timeout=10,
+        client_properties={"connection_name": "vote-aggregator"},
+    )
+
+
 def _reject(channel: BlockingChannel, tag: int) -> None:
     if channel.is_open:
         channel.basic_reject(tag, requeue=False)
@@ -520,15 +631,84 @@ def init_db(config: Config) -> int:
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def check(config: Config) -> list[str]:
+    """Connect to both servers and verify the schema; one line per problem (for ExecStartPre=, CI)."""
+    problems: list[str] = []
+    try:
+        connection = pika.BlockingConnection(amqp_parameters(config))
+    except pika.exceptions.AMQPError as exc:
+        problems.append(f"RabbitMQ {config.rabbitmq_url_for_logs()}: {type(exc).__name__}: {exc}")
+    else:
+        try:
+            ok = connection.channel().queue_declare(config.rabbitmq_queue, passive=True).method
+            print(
+                f"ok: RabbitMQ {config.rabbitmq_url_for_logs()}, queue {config.rabbitmq_queue} "
+                f"({ok.message_count} ready, {ok.consumer_count} consumers)"
+            )
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                problems.append(f"RabbitMQ queue {config.rabbitmq_queue}: {exc.reply_text}")
+            else:
+                print(
+                    f"ok: RabbitMQ {config.rabbitmq_url_for_logs()}, queue {config.rabbitmq_queue} "
+                    "does not exist yet (the service declares it)"
+                )
+        finally:
+            _close_quietly(connection.close)
+
+    database = db.Database(config=config)
+    try:
+        database.open()
+        missing = database.missing_schema_objects()
+    except db.DatabaseError as exc:
+        problems.append(f"PostgreSQL: {exc}")
+    else:
+        if missing:
+            problems.append(
+                f"PostgreSQL {config.postgres_target_for_logs()}: schema incomplete, missing {', '.join(missing)}; "
+                "apply it with: python aggregator.py --init-db"
+            )
+        else:
+            print(f"ok: PostgreSQL {config.postgres_target_for_logs()}, schema complete")
+    finally:
+        database.close()
+    return problems
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = variables()
+    def shown(value: object) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value) if value != "" else "unset"
+
+    lines = [f"  {name} (default {shown(defaults[name])}): {HELP[name]}" for name in defaults]
     parser = argparse.ArgumentParser(
-        description="Vote aggregation service: counts validated votes from RabbitMQ into PostgreSQL.",
-        epilog="Configuration comes from the environment (and a .env file); see .env.example.",
+        prog="aggregator.py",
+        description="Vote aggregation service: counts validated votes from RabbitMQ into PostgreSQL. "
+        "With no arguments it runs until SIGTERM or SIGINT.",
+        epilog="environment variables (also read from a .env file; set ones win):\n" + "\n".join(lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--check",
+        action="store_true",
+        help="check the configuration, connect to RabbitMQ and PostgreSQL, verify the schema; exit 0 or 1",
+    )
+    mode.add_argument(
         "--init-db", action="store_true", help="create the database if missing, apply init_db.sql, and exit"
     )
-    args = parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    results_parser = commands.add_parser("results", help="print the counts stored in PostgreSQL and exit")
+    results_parser.add_argument("--law", metavar="ID", help="only this law")
+    results_parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     from dotenv import find_dotenv, load_dotenv
 
@@ -539,23 +719,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=config.log_level_number,
-        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
-    )
-    # pika logs each failed connection attempt as errors with a traceback, and a
-    # missing queue as a warning; the service logs what matters itself, once.
-    logging.getLogger("pika").setLevel(logging.WARNING if config.log_level == "DEBUG" else logging.CRITICAL)
+    logsetup.configure(level=config.log_level, fmt=config.log_format)
 
-    if args.init_db:
-        try:
+    if args.check:
+        problems = check(config)
+        for problem in problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        return EXIT_FAILURE if problems else EXIT_OK
+    try:
+        if args.init_db:
             return init_db(config)
-        except db.DatabaseError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
+        if args.command == "results":
+            return results.print_results(config, law_id=args.law, fmt=args.format)
+    except db.DatabaseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return serve(config)
 
+
+def serve(config: Config) -> int:
+    """Run the service until SIGTERM or SIGINT. Returns the exit code."""
     stop = threading.Event()
     aggregator: Aggregator | None = None
+    notifier = Notifier(os.environ)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         if stop.is_set():
@@ -585,6 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_CONFIG
 
+    notifier.notify("STATUS=connecting to PostgreSQL")
     try:
         database = _open_database(config, stop, metrics)
     except (db.DatabaseMissing, db.DatabaseConfigError) as exc:
@@ -598,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except db.DatabaseError as exc:
             logger.warning("could not read current totals (%s); gauges fill in as batches commit", exc)
         metrics.database_up.set(1)
-        aggregator = Aggregator(config=config, database=database, metrics=metrics)
+        aggregator = Aggregator(config=config, database=database, metrics=metrics, notifier=notifier)
         if stop.is_set():
             aggregator.request_stop()
         code = aggregator.run()

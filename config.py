@@ -8,6 +8,7 @@ in the README and in `.env.example`.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -37,6 +38,12 @@ class Config:
     rabbitmq_dead_lettering: bool = True
     rabbitmq_dead_letter_exchange: str = ""
     rabbitmq_dead_letter_queue: str = ""
+    rabbitmq_tls: bool = False
+    rabbitmq_tls_ca_file: str = ""
+    rabbitmq_tls_cert_file: str = ""
+    rabbitmq_tls_key_file: str = ""
+    rabbitmq_tls_verify_hostname: bool = True
+    rabbitmq_tls_server_name: str = ""
 
     postgres_host: str = "localhost"
     postgres_port: int = 5432
@@ -47,6 +54,10 @@ class Config:
     postgres_max_connections: int = 10
     postgres_connect_timeout_s: int = 5
     postgres_query_timeout_s: float = 30.0
+    postgres_sslmode: str = "prefer"
+    postgres_sslrootcert: str = ""
+    postgres_sslcert: str = ""
+    postgres_sslkey: str = ""
 
     batch_size: int = 200
     batch_timeout_s: float = 1.0
@@ -63,6 +74,8 @@ class Config:
     prometheus_port: int = 8001
     prometheus_bind_address: str = "0.0.0.0"
     log_level: str = "INFO"
+    log_format: str = "text"
+    log_summary_interval_s: float = 10.0
 
     def rabbitmq_url_for_logs(self) -> str:
         """Where RabbitMQ is, for log lines: never the password."""
@@ -140,6 +153,30 @@ def _pattern(name: str, raw: str) -> re.Pattern[str]:
         raise ConfigError(f"{name} is not a valid regular expression ({exc}), got {raw!r}") from None
 
 
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def _sslmode(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value not in _SSLMODES:
+        raise ConfigError(f"{name} must be one of {', '.join(_SSLMODES)}, got {raw!r}")
+    return value
+
+
+def _log_format(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("text", "json"):
+        raise ConfigError(f"{name} must be text or json, got {raw!r}")
+    return value
+
+
+def _file(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not os.path.isfile(value) or not os.access(value, os.R_OK):
+        raise ConfigError(f"{name} must name a readable file, got {raw!r}")
+    return value
+
+
 def _log_level(name: str, raw: str) -> str:
     value = raw.strip().upper()
     if value not in LOG_LEVELS:
@@ -179,6 +216,12 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
     "RABBITMQ_DEAD_LETTERING": ("rabbitmq_dead_lettering", _bool, None),
     "RABBITMQ_DEAD_LETTER_EXCHANGE": ("rabbitmq_dead_letter_exchange", _queue_name, None),
     "RABBITMQ_DEAD_LETTER_QUEUE": ("rabbitmq_dead_letter_queue", _queue_name, None),
+    "RABBITMQ_TLS": ("rabbitmq_tls", _bool, None),
+    "RABBITMQ_TLS_CA_FILE": ("rabbitmq_tls_ca_file", _file, None),
+    "RABBITMQ_TLS_CERT_FILE": ("rabbitmq_tls_cert_file", _file, None),
+    "RABBITMQ_TLS_KEY_FILE": ("rabbitmq_tls_key_file", _file, None),
+    "RABBITMQ_TLS_VERIFY_HOSTNAME": ("rabbitmq_tls_verify_hostname", _bool, None),
+    "RABBITMQ_TLS_SERVER_NAME": ("rabbitmq_tls_server_name", _parse_str, None),
     "POSTGRES_HOST": ("postgres_host", _parse_str, None),
     "POSTGRES_PORT": ("postgres_port", _parse_int, _port),
     "POSTGRES_DB": ("postgres_db", _parse_str, None),
@@ -188,6 +231,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
     "POSTGRES_MAX_CONNECTIONS": ("postgres_max_connections", _parse_int, _at_least(1)),
     "POSTGRES_CONNECT_TIMEOUT_SECONDS": ("postgres_connect_timeout_s", _parse_int, _at_least(1)),
     "POSTGRES_QUERY_TIMEOUT_SECONDS": ("postgres_query_timeout_s", _parse_float, _at_least(1)),
+    "POSTGRES_SSLMODE": ("postgres_sslmode", _sslmode, None),
+    "POSTGRES_SSLROOTCERT": ("postgres_sslrootcert", _file, None),
+    "POSTGRES_SSLCERT": ("postgres_sslcert", _file, None),
+    "POSTGRES_SSLKEY": ("postgres_sslkey", _file, None),
     "BATCH_SIZE": ("batch_size", _parse_int, _at_least(1)),
     "BATCH_TIMEOUT_SECONDS": ("batch_timeout_s", _parse_float, _positive),
     "MAX_RETRY_ATTEMPTS": ("max_retry_attempts", _parse_int, _at_least(1)),
@@ -200,9 +247,61 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
     "PROMETHEUS_PORT": ("prometheus_port", _parse_int, _port),
     "PROMETHEUS_BIND_ADDRESS": ("prometheus_bind_address", _parse_str, None),
     "LOG_LEVEL": ("log_level", _log_level, None),
+    "LOG_FORMAT": ("log_format", _log_format, None),
+    "LOG_SUMMARY_INTERVAL_SECONDS": ("log_summary_interval_s", _parse_float, _at_least(0)),
+}
+
+# One line per variable, for --help (and kept in step with .env.example by a test).
+HELP: dict[str, str] = {
+    "RABBITMQ_HOST": "broker host",
+    "RABBITMQ_PORT": "broker port (5671 is the usual one for TLS)",
+    "RABBITMQ_USER": "broker user",
+    "RABBITMQ_PASSWORD": "broker password (never logged)",
+    "RABBITMQ_VHOST": "virtual host",
+    "RABBITMQ_QUEUE": "queue to consume; used as it is if it exists, declared durable if not",
+    "RABBITMQ_PREFETCH_COUNT": "unacked messages at once; bounds memory; keep it >= 2 x BATCH_SIZE",
+    "RABBITMQ_HEARTBEAT_SECONDS": "AMQP heartbeat (0 disables)",
+    "RABBITMQ_RECONNECT_MAX_DELAY_SECONDS": "cap of the reconnection backoff",
+    "RABBITMQ_DEAD_LETTERING": "declare a dead-letter exchange and queue with a queue the service declares",
+    "RABBITMQ_DEAD_LETTER_EXCHANGE": "dead-letter exchange (default <RABBITMQ_QUEUE>.dlx)",
+    "RABBITMQ_DEAD_LETTER_QUEUE": "dead-letter queue (default <RABBITMQ_QUEUE>.dead)",
+    "RABBITMQ_TLS": "connect with TLS (amqps)",
+    "RABBITMQ_TLS_CA_FILE": "CA certificates to verify the broker with (default: the system's)",
+    "RABBITMQ_TLS_CERT_FILE": "client certificate, for brokers that require one",
+    "RABBITMQ_TLS_KEY_FILE": "client certificate's private key",
+    "RABBITMQ_TLS_VERIFY_HOSTNAME": "check that the broker's certificate names the host",
+    "RABBITMQ_TLS_SERVER_NAME": "name expected in the broker's certificate (default RABBITMQ_HOST)",
+    "POSTGRES_HOST": "database host",
+    "POSTGRES_PORT": "database port",
+    "POSTGRES_DB": "database name",
+    "POSTGRES_USER": "database user",
+    "POSTGRES_PASSWORD": "database password (never logged)",
+    "POSTGRES_MIN_CONNECTIONS": "connections opened at start-up",
+    "POSTGRES_MAX_CONNECTIONS": "pool limit",
+    "POSTGRES_CONNECT_TIMEOUT_SECONDS": "wait for a new connection",
+    "POSTGRES_QUERY_TIMEOUT_SECONDS": "statement timeout; a connection silent 5 s longer is dropped",
+    "POSTGRES_SSLMODE": "libpq sslmode: disable, allow, prefer, require, verify-ca or verify-full",
+    "POSTGRES_SSLROOTCERT": "CA certificates to verify the server with (verify-ca, verify-full)",
+    "POSTGRES_SSLCERT": "client certificate",
+    "POSTGRES_SSLKEY": "client certificate's private key",
+    "BATCH_SIZE": "votes per batch",
+    "BATCH_TIMEOUT_SECONDS": "a batch is written once its oldest vote has waited this long",
+    "MAX_RETRY_ATTEMPTS": "retries of a failed batch write after the first try",
+    "RETRY_DELAY_SECONDS": "first retry wait; doubles each retry",
+    "RETRY_MAX_DELAY_SECONDS": "cap of the retry waits; a batch is never dropped",
+    "MAX_MESSAGE_BYTES": "larger message bodies are rejected unparsed",
+    "LAW_ID_PATTERN": "regular expression a whole law_id must match",
+    "METRICS_MAX_LAWS": "distinct law_id label values in the metrics",
+    "SHUTDOWN_TIMEOUT_SECONDS": "time budget of a graceful stop",
+    "PROMETHEUS_PORT": "port of /metrics, /healthz and /readyz",
+    "PROMETHEUS_BIND_ADDRESS": "address that port listens on",
+    "LOG_LEVEL": "DEBUG, INFO, WARNING, ERROR or CRITICAL",
+    "LOG_FORMAT": "text, or json for one JSON object per line",
+    "LOG_SUMMARY_INTERVAL_SECONDS": "how often an INFO line sums up throughput and errors (0: never)",
 }
 
 assert {f.name for f in fields(Config)} == {spec[0] for spec in _VARIABLES.values()}
+assert set(HELP) == set(_VARIABLES)
 
 
 def variables() -> dict[str, object]:
@@ -224,6 +323,8 @@ def load_config(environ: Mapping[str, str]) -> Config:
             check(name, value)
         values[attr] = value
     config = Config(**values)  # type: ignore[arg-type]
+    if bool(config.rabbitmq_tls_cert_file) != bool(config.rabbitmq_tls_key_file):
+        raise ConfigError("RABBITMQ_TLS_CERT_FILE and RABBITMQ_TLS_KEY_FILE must be set together")
     if config.postgres_min_connections > config.postgres_max_connections:
         raise ConfigError(
             "POSTGRES_MIN_CONNECTIONS must not exceed POSTGRES_MAX_CONNECTIONS, got "

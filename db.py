@@ -99,7 +99,7 @@ _TRANSIENT_FATAL = (
 )
 
 
-def _classify_connect_error(exc: psycopg2.OperationalError, config: Config) -> DatabaseError:
+def classify_connect_error(exc: psycopg2.OperationalError, config: Config) -> DatabaseError:
     message = str(exc).strip()
     # libpq reports connection failures without an SQLSTATE, so the text is all there is.
     if "FATAL:" not in message or any(p in message for p in _TRANSIENT_FATAL):
@@ -121,7 +121,18 @@ def _first_line(message: str) -> str:
 
 
 def connect_kwargs(config: Config, *, dbname: str | None = None) -> dict[str, Any]:
+    tls = {
+        key: value
+        for key, value in (
+            ("sslrootcert", config.postgres_sslrootcert),
+            ("sslcert", config.postgres_sslcert),
+            ("sslkey", config.postgres_sslkey),
+        )
+        if value
+    }
     return {
+        "sslmode": config.postgres_sslmode,
+        **tls,
         "host": config.postgres_host,
         "port": config.postgres_port,
         "dbname": dbname or config.postgres_db,
@@ -145,7 +156,7 @@ def create_database(config: Config) -> bool:
     try:
         conn = psycopg2.connect(**connect_kwargs(config, dbname="postgres"))
     except psycopg2.OperationalError as exc:
-        raise _classify_connect_error(exc, config) from None
+        raise classify_connect_error(exc, config) from None
     try:
         conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
         with conn.cursor() as cur:
@@ -261,7 +272,7 @@ class Database:
                 **connect_kwargs(self._config),
             )
         except psycopg2.OperationalError as exc:
-            raise _classify_connect_error(exc, self._config) from None
+            raise classify_connect_error(exc, self._config) from None
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -280,7 +291,7 @@ class Database:
         try:
             conn = self._pool.getconn()
         except psycopg2.OperationalError as exc:
-            raise _classify_connect_error(exc, self._config) from None
+            raise classify_connect_error(exc, self._config) from None
         discard = False
         self._watchdog.watch(conn)
         try:

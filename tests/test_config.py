@@ -21,6 +21,8 @@ PG_SECRET = "pg-S3cret-pw-9a2e"
 
 # One non-default, valid value for every variable the service reads, and the
 # field value it must produce.
+A_FILE = __file__  # any readable file will do where a certificate path is expected
+
 NON_DEFAULTS: dict[str, tuple[str, str, object]] = {
     "RABBITMQ_HOST": ("rabbit.example.org", "rabbitmq_host", "rabbit.example.org"),
     "RABBITMQ_PORT": ("5673", "rabbitmq_port", 5673),
@@ -34,6 +36,12 @@ NON_DEFAULTS: dict[str, tuple[str, str, object]] = {
     "RABBITMQ_DEAD_LETTERING": ("false", "rabbitmq_dead_lettering", False),
     "RABBITMQ_DEAD_LETTER_EXCHANGE": ("audit.dlx", "rabbitmq_dead_letter_exchange", "audit.dlx"),
     "RABBITMQ_DEAD_LETTER_QUEUE": ("audit.rejected", "rabbitmq_dead_letter_queue", "audit.rejected"),
+    "RABBITMQ_TLS": ("true", "rabbitmq_tls", True),
+    "RABBITMQ_TLS_CA_FILE": (A_FILE, "rabbitmq_tls_ca_file", A_FILE),
+    "RABBITMQ_TLS_CERT_FILE": (A_FILE, "rabbitmq_tls_cert_file", A_FILE),
+    "RABBITMQ_TLS_KEY_FILE": (A_FILE, "rabbitmq_tls_key_file", A_FILE),
+    "RABBITMQ_TLS_VERIFY_HOSTNAME": ("false", "rabbitmq_tls_verify_hostname", False),
+    "RABBITMQ_TLS_SERVER_NAME": ("broker.internal", "rabbitmq_tls_server_name", "broker.internal"),
     "POSTGRES_HOST": ("db.example.org", "postgres_host", "db.example.org"),
     "POSTGRES_PORT": ("6543", "postgres_port", 6543),
     "POSTGRES_DB": ("other_votes", "postgres_db", "other_votes"),
@@ -43,6 +51,10 @@ NON_DEFAULTS: dict[str, tuple[str, str, object]] = {
     "POSTGRES_MAX_CONNECTIONS": ("20", "postgres_max_connections", 20),
     "POSTGRES_CONNECT_TIMEOUT_SECONDS": ("9", "postgres_connect_timeout_s", 9),
     "POSTGRES_QUERY_TIMEOUT_SECONDS": ("12", "postgres_query_timeout_s", 12.0),
+    "POSTGRES_SSLMODE": ("verify-full", "postgres_sslmode", "verify-full"),
+    "POSTGRES_SSLROOTCERT": (A_FILE, "postgres_sslrootcert", A_FILE),
+    "POSTGRES_SSLCERT": (A_FILE, "postgres_sslcert", A_FILE),
+    "POSTGRES_SSLKEY": (A_FILE, "postgres_sslkey", A_FILE),
     "BATCH_SIZE": ("500", "batch_size", 500),
     "BATCH_TIMEOUT_SECONDS": ("2.5", "batch_timeout_s", 2.5),
     "MAX_RETRY_ATTEMPTS": ("7", "max_retry_attempts", 7),
@@ -55,6 +67,8 @@ NON_DEFAULTS: dict[str, tuple[str, str, object]] = {
     "PROMETHEUS_PORT": ("9100", "prometheus_port", 9100),
     "PROMETHEUS_BIND_ADDRESS": ("127.0.0.1", "prometheus_bind_address", "127.0.0.1"),
     "LOG_LEVEL": ("WARNING", "log_level", "WARNING"),
+    "LOG_FORMAT": ("json", "log_format", "json"),
+    "LOG_SUMMARY_INTERVAL_SECONDS": ("60", "log_summary_interval_s", 60.0),
 }
 
 
@@ -114,12 +128,17 @@ def test_every_variable_is_read(name: str) -> None:
     raw, attr, expected = NON_DEFAULTS[name]
     assert getattr(Config(), attr) != expected, "the test value must differ from the default"
 
-    cfg = load_config({name: raw})
+    # A client certificate and its key only come together.
+    partners = {"RABBITMQ_TLS_CERT_FILE": "RABBITMQ_TLS_KEY_FILE", "RABBITMQ_TLS_KEY_FILE": "RABBITMQ_TLS_CERT_FILE"}
+    environ = {name: raw}
+    if name in partners:
+        environ[partners[name]] = A_FILE
+    cfg = load_config(environ)
 
     assert getattr(cfg, attr) == expected
     assert type(getattr(cfg, attr)) is type(expected)
     # Nothing else changed.
-    others = {f.name for f in dataclasses.fields(Config)} - {attr}
+    others = {f.name for f in dataclasses.fields(Config)} - {attr} - {NON_DEFAULTS[p][1] for p in environ}
     for other in others:
         assert getattr(cfg, other) == getattr(Config(), other), other
 
@@ -167,6 +186,10 @@ def test_passwords_are_kept_verbatim() -> None:
         ("PROMETHEUS_PORT", "abc", "abc"),
         ("PROMETHEUS_PORT", "99999", "99999"),
         ("LOG_LEVEL", "LOUD", "LOUD"),
+        ("LOG_FORMAT", "xml", "xml"),
+        ("POSTGRES_SSLMODE", "always", "always"),
+        ("RABBITMQ_TLS_CA_FILE", "/no/such/ca.pem", "/no/such/ca.pem"),
+        ("POSTGRES_SSLROOTCERT", "/no/such/root.crt", "/no/such/root.crt"),
         ("RABBITMQ_DEAD_LETTERING", "maybe", "maybe"),
         ("RABBITMQ_DEAD_LETTER_QUEUE", "bad queue!", "bad queue!"),
         ("LAW_ID_PATTERN", "law-(", "law-("),
@@ -290,3 +313,22 @@ def test_service_exits_2_with_one_line_on_bad_configuration(name: str, raw: str)
     assert name in lines[0]
     assert raw in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_client_certificate_without_key_is_refused() -> None:
+    with pytest.raises(ConfigError, match="RABBITMQ_TLS_CERT_FILE and RABBITMQ_TLS_KEY_FILE"):
+        load_config({"RABBITMQ_TLS_CERT_FILE": A_FILE})
+
+
+def test_every_variable_has_help_and_is_in_env_example() -> None:
+    example = (Path(__file__).resolve().parent.parent / ".env.example").read_text()
+    assert set(config.HELP) == set(config.variables())
+    for name in config.variables():
+        assert f"\n{name}=" in example or f"\n# {name}=" in example, name
+
+
+def test_env_example_gives_the_defaults() -> None:
+    from dotenv import dotenv_values
+
+    values = dotenv_values(Path(__file__).resolve().parent.parent / ".env.example")
+    assert load_config({k: v for k, v in values.items() if v is not None}) == Config()
