@@ -1,0 +1,163 @@
+"""Batching: boundaries, prefetch against batch size, writing while the next batch fills,
+and stopping while a batch is being written."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from aggregator import Buffer, Delivery
+from tests.proxy import TcpProxy
+from tests.support import (
+    POSTGRES_HOST,
+    POSTGRES_PORT,
+    Service,
+    assert_invariant,
+    audit_count,
+    expected_totals,
+    make_votes,
+    publish,
+    queue_state,
+    results,
+    wait_for,
+)
+from votes import Vote, parse_vote
+
+MakeService = Callable[..., Service]
+
+
+# -- the buffer on its own --------------------------------------------------------
+
+
+def _delivery(tag: int, channel: object, received_at: float | None = None) -> Delivery:
+    vote: Vote = parse_vote(make_votes(1, laws=1, seed=tag)[0].body(), max_bytes=4096)
+    return Delivery(vote, tag, channel, time.monotonic() if received_at is None else received_at)
+
+
+def test_buffer_hands_out_full_batches_in_delivery_order() -> None:
+    buffer = Buffer(batch_size=3, timeout_s=60)
+    channel = object()
+    for tag in range(1, 8):
+        buffer.add(_delivery(tag, channel))
+    assert [d.tag for d in buffer.take(wait_s=0)] == [1, 2, 3]
+    assert [d.tag for d in buffer.take(wait_s=0)] == [4, 5, 6]
+    assert buffer.take(wait_s=0.05) == []  # one vote left, not due yet
+    assert [d.tag for d in buffer.take(wait_s=0, drain=True)] == [7]
+    assert len(buffer) == 0
+
+
+def test_buffer_releases_a_partial_batch_once_its_oldest_vote_is_due() -> None:
+    buffer = Buffer(batch_size=100, timeout_s=0.3)
+    channel = object()
+    buffer.add(_delivery(1, channel))
+    started = time.monotonic()
+    batch = buffer.take(wait_s=5)
+    assert [d.tag for d in batch] == [1]
+    assert time.monotonic() - started >= 0.25
+
+
+def test_buffer_wakes_the_writer_when_a_batch_fills() -> None:
+    buffer = Buffer(batch_size=5, timeout_s=60)
+    channel = object()
+    taken: list[list[int]] = []
+    writer = threading.Thread(target=lambda: taken.append([d.tag for d in buffer.take(wait_s=30)]))
+    writer.start()
+    for tag in range(1, 6):
+        buffer.add(_delivery(tag, channel))
+    writer.join(10)
+    assert not writer.is_alive()
+    assert taken == [[1, 2, 3, 4, 5]]
+
+
+def test_buffer_forgets_the_deliveries_of_a_closed_channel_only() -> None:
+    buffer = Buffer(batch_size=10, timeout_s=60)
+    old, new = object(), object()
+    for tag in (1, 2, 3):
+        buffer.add(_delivery(tag, old))
+    for tag in (1, 2):
+        buffer.add(_delivery(tag, new))
+    assert buffer.drop_channel(old) == 3
+    assert [(d.tag, d.channel is new) for d in buffer.take(wait_s=0, drain=True)] == [(1, True), (2, True)]
+
+
+# -- the service ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [7 * 40, 7 * 40 + 3, 6])
+def test_batch_boundaries_count_every_vote_once(make_service: MakeService, queue: str, dbname: str, count: int) -> None:
+    votes = make_votes(count, laws=4)
+    publish(queue, (v.body() for v in votes))
+    svc = make_service({"BATCH_SIZE": "7", "RABBITMQ_PREFETCH_COUNT": "50", "BATCH_TIMEOUT_SECONDS": "0.2"}).start()
+    wait_for(lambda: audit_count(dbname) == count, timeout=60, what="every vote counted")
+    wait_for(lambda: svc.metric("batch_size_processed_total") == count, timeout=10, what="metrics")
+    assert svc.metric("batch_duration_seconds_count") >= count // 7
+    assert svc.stop() == 0
+    assert results(dbname) == expected_totals(votes)
+    assert queue_state(queue) == (0, 0)
+    assert_invariant(dbname)
+
+
+def test_prefetch_below_the_batch_size_still_counts_everything(
+    make_service: MakeService, queue: str, dbname: str
+) -> None:
+    votes = make_votes(300, laws=3)
+    publish(queue, (v.body() for v in votes))
+    svc = make_service({"BATCH_SIZE": "100", "RABBITMQ_PREFETCH_COUNT": "30", "BATCH_TIMEOUT_SECONDS": "0.2"}).start()
+    wait_for(lambda: audit_count(dbname) == len(votes), timeout=60, what="every vote counted")
+    assert svc.stop() == 0
+    assert "batches never fill" in svc.logs()  # the operator is told why it is slow
+    assert results(dbname) == expected_totals(votes)
+    assert queue_state(queue) == (0, 0)
+    assert_invariant(dbname)
+
+
+def test_the_next_batch_fills_while_one_is_being_written(make_service: MakeService, queue: str, dbname: str) -> None:
+    proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
+    try:
+        svc = make_service(
+            {"POSTGRES_PORT": str(proxy.port), "BATCH_SIZE": "50", "RABBITMQ_PREFETCH_COUNT": "500"}
+        ).start()
+        proxy.pause()  # the write of the first batch hangs
+        votes = make_votes(2_000, laws=5)
+        publish(queue, (v.body() for v in votes))
+        # The connection thread keeps receiving up to the prefetch limit meanwhile.
+        wait_for(lambda: svc.metric("vote_buffer_depth") == 450, timeout=30, what="the buffer to fill")
+        assert audit_count(dbname) == 0
+        proxy.resume()
+        wait_for(lambda: audit_count(dbname) == len(votes), timeout=60, what="every vote counted")
+        assert svc.stop() == 0
+    finally:
+        proxy.close()
+    assert results(dbname) == expected_totals(votes)
+    assert queue_state(queue) == (0, 0)
+    assert_invariant(dbname)
+
+
+def test_stopping_while_a_batch_is_being_written_waits_for_it(
+    make_service: MakeService, queue: str, dbname: str
+) -> None:
+    proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
+    try:
+        svc = make_service(
+            {"POSTGRES_PORT": str(proxy.port), "BATCH_SIZE": "100", "SHUTDOWN_TIMEOUT_SECONDS": "30"}
+        ).start()
+        votes = make_votes(3_000, laws=5)
+        proxy.pause()
+        publish(queue, (v.body() for v in votes))
+        wait_for(lambda: svc.metric("vote_buffer_depth") > 0, timeout=30, what="votes buffered")
+        svc.signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert svc.proc is not None and svc.proc.poll() is None, "the stop waits for the batch being written"
+        proxy.resume()
+        assert svc.proc.wait(30) == 0
+    finally:
+        proxy.close()
+    counted = audit_count(dbname)
+    ready, _consumers = queue_state(queue)
+    assert counted > 0
+    assert counted + ready == len(votes)  # written and acked, or still queued: none lost, none doubled
+    assert_invariant(dbname)
