@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint check-services init-db clean
+.PHONY: run test lint check-services init-db bench clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ run: init-db
 ## Lint, type-check and run the whole test suite against the local RabbitMQ and PostgreSQL.
 test: $(VENV)/.dev check-services lint
 	$(PY) -m pytest
+
+## Throughput, latency and memory against the bare-consumer limit (prints one table; see README).
+bench: $(VENV)/.runtime check-services
+	$(PY) bench/throughput.py
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

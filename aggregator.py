@@ -60,6 +60,14 @@ class Delivery:
     received_at: float
 
 
+@dataclass(slots=True)
+class Batch:
+    """Deliveries taken from the buffer together; `seq` numbers batches in delivery order."""
+
+    seq: int
+    deliveries: list[Delivery]
+
+
 class Buffer:
     """Votes waiting to be written. The lock is held only to append or swap."""
 
@@ -68,6 +76,7 @@ class Buffer:
         self._timeout_s = timeout_s
         self._cond = threading.Condition(threading.Lock())
         self._items: list[Delivery] = []
+        self._taken = 0
 
     def __len__(self) -> int:
         with self._cond:
@@ -79,11 +88,12 @@ class Buffer:
             if len(self._items) == self._batch_size:
                 self._cond.notify()
 
-    def take(self, *, wait_s: float, drain: bool = False) -> list[Delivery]:
+    def take(self, *, wait_s: float, drain: bool = False) -> Batch | None:
         """The next batch, once it is full or its oldest vote has waited BATCH_TIMEOUT_SECONDS.
 
-        Returns an empty list if no batch is due within `wait_s`. With `drain`,
-        whatever is buffered is due at once.
+        Returns None if no batch is due within `wait_s`. With `drain`, whatever
+        is buffered is due at once. Batches are numbered under the same lock that
+        takes them, so a lower number always means lower delivery tags.
         """
         deadline = time.monotonic() + wait_s
         with self._cond:
@@ -91,11 +101,12 @@ class Buffer:
                 now = time.monotonic()
                 items = self._items
                 if items and (drain or len(items) >= self._batch_size or now - items[0].received_at >= self._timeout_s):
-                    batch = items[: self._batch_size]
+                    batch = Batch(self._taken, items[: self._batch_size])
                     del items[: self._batch_size]
+                    self._taken += 1
                     return batch
                 if now >= deadline:
-                    return []
+                    return None
                 wake_at = deadline
                 if items:
                     wake_at = min(wake_at, items[0].received_at + self._timeout_s)
@@ -130,6 +141,38 @@ class _Summary:
     laws: set[str] = field(default_factory=set)
 
 
+class AckSequencer:
+    """Settles batches in the order they were taken, whatever order they commit in.
+
+    `basic_ack(tag, multiple=True)` covers every earlier delivery on the channel,
+    so a batch may be acked only once every batch taken before it is settled:
+    acking batch k+1 while batch k is still being written, then crashing, would
+    lose batch k. A batch that is never settled (abandoned at shutdown) holds
+    back the acks of every later one, so all of them are redelivered.
+    """
+
+    def __init__(self, settle: Callable[[list[Delivery], list[Delivery]], None]) -> None:
+        self._settle = settle
+        self._lock = threading.Lock()
+        self._next = 0
+        self._done: dict[int, tuple[list[Delivery], list[Delivery]]] = {}
+
+    def done(self, batch: Batch, committed: list[Delivery], rejected: list[Delivery]) -> None:
+        with self._lock:
+            self._done[batch.seq] = (committed, rejected)
+            # Settling only queues callbacks for the connection thread (cheap); it
+            # happens under the lock so that they are queued in batch order.
+            while self._next in self._done:
+                self._settle(*self._done.pop(self._next))
+                self._next += 1
+
+    @property
+    def waiting(self) -> int:
+        """Committed batches waiting for an earlier one."""
+        with self._lock:
+            return len(self._done)
+
+
 class Aggregator:
     """Consumes votes from RabbitMQ and writes them to PostgreSQL in batches."""
 
@@ -144,7 +187,14 @@ class Aggregator:
         self._draining = threading.Event()  # consuming stopped: write what is buffered, then exit
         self._abandon = threading.Event()  # shutdown budget spent: stop retrying
         self._stop_deadline = float("inf")
-        self._flush_thread = threading.Thread(target=self._flush_loop, name="flush", daemon=True)
+        # Several writers keep PostgreSQL busy while one waits for a commit; the
+        # sequencer keeps their acks in delivery order.
+        self._flush_threads = [
+            threading.Thread(target=self._flush_loop, name=f"flush-{i + 1}", daemon=True)
+            for i in range(config.flush_workers)
+        ]
+        self._sequencer = AckSequencer(self._settle)
+        self._summary_lock = threading.Lock()
         self._channel: BlockingChannel | None = None
         self._consumed_since_connect = False
         self._notifier = notifier if notifier is not None else Notifier({})
@@ -194,7 +244,8 @@ class Aggregator:
                 if c.rabbitmq_prefetch_count < c.batch_size
                 else "",
             )
-        self._flush_thread.start()
+        for thread in self._flush_threads:
+            thread.start()
         delay = 1.0
         connected_once = False
         code = EXIT_OK
@@ -322,15 +373,19 @@ class Aggregator:
         return clean and acks_sent.is_set()
 
     def _finish_flushing(self, connection: BlockingConnection | None) -> bool:
-        """Let the flush thread write what is buffered, within the shutdown budget."""
+        """Let the flush threads write what is buffered, within the shutdown budget."""
         self._draining.set()
         self._buffer.wake()
-        while self._flush_thread.is_alive() and time.monotonic() < self._stop_deadline:
+
+        def writing() -> bool:
+            return any(thread.is_alive() for thread in self._flush_threads)
+
+        while writing() and time.monotonic() < self._stop_deadline:
             if connection is not None:
                 connection.process_data_events(time_limit=_POLL_S)
             else:
-                self._flush_thread.join(_POLL_S)
-        if self._flush_thread.is_alive():
+                time.sleep(_POLL_S)
+        if writing():
             self._abandon.set()
             logger.error(
                 "shutdown budget (SHUTDOWN_TIMEOUT_SECONDS=%.1f) spent with %d votes not written: "
@@ -354,7 +409,7 @@ class Aggregator:
     ) -> None:
         tag = method.delivery_tag
         self._metrics.messages_received.inc()
-        self._summary.received += 1
+        self._summary.received += 1  # only this thread writes it: no lock on the hot path
         try:
             vote = parse_vote(
                 body, max_bytes=self._config.max_message_bytes, law_id_pattern=self._config.law_id_pattern
@@ -383,7 +438,7 @@ class Aggregator:
             try:
                 draining = self._draining.is_set()
                 batch = self._buffer.take(wait_s=0.2, drain=draining)
-                if batch:
+                if batch is not None:
                     self._write(batch)
                 elif draining:
                     return
@@ -398,50 +453,55 @@ class Aggregator:
                 self._metrics.record_error("unexpected")
                 time.sleep(1.0)
 
-    def _write(self, batch: list[Delivery]) -> None:
+    def _write(self, batch: Batch) -> None:
         """Write one batch until it commits, then have it acked. Never drops it."""
         started = time.monotonic()
         delay = self._config.retry_delay_s
+        deliveries = batch.deliveries
         while True:
             try:
-                committed, rejected = self._write_isolating(batch)
+                committed, rejected = self._write_isolating(deliveries)
                 break
             except db.RetryableError as exc:
-                self._summary.errors += 1
+                with self._summary_lock:
+                    self._summary.errors += 1
                 self._database_failed(exc)
                 self._metrics.record_error("database_unavailable")
                 logger.error(
                     "batch of %d votes not written after %d retries (%s); keeping it and retrying in %.1fs",
-                    len(batch),
+                    len(deliveries),
                     self._config.max_retry_attempts,
                     exc,
                     delay,
                 )
             except db.DatabaseError as exc:
-                self._summary.errors += 1
+                with self._summary_lock:
+                    self._summary.errors += 1
                 self._database_failed(exc)
                 self._metrics.record_error("database_error")
-                logger.error("batch of %d votes failed (%s); keeping it and retrying in %.1fs", len(batch), exc, delay)
+                logger.error(
+                    "batch of %d votes failed (%s); keeping it and retrying in %.1fs", len(deliveries), exc, delay
+                )
             # The votes stay unacked meanwhile, so RabbitMQ stops delivering once
             # prefetch is full: memory stays bounded while PostgreSQL is away.
             if self._abandon.wait(delay):
                 return
             delay = min(delay * 2, self._config.retry_max_delay_s)
         duration = time.monotonic() - started
-        for delivery in rejected:
-            self._schedule(delivery.channel, functools.partial(_reject, delivery.channel, delivery.tag))
-        self._ack(committed)
+        self._sequencer.done(batch, committed, rejected)
         self._database_ok()
         self._metrics.batch_processing_duration.set(duration)
         self._metrics.batch_duration.observe(duration)
         self._metrics.last_flush.set_to_current_time()
-        self._summary.batches += 1
-        self._summary.written += len(committed)
+        with self._summary_lock:
+            self._summary.batches += 1
+            self._summary.written += len(committed)
         logger.debug(
-            "batch of %d votes committed in %.3fs",
-            len(batch),
+            "batch %d of %d votes committed in %.3fs",
+            batch.seq,
+            len(deliveries),
             duration,
-            extra={"batch_size": len(batch), "duration_s": round(duration, 4), "rejected": len(rejected)},
+            extra={"batch_size": len(deliveries), "duration_s": round(duration, 4), "rejected": len(rejected)},
         )
 
     def _write_isolating(self, batch: list[Delivery]) -> tuple[list[Delivery], list[Delivery]]:
@@ -466,10 +526,11 @@ class Aggregator:
             second = self._write_isolating(batch[middle:])
             return first[0] + second[0], first[1] + second[1]
         self._metrics.record_batch(outcome, size=len(batch))
-        self._summary.new += outcome.new_votes
-        self._summary.redelivered += outcome.redeliveries
-        self._summary.duplicates += outcome.duplicate_attempts
-        self._summary.laws.update(law for law, _choice in outcome.counted)
+        with self._summary_lock:
+            self._summary.new += outcome.new_votes
+            self._summary.redelivered += outcome.redeliveries
+            self._summary.duplicates += outcome.duplicate_attempts
+            self._summary.laws.update(law for law, _choice in outcome.counted)
         return list(batch), []
 
     def _log_summary(self) -> None:
@@ -478,7 +539,8 @@ class Aggregator:
         elapsed = time.monotonic() - self._summary.since
         if not interval or elapsed < interval:
             return
-        done, self._summary = self._summary, _Summary()
+        with self._summary_lock:
+            done, self._summary = self._summary, _Summary()
         if not (done.received or done.written or done.errors):
             return
         logger.info(
@@ -530,14 +592,16 @@ class Aggregator:
         self._database_error = str(exc) or type(exc).__name__
         self._metrics.database_up.set(0)
 
-    def _ack(self, deliveries: Sequence[Delivery]) -> None:
-        """One multiple-ack per channel, up to the batch's highest tag.
+    def _settle(self, committed: list[Delivery], rejected: list[Delivery]) -> None:
+        """Rejects first, then one multiple-ack per channel up to the highest committed tag.
 
-        Safe because there is one writer: every earlier delivery on the channel
-        was already acked or rejected.
+        Called by the sequencer in batch order, so every earlier delivery on the
+        channel has already been acked or rejected.
         """
+        for delivery in rejected:
+            self._schedule(delivery.channel, functools.partial(_reject, delivery.channel, delivery.tag))
         last: dict[int, Delivery] = {}
-        for d in deliveries:
+        for d in committed:
             key = id(d.channel)
             if key not in last or d.tag > last[key].tag:
                 last[key] = d

@@ -61,6 +61,7 @@ class Config:
 
     batch_size: int = 200
     batch_timeout_s: float = 1.0
+    flush_workers: int = 1
 
     max_retry_attempts: int = 3
     retry_delay_s: float = 1.0
@@ -237,6 +238,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
     "POSTGRES_SSLKEY": ("postgres_sslkey", _file, None),
     "BATCH_SIZE": ("batch_size", _parse_int, _at_least(1)),
     "BATCH_TIMEOUT_SECONDS": ("batch_timeout_s", _parse_float, _positive),
+    "FLUSH_WORKERS": ("flush_workers", _parse_int, _at_least(1)),
     "MAX_RETRY_ATTEMPTS": ("max_retry_attempts", _parse_int, _at_least(1)),
     "RETRY_DELAY_SECONDS": ("retry_delay_s", _parse_float, _positive),
     "RETRY_MAX_DELAY_SECONDS": ("retry_max_delay_s", _parse_float, _positive),
@@ -286,6 +288,7 @@ HELP: dict[str, str] = {
     "POSTGRES_SSLKEY": "client certificate's private key",
     "BATCH_SIZE": "votes per batch",
     "BATCH_TIMEOUT_SECONDS": "a batch is written once its oldest vote has waited this long",
+    "FLUSH_WORKERS": "batches written at once, each on its own connection; acks stay in delivery order",
     "MAX_RETRY_ATTEMPTS": "retries of a failed batch write after the first try",
     "RETRY_DELAY_SECONDS": "first retry wait; doubles each retry",
     "RETRY_MAX_DELAY_SECONDS": "cap of the retry waits; a batch is never dropped",

@@ -34,6 +34,7 @@ Readiness = Callable[[], tuple[bool, str]]
 class _LawSeries:
     counted: dict[str, Counter]  # choice -> votes_aggregated_total child
     totals: dict[str, Gauge]  # choice -> current_vote_totals child
+    last: list[int]  # [oui, non] last set; totals only grow
 
 
 class Metrics:
@@ -45,6 +46,7 @@ class Metrics:
         # flood of distinct ids cannot grow Prometheus' series without bound.
         self._max_laws = max_laws
         self._series: dict[str, _LawSeries] = {}
+        self._totals_lock = threading.RLock()
         r = self.registry
         # -- the seed's five ----------------------------------------------------
         self.votes_aggregated = Counter(
@@ -118,26 +120,34 @@ class Metrics:
             series = self._series[law_id] = _LawSeries(
                 counted={c: self.votes_aggregated.labels(law_id, c) for c in ("oui", "non")},
                 totals={c: self.current_vote_totals.labels(law_id, c) for c in ("oui", "non")},
+                last=[-1, -1],
             )
         return series
 
     def set_totals(self, totals: dict[str, tuple[int, int]]) -> None:
         # Past the cap, a law has no per-law gauge: its totals are in vote_results.
-        for law_id in sorted(totals):
-            series = self._law_series(law_id)
-            if series is not None:
-                oui, non = totals[law_id]
-                series.totals["oui"].set(oui)
-                series.totals["non"].set(non)
+        with self._totals_lock:
+            for law_id in sorted(totals):
+                series = self._law_series(law_id)
+                if series is None:
+                    continue
+                # Writers commit in any order; stored totals only grow, so the
+                # larger figure is the later one.
+                for i, choice in enumerate(("oui", "non")):
+                    value = totals[law_id][i]
+                    if value > series.last[i]:
+                        series.last[i] = value
+                        series.totals[choice].set(value)
 
     def record_batch(self, outcome: BatchOutcome, *, size: int) -> None:
-        for (law_id, choice), count in outcome.counted.items():
-            series = self._law_series(law_id)
-            if series is None:
-                self.votes_aggregated.labels(OTHER_LAWS, choice).inc(count)
-                self.laws_over_label_cap.inc(count)
-            else:
-                series.counted[choice].inc(count)
+        with self._totals_lock:  # several flush workers record batches
+            for (law_id, choice), count in outcome.counted.items():
+                series = self._law_series(law_id)
+                if series is None:
+                    self.votes_aggregated.labels(OTHER_LAWS, choice).inc(count)
+                    self.laws_over_label_cap.inc(count)
+                else:
+                    series.counted[choice].inc(count)
         self.set_totals(outcome.totals)
         self.batch_size_processed.inc(size)
         if outcome.redeliveries:

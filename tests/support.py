@@ -248,3 +248,14 @@ class Service:
 
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def apply_schema(dbname: str) -> None:
+    subprocess.run(
+        [sys.executable, "aggregator.py", "--init-db"],
+        cwd=ROOT,
+        env={"POSTGRES_HOST": POSTGRES_HOST, "POSTGRES_PORT": str(POSTGRES_PORT), "POSTGRES_DB": dbname},
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )

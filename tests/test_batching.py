@@ -10,17 +10,21 @@ from collections.abc import Callable
 
 import pytest
 
-from aggregator import Buffer, Delivery
+from aggregator import AckSequencer, Batch, Buffer, Delivery
 from tests.proxy import TcpProxy
 from tests.support import (
     POSTGRES_HOST,
     POSTGRES_PORT,
     Service,
+    VoteMsg,
+    apply_schema,
     assert_invariant,
     audit_count,
     expected_totals,
     make_votes,
+    pg_connect,
     publish,
+    query,
     queue_state,
     results,
     wait_for,
@@ -38,15 +42,21 @@ def _delivery(tag: int, channel: object, received_at: float | None = None) -> De
     return Delivery(vote, tag, channel, time.monotonic() if received_at is None else received_at)
 
 
+def _tags(batch: Batch | None) -> list[int]:
+    assert batch is not None
+    return [d.tag for d in batch.deliveries]
+
+
 def test_buffer_hands_out_full_batches_in_delivery_order() -> None:
     buffer = Buffer(batch_size=3, timeout_s=60)
     channel = object()
     for tag in range(1, 8):
         buffer.add(_delivery(tag, channel))
-    assert [d.tag for d in buffer.take(wait_s=0)] == [1, 2, 3]
-    assert [d.tag for d in buffer.take(wait_s=0)] == [4, 5, 6]
-    assert buffer.take(wait_s=0.05) == []  # one vote left, not due yet
-    assert [d.tag for d in buffer.take(wait_s=0, drain=True)] == [7]
+    first, second = buffer.take(wait_s=0), buffer.take(wait_s=0)
+    assert _tags(first) == [1, 2, 3] and _tags(second) == [4, 5, 6]
+    assert first is not None and second is not None and (first.seq, second.seq) == (0, 1)
+    assert buffer.take(wait_s=0.05) is None  # one vote left, not due yet
+    assert _tags(buffer.take(wait_s=0, drain=True)) == [7]
     assert len(buffer) == 0
 
 
@@ -55,8 +65,7 @@ def test_buffer_releases_a_partial_batch_once_its_oldest_vote_is_due() -> None:
     channel = object()
     buffer.add(_delivery(1, channel))
     started = time.monotonic()
-    batch = buffer.take(wait_s=5)
-    assert [d.tag for d in batch] == [1]
+    assert _tags(buffer.take(wait_s=5)) == [1]
     assert time.monotonic() - started >= 0.25
 
 
@@ -64,7 +73,7 @@ def test_buffer_wakes_the_writer_when_a_batch_fills() -> None:
     buffer = Buffer(batch_size=5, timeout_s=60)
     channel = object()
     taken: list[list[int]] = []
-    writer = threading.Thread(target=lambda: taken.append([d.tag for d in buffer.take(wait_s=30)]))
+    writer = threading.Thread(target=lambda: taken.append(_tags(buffer.take(wait_s=30))))
     writer.start()
     for tag in range(1, 6):
         buffer.add(_delivery(tag, channel))
@@ -81,7 +90,24 @@ def test_buffer_forgets_the_deliveries_of_a_closed_channel_only() -> None:
     for tag in (1, 2):
         buffer.add(_delivery(tag, new))
     assert buffer.drop_channel(old) == 3
-    assert [(d.tag, d.channel is new) for d in buffer.take(wait_s=0, drain=True)] == [(1, True), (2, True)]
+    batch = buffer.take(wait_s=0, drain=True)
+    assert batch is not None
+    assert [(d.tag, d.channel is new) for d in batch.deliveries] == [(1, True), (2, True)]
+
+
+def test_sequencer_settles_batches_in_the_order_they_were_taken() -> None:
+    settled: list[list[int]] = []
+    sequencer = AckSequencer(lambda committed, rejected: settled.append([d.tag for d in committed + rejected]))
+    channel = object()
+    batches = [Batch(seq, [_delivery(seq * 10 + i, channel) for i in range(1, 3)]) for seq in range(4)]
+    sequencer.done(batches[1], batches[1].deliveries, [])
+    sequencer.done(batches[3], batches[3].deliveries[:1], batches[3].deliveries[1:])
+    assert settled == [] and sequencer.waiting == 2  # batch 0 is still being written
+    sequencer.done(batches[0], batches[0].deliveries, [])
+    assert settled == [[1, 2], [11, 12]]  # 3 still waits for 2
+    sequencer.done(batches[2], batches[2].deliveries, [])
+    assert settled == [[1, 2], [11, 12], [21, 22], [31, 32]]
+    assert sequencer.waiting == 0
 
 
 # -- the service ---------------------------------------------------------------------
@@ -119,13 +145,18 @@ def test_the_next_batch_fills_while_one_is_being_written(make_service: MakeServi
     proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
     try:
         svc = make_service(
-            {"POSTGRES_PORT": str(proxy.port), "BATCH_SIZE": "50", "RABBITMQ_PREFETCH_COUNT": "500"}
+            {
+                "POSTGRES_PORT": str(proxy.port),
+                "BATCH_SIZE": "50",
+                "RABBITMQ_PREFETCH_COUNT": "500",
+                "FLUSH_WORKERS": "2",
+            }
         ).start()
-        proxy.pause()  # the write of the first batch hangs
+        proxy.pause()  # the writes of the first two batches (one per worker) hang
         votes = make_votes(2_000, laws=5)
         publish(queue, (v.body() for v in votes))
         # The connection thread keeps receiving up to the prefetch limit meanwhile.
-        wait_for(lambda: svc.metric("vote_buffer_depth") == 450, timeout=30, what="the buffer to fill")
+        wait_for(lambda: svc.metric("vote_buffer_depth") == 500 - 2 * 50, timeout=30, what="the buffer to fill")
         assert audit_count(dbname) == 0
         proxy.resume()
         wait_for(lambda: audit_count(dbname) == len(votes), timeout=60, what="every vote counted")
@@ -160,4 +191,38 @@ def test_stopping_while_a_batch_is_being_written_waits_for_it(
     ready, _consumers = queue_state(queue)
     assert counted > 0
     assert counted + ready == len(votes)  # written and acked, or still queued: none lost, none doubled
+    assert_invariant(dbname)
+
+
+def test_a_later_batch_is_not_acked_before_an_earlier_one_commits(
+    make_service: MakeService, queue: str, dbname: str
+) -> None:
+    # Batch 0 (all for law-slow) waits on a row lock the test holds; batch 1
+    # commits meanwhile on the other worker. Its multiple-ack would also ack
+    # batch 0's deliveries, so it must wait: after a crash both come back.
+    apply_schema(dbname)
+    query(dbname, "INSERT INTO vote_results (law_id) VALUES ('law-slow')")
+    blocker = pg_connect(dbname)
+    blocker.autocommit = False
+    slow = [VoteMsg(f"{i:064x}", f"slow-{i}", "law-slow", "oui") for i in range(10)]
+    fast = make_votes(10, laws=3)
+    try:
+        with blocker.cursor() as cur:
+            cur.execute("SELECT 1 FROM vote_results WHERE law_id = 'law-slow' FOR UPDATE")
+        svc = make_service({"BATCH_SIZE": "10", "FLUSH_WORKERS": "2", "BATCH_TIMEOUT_SECONDS": "0.2"}).start()
+        publish(queue, [v.body() for v in slow] + [v.body() for v in fast])
+        wait_for(lambda: audit_count(dbname) == len(fast), timeout=30, what="the later batch committed")
+        time.sleep(1.0)  # time enough for an ack to reach RabbitMQ, were one sent
+        svc.kill()
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert queue_state(queue)[0] == len(slow) + len(fast)  # nothing was acked
+
+    again = make_service().start()
+    wait_for(lambda: audit_count(dbname) == len(slow) + len(fast), timeout=30, what="every vote counted")
+    wait_for(lambda: again.metric("votes_redelivered_total") == len(fast), timeout=10, what="replays absorbed")
+    assert again.stop() == 0
+    assert results(dbname) == expected_totals(slow + fast)
+    assert queue_state(queue) == (0, 0)
     assert_invariant(dbname)

@@ -57,6 +57,7 @@ NON_DEFAULTS: dict[str, tuple[str, str, object]] = {
     "POSTGRES_SSLKEY": (A_FILE, "postgres_sslkey", A_FILE),
     "BATCH_SIZE": ("500", "batch_size", 500),
     "BATCH_TIMEOUT_SECONDS": ("2.5", "batch_timeout_s", 2.5),
+    "FLUSH_WORKERS": ("3", "flush_workers", 3),
     "MAX_RETRY_ATTEMPTS": ("7", "max_retry_attempts", 7),
     "RETRY_DELAY_SECONDS": ("0.25", "retry_delay_s", 0.25),
     "RETRY_MAX_DELAY_SECONDS": ("60", "retry_max_delay_s", 60.0),

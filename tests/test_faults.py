@@ -23,9 +23,9 @@ from tests.support import (
     POSTGRES_PORT,
     RABBITMQ_HOST,
     RABBITMQ_PORT,
-    ROOT,
     Service,
     VoteMsg,
+    apply_schema,
     assert_invariant,
     audit_count,
     drain_queue,
@@ -70,20 +70,6 @@ def assert_all_counted_once(dbname: str, queue: str, votes: list[VoteMsg]) -> No
     assert query(dbname, "SELECT count(*) FROM duplicate_attempts") == [(0,)]
     assert queue_state(queue) == (0, 0)
     assert_invariant(dbname)
-
-
-def apply_schema(dbname: str) -> None:
-    import subprocess
-    import sys
-
-    subprocess.run(
-        [sys.executable, "aggregator.py", "--init-db"],
-        cwd=ROOT,
-        env={"POSTGRES_HOST": POSTGRES_HOST, "POSTGRES_PORT": str(POSTGRES_PORT), "POSTGRES_DB": dbname},
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
 
 
 # -- 1. crashes ------------------------------------------------------------------------
