@@ -328,6 +328,11 @@ def load_config(environ: Mapping[str, str]) -> Config:
     config = Config(**values)  # type: ignore[arg-type]
     if bool(config.rabbitmq_tls_cert_file) != bool(config.rabbitmq_tls_key_file):
         raise ConfigError("RABBITMQ_TLS_CERT_FILE and RABBITMQ_TLS_KEY_FILE must be set together")
+    if config.flush_workers >= config.postgres_max_connections:
+        raise ConfigError(
+            "FLUSH_WORKERS must be below POSTGRES_MAX_CONNECTIONS (each writer holds a connection), got "
+            f"{config.flush_workers} >= {config.postgres_max_connections}"
+        )
     if config.postgres_min_connections > config.postgres_max_connections:
         raise ConfigError(
             "POSTGRES_MIN_CONNECTIONS must not exceed POSTGRES_MAX_CONNECTIONS, got "

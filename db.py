@@ -23,6 +23,7 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
+import psycopg2.pool
 from psycopg2 import sql
 from psycopg2.extras import execute_values
 from psycopg2.pool import ThreadedConnectionPool
@@ -286,12 +287,15 @@ class Database:
         A connection that failed at the connection level is closed, never
         handed back for reuse.
         """
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             raise DatabaseUnavailable("the connection pool is not open")
         try:
-            conn = self._pool.getconn()
+            conn = pool.getconn()
         except psycopg2.OperationalError as exc:
             raise classify_connect_error(exc, self._config) from None
+        except psycopg2.pool.PoolError as exc:  # closed while shutting down, or exhausted
+            raise DatabaseUnavailable(str(exc)) from None
         discard = False
         self._watchdog.watch(conn)
         try:
@@ -315,7 +319,10 @@ class Database:
             raise
         finally:
             self._watchdog.unwatch(conn)
-            self._pool.putconn(conn, close=discard or bool(conn.closed))
+            try:
+                pool.putconn(conn, close=discard or bool(conn.closed))
+            except psycopg2.pool.PoolError:  # the pool was closed meanwhile (shutdown)
+                conn.close()
 
     # -- schema -------------------------------------------------------------
 

@@ -333,3 +333,9 @@ def test_env_example_gives_the_defaults() -> None:
 
     values = dotenv_values(Path(__file__).resolve().parent.parent / ".env.example")
     assert load_config({k: v for k, v in values.items() if v is not None}) == Config()
+
+
+def test_flush_workers_must_leave_a_connection_free() -> None:
+    with pytest.raises(ConfigError, match="FLUSH_WORKERS"):
+        load_config({"FLUSH_WORKERS": "10"})
+    assert load_config({"FLUSH_WORKERS": "9"}).flush_workers == 9
