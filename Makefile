@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint check-services init-db bench clean
+.PHONY: run test test-tools lint check-services init-db bench clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,12 @@ run: init-db
 	$(PY) aggregator.py
 
 ## Lint, type-check and run the whole test suite against the local RabbitMQ and PostgreSQL.
-test: $(VENV)/.dev check-services lint
+test: $(VENV)/.dev check-services test-tools lint
 	$(PY) -m pytest
+
+## System tools the tests run: promtool/prometheus, systemd-analyze, openssl.
+test-tools:
+	@scripts/install_test_tools.sh
 
 ## Throughput, latency and memory against the bare-consumer limit (prints one table; see README).
 bench: $(VENV)/.runtime check-services

@@ -741,6 +741,7 @@ def check(config: Config) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     defaults = variables()
+
     def shown(value: object) -> str:
         if isinstance(value, bool):
             return "true" if value else "false"

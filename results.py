@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import TextIO
 
 import psycopg2
+import psycopg2.errors
 
 import db
 from config import Config
@@ -45,6 +46,11 @@ def fetch(config: Config, *, law_id: str | None = None) -> list[LawResult]:
         with conn.cursor() as cur:
             cur.execute(_QUERY, {"law": law_id})
             return [LawResult(*row) for row in cur.fetchall()]
+    except psycopg2.errors.UndefinedTable:
+        raise db.DatabaseError(
+            f"the schema is missing in {config.postgres_target_for_logs()}; "
+            "apply it with: python aggregator.py --init-db"
+        ) from None
     except psycopg2.Error as exc:
         raise db.DatabaseError(str(exc).strip()) from None
     finally:
