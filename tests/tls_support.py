@@ -1,0 +1,306 @@
+"""TLS test helpers: throwaway certificates, a TLS-terminating proxy, a short-lived PostgreSQL with ssl=on.
+
+Certificates are made with the `openssl` command line tool (Debian's `openssl` package), so the
+tests need no Python crypto dependency.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+
+from tests.support import free_port, wait_for
+
+
+def _pg_bin() -> Path:
+    """TEST_PG_BIN, or the newest Debian-packaged PostgreSQL's bin/ (the shared server's packages)."""
+    if "TEST_PG_BIN" in os.environ:
+        return Path(os.environ["TEST_PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Authority:
+    """A throwaway certificate authority that signs server and client certificates."""
+
+    directory: Path
+    name: str
+    cert: Path
+    key: Path
+
+    @classmethod
+    def create(cls, directory: Path, name: str) -> Authority:
+        directory.mkdir(parents=True, exist_ok=True)
+        cert, key = directory / f"{name}-ca.pem", directory / f"{name}-ca.key"
+        _openssl(
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name} test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            cwd=directory,
+        )  # fmt: skip
+        return cls(directory=directory, name=name, cert=cert, key=key)
+
+    def issue(self, stem: str, *, common_name: str, dns_names: tuple[str, ...] = (), client: bool = False) -> KeyPair:
+        """A leaf certificate signed by this CA; server certificates name `dns_names` in subjectAltName."""
+        cert, key, csr = (self.directory / f"{stem}{ext}" for ext in (".pem", ".key", ".csr"))
+        extensions = self.directory / f"{stem}.ext"
+        lines = [
+            "basicConstraints=critical,CA:FALSE",
+            "keyUsage=critical,digitalSignature",
+            f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}",
+            "subjectKeyIdentifier=hash",
+            "authorityKeyIdentifier=keyid",
+        ]
+        if dns_names:
+            lines.append("subjectAltName=" + ",".join(f"DNS:{name}" for name in dns_names))
+        extensions.write_text("\n".join(lines) + "\n")
+        _openssl(
+            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={common_name}",
+            cwd=self.directory,
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(self.key), "-CAcreateserial",
+            "-out", str(cert), "-days", "2", "-extfile", str(extensions),
+            cwd=self.directory,
+        )  # fmt: skip
+        key.chmod(0o600)
+        return KeyPair(cert=cert, key=key)
+
+
+# -- RabbitMQ behind TLS -----------------------------------------------------------
+
+
+class TlsProxy:
+    """Terminates TLS on 127.0.0.1:<port> and forwards the plaintext to a target (RabbitMQ's AMQP port).
+
+    With `client_ca`, the proxy requires a client certificate signed by it, as a broker with
+    `ssl_options.fail_if_no_peer_cert = true` does.
+    """
+
+    def __init__(
+        self, target: tuple[str, int], *, server: KeyPair, client_ca: Path | None = None, handshake_timeout: float = 10
+    ) -> None:
+        self.target = target
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._context.load_cert_chain(server.cert, server.key)
+        if client_ca is not None:
+            self._context.verify_mode = ssl.CERT_REQUIRED
+            self._context.load_verify_locations(client_ca)
+        self._handshake_timeout = handshake_timeout
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self.handshakes = 0  # TLS sessions established and forwarded
+        self.handshake_errors: list[str] = []  # why the others failed, as the server saw it
+        self._threads: list[threading.Thread] = []
+        self._accepter = threading.Thread(target=self._accept_loop, name=f"tls-proxy-{self.port}", daemon=True)
+        self._accepter.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        with self._lock:
+            sockets, self._sockets = list(self._sockets), set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+        for thread in self._threads:
+            thread.join(5)
+
+    def __enter__(self) -> TlsProxy:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.add(sock)
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                raw, _ = self._listener.accept()
+            except OSError:
+                return
+            self._track(raw)
+            thread = threading.Thread(target=self._serve, args=(raw,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        raw.settimeout(self._handshake_timeout)
+        try:
+            tls = self._context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            with self._lock:
+                self.handshake_errors.append(f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(OSError):
+                raw.close()
+            return
+        self._track(tls)
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            tls.close()
+            return
+        self._track(upstream)
+        with self._lock:
+            self.handshakes += 1
+        tls.settimeout(None)
+        upstream.settimeout(None)
+        self._pump(tls, upstream)
+
+    def _pump(self, tls: ssl.SSLSocket, plain: socket.socket) -> None:
+        # One thread per connection: an SSL object must not be read and written from two threads.
+        peers: dict[socket.socket, socket.socket] = {tls: plain, plain: tls}
+        try:
+            while not self._closed.is_set():
+                # Bytes already decrypted inside the SSL object do not make the socket readable.
+                readable = [tls] if tls.pending() else select.select([tls, plain], [], [], 0.1)[0]
+                for src in readable:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    peers[src].sendall(data)
+        except (OSError, ValueError):
+            return
+        finally:
+            for sock in (tls, plain):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+
+# -- a short-lived PostgreSQL with TLS ---------------------------------------------------
+
+
+class TempPostgres:
+    """A PostgreSQL cluster of its own: ssl=on, TCP on 127.0.0.1 only, TLS required by pg_hba.conf.
+
+    The shared server is left alone. initdb and pg_ctl refuse to run as root, so they run as the
+    `postgres` OS user (the tests run as root), on a data directory that user owns.
+    """
+
+    def __init__(self, *, server: KeyPair) -> None:
+        self.port = free_port()
+        self.base = Path(tempfile.mkdtemp(prefix="agg-tls-pg-"))
+        self.data = self.base / "data"
+        self.log = self.base / "postgres.log"
+        self._server = server
+        self._started = False
+
+    @staticmethod
+    def available() -> str | None:
+        """None if a cluster can be made here, else why not."""
+        if not (PG_BIN / "initdb").exists():
+            return f"no PostgreSQL binaries in {PG_BIN} (set TEST_PG_BIN)"
+        if os.geteuid() != 0:
+            return "the tests must run as root to start a cluster as the postgres user"
+        if shutil.which("runuser") is None:
+            return "runuser is missing"
+        return None
+
+    def _as_postgres(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True, text=True, timeout=timeout
+        )
+
+    def start(self) -> TempPostgres:
+        shutil.chown(self.base, "postgres", "postgres")
+        self._as_postgres(
+            str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+            "--no-sync", "--no-instructions",
+        )  # fmt: skip
+        for source, name in ((self._server.cert, "server.crt"), (self._server.key, "server.key")):
+            target = self.data / name
+            shutil.copyfile(source, target)
+            shutil.chown(target, "postgres", "postgres")
+            target.chmod(0o600)  # PostgreSQL refuses a key that others can read
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"port = {self.port}\n"
+                "listen_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.base}'\n"
+                "ssl = on\n"
+                "ssl_cert_file = 'server.crt'\n"
+                "ssl_key_file = 'server.key'\n"
+                "fsync = off\n"
+                "synchronous_commit = off\n"
+                "full_page_writes = off\n"
+                "max_connections = 30\n"
+                "shared_buffers = 16MB\n"
+            )
+        (self.data / "pg_hba.conf").write_text(
+            "local     all all                trust\n"
+            "hostssl   all all 127.0.0.1/32   trust\n"
+            "hostnossl all all 127.0.0.1/32   reject\n"
+        )
+        self._started = True
+        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
+        wait_for(self._answers, timeout=30, what="the TLS PostgreSQL to accept connections")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            self.connect("postgres").close()
+        except psycopg2.OperationalError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        try:
+            if self._started:
+                with contextlib.suppress(subprocess.SubprocessError):
+                    self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def connect(self, dbname: str) -> psycopg2.extensions.connection:
+        """A TLS connection as the test's superuser (pg_hba.conf refuses any other)."""
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=self.port, user="postgres", dbname=dbname, sslmode="require", connect_timeout=5
+        )
+        conn.autocommit = True
+        return conn
+
+    def query(self, dbname: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        conn = self.connect(dbname)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement, params or None)
+                return list(cur.fetchall()) if cur.description else []
+        finally:
+            conn.close()
+
+    def server_log(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
