@@ -130,8 +130,10 @@ class _Summary:
     """Counts for the periodic summary line. Each counter has one writing thread."""
 
     since: float = field(default_factory=time.monotonic)
-    received: int = 0  # connection thread
-    rejected: int = 0  # connection thread
+    received_before: int = 0  # the connection thread's running totals when this summary began
+    rejected_before: int = 0
+    received: int = 0  # filled in when the summary is logged
+    rejected: int = 0
     batches: int = 0
     written: int = 0
     new: int = 0
@@ -201,6 +203,9 @@ class Aggregator:
         self._next_watchdog = 0.0
         self._ready_sent = False
         self._summary = _Summary()
+        # Running totals written by the connection thread only; summaries report differences.
+        self._received = 0
+        self._rejected = 0
         self._database_error: str | None = None  # why the last database operation failed, if it did
         self._last_database_check = time.monotonic()
         metrics.buffer_depth.set_function(lambda: len(self._buffer))
@@ -266,13 +271,27 @@ class Aggregator:
                     code = EXIT_CONFIG
                     break
                 logger.error("RabbitMQ refused the connection (%s); retrying in %.1fs", exc, delay)
-            except pika.exceptions.AMQPError as exc:
+            except ssl.SSLCertVerificationError as exc:
+                self._metrics.record_error("rabbitmq_connection")
+                if not connected_once:
+                    # A CA file or server name that does not match: retrying will not help.
+                    logger.error(
+                        "RabbitMQ at %s: TLS certificate not accepted: %s (check RABBITMQ_TLS_CA_FILE, "
+                        "RABBITMQ_HOST and RABBITMQ_TLS_SERVER_NAME)",
+                        self._config.rabbitmq_url_for_logs(),
+                        exc,
+                    )
+                    self.request_stop()
+                    code = EXIT_CONFIG
+                    break
+                logger.error("RabbitMQ TLS certificate not accepted (%s); retrying in %.1fs", exc, delay)
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                # OSError: ssl.SSLError and socket errors that pika lets through.
                 self._metrics.record_error("rabbitmq_connection")
                 logger.warning(
-                    "RabbitMQ connection to %s lost or refused (%s: %s); retrying in %.1fs",
+                    "RabbitMQ connection to %s lost or refused (%s); retrying in %.1fs",
                     self._config.rabbitmq_url_for_logs(),
-                    type(exc).__name__,
-                    exc,
+                    describe_error(exc),
                     delay,
                 )
             finally:
@@ -409,7 +428,7 @@ class Aggregator:
     ) -> None:
         tag = method.delivery_tag
         self._metrics.messages_received.inc()
-        self._summary.received += 1  # only this thread writes it: no lock on the hot path
+        self._received += 1  # only this thread writes it: no lock on the hot path
         try:
             vote = parse_vote(
                 body, max_bytes=self._config.max_message_bytes, law_id_pattern=self._config.law_id_pattern
@@ -428,7 +447,7 @@ class Aggregator:
         # exchange on the queue keeps it for audit.
         channel.basic_reject(tag, requeue=False)
         self._metrics.record_rejected(exc.reason)
-        self._summary.rejected += 1
+        self._rejected += 1
         logger.warning("rejected message (delivery tag %d, %d bytes): %s", tag, size, exc)
 
     # -- flush thread -----------------------------------------------------------
@@ -539,8 +558,11 @@ class Aggregator:
         elapsed = time.monotonic() - self._summary.since
         if not interval or elapsed < interval:
             return
+        received, rejected = self._received, self._rejected
         with self._summary_lock:
-            done, self._summary = self._summary, _Summary()
+            done, self._summary = self._summary, _Summary(received_before=received, rejected_before=rejected)
+        done.received = received - done.received_before
+        done.rejected = rejected - done.rejected_before
         if not (done.received or done.written or done.errors):
             return
         logger.info(
@@ -654,6 +676,12 @@ def _reject(channel: BlockingChannel, tag: int) -> None:
         channel.basic_reject(tag, requeue=False)
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line naming an error. pika's connection errors have an empty str(): the cause is in args."""
+    text = str(exc) or "; ".join(str(arg) or repr(arg) for arg in exc.args)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _close_quietly(close: Callable[[], None]) -> None:
     try:
         close()
@@ -700,8 +728,8 @@ def check(config: Config) -> list[str]:
     problems: list[str] = []
     try:
         connection = pika.BlockingConnection(amqp_parameters(config))
-    except pika.exceptions.AMQPError as exc:
-        problems.append(f"RabbitMQ {config.rabbitmq_url_for_logs()}: {type(exc).__name__}: {exc}")
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        problems.append(f"RabbitMQ {config.rabbitmq_url_for_logs()}: {describe_error(exc)}")
     else:
         try:
             ok = connection.channel().queue_declare(config.rabbitmq_queue, passive=True).method

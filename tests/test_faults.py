@@ -92,7 +92,10 @@ def test_kill_9_at_random_points_and_between_commit_and_ack(
 
     # Between commit and ack: acks stop reaching RabbitMQ while batches keep committing.
     svc = make_service(env).start()
-    wait_for(lambda: audit_count(dbname) > 0, timeout=30, what="counting under way")
+    # Pause once this process holds votes it has not written yet (not merely once
+    # it started): they are then committed while their acks cannot leave.
+    batch = Config().batch_size
+    wait_for(lambda: svc.metric("vote_buffer_depth") >= 2 * batch, timeout=30, interval=0.01, what="votes buffered")
     amqp_proxy.pause()
     committed = audit_count(dbname)
     wait_for(lambda: audit_count(dbname) > committed, timeout=10, interval=0.02, what="a batch committed unacked")
