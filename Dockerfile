@@ -3,7 +3,7 @@
 #   docker run --rm -e RABBITMQ_HOST=rabbitmq -e POSTGRES_HOST=postgres -p 8001:8001 vote-aggregator
 #   docker run --rm -e ... vote-aggregator --check      # any aggregator.py option works the same
 #   docker stop -t 30 <container>                      # above SHUTDOWN_TIMEOUT_SECONDS (15 s)
-# docs/deploying.md has the rest (compose, TLS).
+# The README's "Deploying" section has the rest (compose, TLS).
 FROM python:3.11.14-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
