@@ -176,6 +176,38 @@ def assert_invariant(dbname: str) -> None:
 # -- the service --------------------------------------------------------------------
 
 
+def service_env(*, dbname: str, queue: str = "votes.aggregation", **overrides: str) -> dict[str, str]:
+    """The environment of a run against the shared test servers; `overrides` win."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "POSTGRES_"))},
+        "RABBITMQ_HOST": RABBITMQ_HOST,
+        "RABBITMQ_PORT": str(RABBITMQ_PORT),
+        "RABBITMQ_QUEUE": queue,
+        "POSTGRES_HOST": POSTGRES_HOST,
+        "POSTGRES_PORT": str(POSTGRES_PORT),
+        "POSTGRES_USER": POSTGRES_USER,
+        "POSTGRES_DB": dbname,
+        **overrides,
+    }
+
+
+def run_cli(*args: str, env: Mapping[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python aggregator.py <args>` as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "aggregator.py", *args],
+        cwd=ROOT,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def problems(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The `problem:` lines of a --check run."""
+    return [line for line in result.stderr.splitlines() if line.startswith("problem: ")]
+
+
 class Service:
     """The service as users run it: `python aggregator.py` with environment variables."""
 
@@ -184,19 +216,13 @@ class Service:
         self.dbname = dbname
         self.log_path = log_path
         self.metrics_port = free_port()
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "POSTGRES_"))},
-            "RABBITMQ_HOST": RABBITMQ_HOST,
-            "RABBITMQ_PORT": str(RABBITMQ_PORT),
-            "RABBITMQ_QUEUE": queue,
-            "POSTGRES_HOST": POSTGRES_HOST,
-            "POSTGRES_PORT": str(POSTGRES_PORT),
-            "POSTGRES_USER": POSTGRES_USER,
-            "POSTGRES_DB": dbname,
-            "PROMETHEUS_PORT": str(self.metrics_port),
-            "PYTHONUNBUFFERED": "1",
+        self.env = service_env(
+            dbname=dbname,
+            queue=queue,
+            PROMETHEUS_PORT=str(self.metrics_port),
+            PYTHONUNBUFFERED="1",
             **(env or {}),
-        }
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait_consuming: bool = True) -> Service:
@@ -251,11 +277,5 @@ class Service:
 
 
 def apply_schema(dbname: str) -> None:
-    subprocess.run(
-        [sys.executable, "aggregator.py", "--init-db"],
-        cwd=ROOT,
-        env={"POSTGRES_HOST": POSTGRES_HOST, "POSTGRES_PORT": str(POSTGRES_PORT), "POSTGRES_DB": dbname},
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    done = run_cli("--init-db", env=service_env(dbname=dbname))
+    assert done.returncode == 0, done.stderr

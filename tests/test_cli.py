@@ -18,7 +18,6 @@ from psycopg2 import sql
 
 import aggregator
 from config import Config, variables
-from tests.cli_support import cli_env, problems, run_cli
 from tests.support import (
     POSTGRES_HOST,
     POSTGRES_PORT,
@@ -29,8 +28,11 @@ from tests.support import (
     free_port,
     make_votes,
     pg_connect,
+    problems,
     publish,
     query,
+    run_cli,
+    service_env,
     wait_for,
 )
 
@@ -40,7 +42,7 @@ SCHEMA_OBJECTS = ("vote_results", "vote_audit", "duplicate_attempts", "vote_stat
 @pytest.fixture
 def schema_db(dbname: str) -> str:
     """The test's database with the schema applied the operator's way."""
-    result = run_cli("--init-db", env=cli_env(dbname=dbname))
+    result = run_cli("--init-db", env=service_env(dbname=dbname))
     assert result.returncode == 0, result.stderr
     return dbname
 
@@ -71,7 +73,7 @@ def missing_objects(dbname: str) -> list[str]:
 
 
 def test_help_lists_every_variable_and_option() -> None:
-    result = run_cli("--help", env=cli_env(dbname="unused"))
+    result = run_cli("--help", env=service_env(dbname="unused"))
     assert result.returncode == 0
     out = result.stdout
     for name in variables():
@@ -80,14 +82,14 @@ def test_help_lists_every_variable_and_option() -> None:
         assert re.search(rf"^\s+(-\w, )?{option}\b", out, re.MULTILINE), option
     assert re.search(r"^\s+results\s+\S", out, re.MULTILINE)
 
-    sub = run_cli("results", "--help", env=cli_env(dbname="unused"))
+    sub = run_cli("results", "--help", env=service_env(dbname="unused"))
     assert sub.returncode == 0
     assert "--law ID" in sub.stdout
     assert "{table,csv,json}" in sub.stdout
 
 
 def test_version() -> None:
-    result = run_cli("--version", env=cli_env(dbname="unused"))
+    result = run_cli("--version", env=service_env(dbname="unused"))
     assert result.returncode == 0
     assert result.stdout == f"aggregator.py {aggregator.VERSION}\n"
     assert re.fullmatch(r"\d+\.\d+\.\d+", aggregator.VERSION)
@@ -97,7 +99,7 @@ def test_version() -> None:
 
 
 def test_check_passes_when_everything_is_ready(schema_db: str, queue: str) -> None:
-    result = run_cli("--check", env=cli_env(dbname=schema_db, queue=queue))
+    result = run_cli("--check", env=service_env(dbname=schema_db, queue=queue))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
@@ -107,14 +109,14 @@ def test_check_passes_when_everything_is_ready(schema_db: str, queue: str) -> No
 
 
 def test_check_accepts_a_queue_the_service_will_declare(schema_db: str) -> None:
-    result = run_cli("--check", env=cli_env(dbname=schema_db, queue=f"agg.test.absent.{uuid.uuid4().hex[:8]}"))
+    result = run_cli("--check", env=service_env(dbname=schema_db, queue=f"agg.test.absent.{uuid.uuid4().hex[:8]}"))
     assert result.returncode == 0, result.stderr
     assert "does not exist yet (the service declares it)" in result.stdout
 
 
 @pytest.mark.parametrize("case", ["missing-database", "schema-missing", "rabbitmq-unreachable", "two-at-once"])
 def test_check_reports_one_line_per_problem(case: str, dbname: str, queue: str) -> None:
-    env = cli_env(dbname=dbname, queue=queue)
+    env = service_env(dbname=dbname, queue=queue)
     expected: list[str] = []  # a fragment of each problem line, in order
     if case in ("rabbitmq-unreachable", "two-at-once"):
         port = free_port()  # nothing listens there
@@ -144,7 +146,7 @@ def test_check_reports_one_line_per_problem(case: str, dbname: str, queue: str) 
 
 
 def test_check_says_why_rabbitmq_is_unreachable(schema_db: str) -> None:
-    result = run_cli("--check", env=cli_env(dbname=schema_db, RABBITMQ_PORT=str(free_port())))
+    result = run_cli("--check", env=service_env(dbname=schema_db, RABBITMQ_PORT=str(free_port())))
     (problem,) = problems(result)
     assert "Connection refused" in problem
 
@@ -153,7 +155,7 @@ def test_check_says_why_rabbitmq_is_unreachable(schema_db: str) -> None:
 
 
 def test_init_db_creates_the_database_and_can_run_again(new_dbname: str) -> None:
-    env = cli_env(dbname=new_dbname)
+    env = service_env(dbname=new_dbname)
     first = run_cli("--init-db", env=env)
     assert first.returncode == 0, first.stderr
     assert first.stdout.splitlines() == [
@@ -194,7 +196,7 @@ def test_results_match_the_database(make_service: Callable[..., Service], queue:
     assert svc.stop() == 0
     rows = statistics(dbname)
     assert len(rows) == 3 and sum(r[3] for r in rows) == len(votes)
-    env = cli_env(dbname=dbname)
+    env = service_env(dbname=dbname)
 
     as_csv = run_cli("results", "--format", "csv", env=env)
     assert as_csv.returncode == 0, as_csv.stderr

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from psycopg2 import sql
 
-from tests.cli_support import cli_env, problems, run_cli
 from tests.support import (
     RABBITMQ_HOST,
     RABBITMQ_PORT,
@@ -27,9 +26,12 @@ from tests.support import (
     audit_count,
     expected_totals,
     make_votes,
+    problems,
     publish,
     queue_state,
     results,
+    run_cli,
+    service_env,
     wait_for,
 )
 from tests.tls_support import Authority, KeyPair, TempPostgres, TlsProxy
@@ -118,7 +120,7 @@ def test_rabbitmq_tls_failure_is_one_clear_line(
     # Either way is fine: retry (still running), or a configuration error (exit 2). Not a crash.
     assert svc.proc.poll() in (None, 2), svc.logs()
     assert "Traceback" not in svc.logs()
-    result = run_cli("--check", env=cli_env(dbname="postgres", **rabbitmq_tls_env(tls_proxy, pki.wrong_ca.cert)))
+    result = run_cli("--check", env=service_env(dbname="postgres", **rabbitmq_tls_env(tls_proxy, pki.wrong_ca.cert)))
     assert "Traceback" not in result.stderr
     assert any("certificate verify failed" in p for p in problems(result)), result.stderr
 
@@ -126,7 +128,7 @@ def test_rabbitmq_tls_failure_is_one_clear_line(
 def test_rabbitmq_host_name_is_checked(tls_proxy: TlsProxy, pki: Pki) -> None:
     # The certificate names "localhost": reaching the same broker as 127.0.0.1 is refused, unless
     # RABBITMQ_TLS_SERVER_NAME says which name to expect.
-    as_ip = cli_env(dbname="postgres", **rabbitmq_tls_env(tls_proxy, pki.ca.cert, RABBITMQ_HOST="127.0.0.1"))
+    as_ip = service_env(dbname="postgres", **rabbitmq_tls_env(tls_proxy, pki.ca.cert, RABBITMQ_HOST="127.0.0.1"))
     refused = run_cli("--check", env=as_ip)
     assert refused.returncode != 0
     assert "IP address mismatch" in refused.stderr
@@ -140,7 +142,7 @@ def test_rabbitmq_host_name_is_checked(tls_proxy: TlsProxy, pki: Pki) -> None:
 def test_rabbitmq_client_certificate(make_service: Callable[..., Service], queue: str, dbname: str, pki: Pki) -> None:
     with TlsProxy((RABBITMQ_HOST, RABBITMQ_PORT), server=pki.server, client_ca=pki.ca.cert) as proxy:
         base = rabbitmq_tls_env(proxy, pki.ca.cert)
-        without = run_cli("--check", env=cli_env(dbname=dbname, queue=queue, **base))
+        without = run_cli("--check", env=service_env(dbname=dbname, queue=queue, **base))
         (problem,) = [p for p in problems(without) if "RabbitMQ" in p]
         assert "certificate required" in problem
         assert proxy.handshakes == 0
@@ -235,14 +237,14 @@ def test_postgres_with_the_wrong_ca_is_refused(
     assert queue_state(queue) == (len(votes), 0)  # it does not consume without a database
     assert tls_postgres.query(tls_dbname, "SELECT to_regclass('vote_audit')") == [(None,)]
 
-    check = run_cli("--check", env=cli_env(dbname=tls_dbname, queue=queue, **env))
+    check = run_cli("--check", env=service_env(dbname=tls_dbname, queue=queue, **env))
     assert check.returncode == 1
     (problem,) = problems(check)
     assert "certificate verify failed" in problem
 
 
 def test_postgres_host_name_is_checked(tls_postgres: TempPostgres, tls_dbname: str, pki: Pki) -> None:
-    as_ip = cli_env(dbname=tls_dbname, **postgres_tls_env(tls_postgres, tls_dbname, pki.ca.cert))
+    as_ip = service_env(dbname=tls_dbname, **postgres_tls_env(tls_postgres, tls_dbname, pki.ca.cert))
     as_ip["POSTGRES_HOST"] = "127.0.0.1"
     (problem,) = [p for p in problems(run_cli("--check", env=as_ip)) if "PostgreSQL" in p]
     assert 'does not match host name "127.0.0.1"' in problem
