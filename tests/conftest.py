@@ -9,23 +9,14 @@ from pathlib import Path
 
 import pika.exceptions
 import pytest
-from psycopg2 import sql
 
-from tests.support import Service, amqp_connection, pg_connect
+from tests.support import Service, amqp_connection, pg_connect, scratch_database
 
 
 @pytest.fixture
 def dbname() -> Iterator[str]:
-    name = f"agg_test_{uuid.uuid4().hex[:12]}"
-    admin = pg_connect("postgres")
-    try:
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with scratch_database(pg_connect("postgres"), prefix="agg_test") as name:
         yield name
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-    finally:
-        admin.close()
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import pika
 import psycopg2
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg2 import sql
 
 ROOT = Path(__file__).resolve().parent.parent
 RABBITMQ_HOST = os.environ.get("TEST_RABBITMQ_HOST", "127.0.0.1")
@@ -141,6 +144,20 @@ def pg_connect(dbname: str) -> psycopg2.extensions.connection:
     conn = psycopg2.connect(host=POSTGRES_HOST, port=POSTGRES_PORT, user=POSTGRES_USER, dbname=dbname)
     conn.autocommit = True
     return conn
+
+
+@contextmanager
+def scratch_database(admin: psycopg2.extensions.connection, *, prefix: str) -> Iterator[str]:
+    """A new, empty database on `admin`'s server (autocommit), dropped afterwards; closes `admin`."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        yield name
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    finally:
+        admin.close()
 
 
 def query(dbname: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -11,13 +11,11 @@ The certificates name "localhost" only, so connecting as 127.0.0.1 is a name mis
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from psycopg2 import sql
 
 from tests.support import (
     RABBITMQ_HOST,
@@ -31,6 +29,7 @@ from tests.support import (
     queue_state,
     results,
     run_cli,
+    scratch_database,
     service_env,
     wait_for,
 )
@@ -175,16 +174,8 @@ def tls_postgres(pki: Pki) -> Iterator[TempPostgres]:
 
 @pytest.fixture
 def tls_dbname(tls_postgres: TempPostgres) -> Iterator[str]:
-    name = f"agg_tls_{uuid.uuid4().hex[:12]}"
-    admin = tls_postgres.connect("postgres")
-    try:
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with scratch_database(tls_postgres.connect("postgres"), prefix="agg_tls") as name:
         yield name
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-    finally:
-        admin.close()
 
 
 def postgres_tls_env(server: TempPostgres, dbname: str, ca: Path, **extra: str) -> dict[str, str]:
