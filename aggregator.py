@@ -85,7 +85,8 @@ class Buffer:
     def add(self, delivery: Delivery) -> None:
         with self._cond:
             self._items.append(delivery)
-            if len(self._items) == self._batch_size:
+            # One writer per full batch: with several writers, each gets one.
+            if len(self._items) % self._batch_size == 0:
                 self._cond.notify()
 
     def take(self, *, wait_s: float, drain: bool = False) -> Batch | None:
@@ -205,6 +206,7 @@ class Aggregator:
         self._summary = _Summary()
         # Running totals written by the connection thread only; summaries report differences.
         self._received = 0
+        self._received_reported = 0
         self._rejected = 0
         self._database_error: str | None = None  # why the last database operation failed, if it did
         self._last_database_check = time.monotonic()
@@ -376,10 +378,12 @@ class Aggregator:
         while not self._stop.is_set():
             connection.process_data_events(time_limit=_POLL_S)
             self._watchdog()
+            self._report_received()
 
         logger.info("stopping: no new messages; writing %d buffered votes", len(self._buffer))
         # Undelivered prefetched messages are nacked by pika and stay in the queue.
         channel.basic_cancel(consumer_tag)
+        self._report_received()
         clean = self._finish_flushing(connection)
         # Every ack was scheduled before this sentinel; once it has run, all were sent.
         acks_sent = threading.Event()
@@ -427,7 +431,6 @@ class Aggregator:
         self, channel: BlockingChannel, method: Basic.Deliver, _properties: BasicProperties, body: bytes
     ) -> None:
         tag = method.delivery_tag
-        self._metrics.messages_received.inc()
         self._received += 1  # only this thread writes it: no lock on the hot path
         try:
             vote = parse_vote(
@@ -441,6 +444,14 @@ class Aggregator:
             self._reject_invalid(channel, tag, len(body), InvalidVote("unexpected", "validation raised an error"))
             return
         self._buffer.add(Delivery(vote, tag, channel, time.monotonic()))
+
+    def _report_received(self) -> None:
+        # messages_received_total is fed once per loop, not once per message: the
+        # counter takes a lock on every increment.
+        new = self._received - self._received_reported
+        if new:
+            self._metrics.messages_received.inc(new)
+            self._received_reported += new
 
     def _reject_invalid(self, channel: BlockingChannel, tag: int, size: int, exc: InvalidVote) -> None:
         # Never requeued: it would fail the same way forever. A dead-letter
