@@ -91,6 +91,10 @@ def test_kill_9_at_random_points_and_between_commit_and_ack(
         amqp_proxy.cut()  # the broker sees the dead connection and requeues what was unacked
 
     # Between commit and ack: acks stop reaching RabbitMQ while batches keep committing.
+    # A fresh backlog, so that this process has plenty to buffer whatever the rounds above left.
+    more = make_votes(20_000, laws=25, seed=2)
+    publish(queue, (v.body() for v in more))
+    votes += more
     svc = make_service(env).start()
     # Pause once this process holds votes it has not written yet (not merely once
     # it started): they are then committed while their acks cannot leave.
