@@ -821,6 +821,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(os.environ)
     except ConfigError as exc:
+        if args.check:
+            # --check reports problems one per line and exits 1, configuration included.
+            print(f"problem: configuration: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logsetup.configure(level=config.log_level, fmt=config.log_format)

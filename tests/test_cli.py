@@ -333,3 +333,11 @@ def test_batches_are_logged_at_debug(make_service: Callable[..., Service], queue
     (batch,) = per_batch(json_lines(svc.logs()))
     assert batch["level"] == "DEBUG"
     assert batch["batch_size"] == 50
+
+
+def test_check_reports_a_bad_variable_as_one_problem() -> None:
+    result = run_cli("--check", env=service_env(dbname="postgres", BATCH_SIZE="abc"))
+    assert result.returncode == 1
+    assert problems(result) == result.stderr.splitlines()
+    (problem,) = problems(result)
+    assert "BATCH_SIZE" in problem and "'abc'" in problem
