@@ -214,10 +214,6 @@ class Aggregator:
 
     # -- control (any thread, signal handlers included) -----------------------
 
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
-
     def readiness(self) -> tuple[bool, str]:
         """For /readyz: consuming from RabbitMQ and PostgreSQL answering."""
         channel = self._channel
