@@ -190,6 +190,15 @@ def assert_invariant(dbname: str) -> None:
     assert results(dbname) == {law: (oui, non) for law, (oui, non) in audit.items()}
 
 
+def assert_all_counted_once(dbname: str, queue: str, votes: list[VoteMsg]) -> None:
+    """Every vote counted once, no duplicate attempt, the queue empty, and the invariant."""
+    assert results(dbname) == expected_totals(votes)
+    assert audit_count(dbname) == len(votes)
+    assert query(dbname, "SELECT count(*) FROM duplicate_attempts") == [(0,)]
+    assert queue_state(queue) == (0, 0)
+    assert_invariant(dbname)
+
+
 # -- the service --------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from tests.support import (
     Service,
     VoteMsg,
     apply_schema,
+    assert_all_counted_once,
     assert_invariant,
     audit_count,
     expected_totals,
@@ -122,9 +123,7 @@ def test_batch_boundaries_count_every_vote_once(make_service: MakeService, queue
     wait_for(lambda: svc.metric("batch_size_processed_total") == count, timeout=10, what="metrics")
     assert svc.metric("batch_duration_seconds_count") >= count // 7
     assert svc.stop() == 0
-    assert results(dbname) == expected_totals(votes)
-    assert queue_state(queue) == (0, 0)
-    assert_invariant(dbname)
+    assert_all_counted_once(dbname, queue, votes)
 
 
 def test_prefetch_below_the_batch_size_still_counts_everything(
@@ -136,9 +135,7 @@ def test_prefetch_below_the_batch_size_still_counts_everything(
     wait_for(lambda: audit_count(dbname) == len(votes), timeout=60, what="every vote counted")
     assert svc.stop() == 0
     assert "batches never fill" in svc.logs()  # the operator is told why it is slow
-    assert results(dbname) == expected_totals(votes)
-    assert queue_state(queue) == (0, 0)
-    assert_invariant(dbname)
+    assert_all_counted_once(dbname, queue, votes)
 
 
 def test_the_next_batch_fills_while_one_is_being_written(make_service: MakeService, queue: str, dbname: str) -> None:
@@ -163,9 +160,7 @@ def test_the_next_batch_fills_while_one_is_being_written(make_service: MakeServi
         assert svc.stop() == 0
     finally:
         proxy.close()
-    assert results(dbname) == expected_totals(votes)
-    assert queue_state(queue) == (0, 0)
-    assert_invariant(dbname)
+    assert_all_counted_once(dbname, queue, votes)
 
 
 def test_stopping_while_a_batch_is_being_written_waits_for_it(

@@ -26,6 +26,7 @@ from tests.support import (
     Service,
     VoteMsg,
     apply_schema,
+    assert_all_counted_once,
     assert_invariant,
     audit_count,
     drain_queue,
@@ -62,14 +63,6 @@ def peak_rss_mb(svc: Service) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise AssertionError("no VmHWM in /proc status")
-
-
-def assert_all_counted_once(dbname: str, queue: str, votes: list[VoteMsg]) -> None:
-    assert results(dbname) == expected_totals(votes)
-    assert audit_count(dbname) == len(votes)
-    assert query(dbname, "SELECT count(*) FROM duplicate_attempts") == [(0,)]
-    assert queue_state(queue) == (0, 0)
-    assert_invariant(dbname)
 
 
 # -- 1. crashes ------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from tests.support import (
     Service,
     VoteMsg,
     amqp_connection,
+    assert_all_counted_once,
     assert_invariant,
     audit_count,
     drain_queue,
@@ -50,10 +51,7 @@ def test_thousands_of_votes_over_many_laws_are_counted_exactly(
     wait_for(lambda: audit_count(dbname) == len(votes), timeout=60, what="every vote counted")
     assert svc.stop() == 0
 
-    assert results(dbname) == expected_totals(votes)
-    assert query(dbname, "SELECT count(*) FROM duplicate_attempts") == [(0,)]
-    assert queue_state(queue)[0] == 0
-    assert_invariant(dbname)
+    assert_all_counted_once(dbname, queue, votes)
 
 
 def test_redeliveries_are_absorbed_and_not_taken_for_duplicate_attempts(
@@ -346,9 +344,7 @@ def test_existing_quorum_queue_is_used_as_it_is(make_service: MakeService, queue
     svc = make_service(queue_name=name).start()
     wait_for(lambda: audit_count(dbname) == len(votes), timeout=30, what="votes counted")
     assert svc.stop() == 0
-    assert results(dbname) == expected_totals(votes)
-    assert queue_state(name)[0] == 0
-    assert_invariant(dbname)
+    assert_all_counted_once(dbname, name, votes)
 
 
 def test_missing_database_stops_start_up_with_how_to_create_it(make_service: MakeService) -> None:
