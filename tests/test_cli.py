@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +26,8 @@ from tests.support import (
     POSTGRES_PORT,
     POSTGRES_USER,
     RABBITMQ_HOST,
+    RABBITMQ_PORT,
+    ROOT,
     Service,
     audit_count,
     free_port,
@@ -341,3 +346,20 @@ def test_check_reports_a_bad_variable_as_one_problem() -> None:
     assert problems(result) == result.stderr.splitlines()
     (problem,) = problems(result)
     assert "BATCH_SIZE" in problem and "'abc'" in problem
+
+
+def test_make_says_in_one_line_how_to_start_a_server_that_is_down(tmp_path: Path) -> None:
+    # scripts/check_services.sh runs before `make run` and `make test`.
+    closed = str(free_port())
+    env = {"PATH": os.environ["PATH"], "RABBITMQ_HOST": RABBITMQ_HOST, "RABBITMQ_PORT": closed}
+    env |= {"POSTGRES_HOST": POSTGRES_HOST, "POSTGRES_PORT": str(POSTGRES_PORT)}
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "check_services.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert f"RabbitMQ is not reachable at {RABBITMQ_HOST}:{closed}" in line and "rabbitmq-server -detached" in line
+
+    env["RABBITMQ_PORT"] = str(RABBITMQ_PORT)
+    ok = subprocess.run([str(ROOT / "scripts" / "check_services.sh")], cwd=tmp_path, env=env, timeout=30)
+    assert ok.returncode == 0
