@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.process_collector import ProcessCollector
 
 from db import BatchOutcome
+from votes import REASONS
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,17 @@ BATCH_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 
 # (ok, reason) for /readyz and /healthz.
 Readiness = Callable[[], tuple[bool, str]]
+# Every error_type the service records besides the validation REASONS. Each series
+# exists from the start at 0, so rate() and increase() see the first error.
+ERROR_TYPES = (
+    "database_rejected",
+    "database_unavailable",
+    "database_error",
+    "database_conflict",
+    "rabbitmq_connection",
+    "consumer_cancelled",
+    "unexpected",
+)
 # Distinct field names in vote_unknown_fields_total; later names go under OTHER_FIELDS.
 MAX_UNKNOWN_FIELDS = 50
 OTHER_FIELDS = "_other"
@@ -96,6 +108,10 @@ class Metrics:
         self.votes_rejected = Counter(
             "votes_rejected", "Messages rejected without requeue, by reason", ["reason"], registry=r
         )
+        for error_type in (*REASONS, *ERROR_TYPES):
+            self.aggregation_errors.labels(error_type)
+        for reason in (*REASONS, "database_rejected", "unexpected"):
+            self.votes_rejected.labels(reason)
         self.buffer_depth = Gauge("vote_buffer_depth", "Valid votes received and not yet written", registry=r)
         self.oldest_unacked_age = Gauge(
             "oldest_unacked_delivery_age_seconds",
