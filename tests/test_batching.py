@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from aggregator import AckSequencer, Batch, Buffer, Delivery
+from pipeline import AckSequencer, Batch, Buffer, Delivery
 from tests.proxy import TcpProxy
 from tests.support import (
     POSTGRES_HOST,
@@ -38,9 +38,9 @@ MakeService = Callable[..., Service]
 # -- the buffer on its own --------------------------------------------------------
 
 
-def _delivery(tag: int, channel: object, received_at: float | None = None) -> Delivery:
+def _delivery(tag: int, session: int, received_at: float | None = None) -> Delivery:
     vote: Vote = parse_vote(make_votes(1, laws=1, seed=tag)[0].body(), max_bytes=4096)
-    return Delivery(vote, tag, channel, time.monotonic() if received_at is None else received_at)
+    return Delivery(vote, tag, session, time.monotonic() if received_at is None else received_at)
 
 
 def _tags(batch: Batch | None) -> list[int]:
@@ -50,7 +50,7 @@ def _tags(batch: Batch | None) -> list[int]:
 
 def test_buffer_hands_out_full_batches_in_delivery_order() -> None:
     buffer = Buffer(batch_size=3, timeout_s=60)
-    channel = object()
+    channel = 1
     for tag in range(1, 8):
         buffer.add(_delivery(tag, channel))
     first, second = buffer.take(wait_s=0), buffer.take(wait_s=0)
@@ -63,7 +63,7 @@ def test_buffer_hands_out_full_batches_in_delivery_order() -> None:
 
 def test_buffer_releases_a_partial_batch_once_its_oldest_vote_is_due() -> None:
     buffer = Buffer(batch_size=100, timeout_s=0.3)
-    channel = object()
+    channel = 1
     buffer.add(_delivery(1, channel))
     started = time.monotonic()
     assert _tags(buffer.take(wait_s=5)) == [1]
@@ -72,7 +72,7 @@ def test_buffer_releases_a_partial_batch_once_its_oldest_vote_is_due() -> None:
 
 def test_buffer_wakes_the_writer_when_a_batch_fills() -> None:
     buffer = Buffer(batch_size=5, timeout_s=60)
-    channel = object()
+    channel = 1
     taken: list[list[int]] = []
     writer = threading.Thread(target=lambda: taken.append(_tags(buffer.take(wait_s=30))))
     writer.start()
@@ -85,21 +85,21 @@ def test_buffer_wakes_the_writer_when_a_batch_fills() -> None:
 
 def test_buffer_forgets_the_deliveries_of_a_closed_channel_only() -> None:
     buffer = Buffer(batch_size=10, timeout_s=60)
-    old, new = object(), object()
+    old, new = 1, 2
     for tag in (1, 2, 3):
         buffer.add(_delivery(tag, old))
     for tag in (1, 2):
         buffer.add(_delivery(tag, new))
-    assert buffer.drop_channel(old) == 3
+    assert buffer.drop_session(old) == 3
     batch = buffer.take(wait_s=0, drain=True)
     assert batch is not None
-    assert [(d.tag, d.channel is new) for d in batch.deliveries] == [(1, True), (2, True)]
+    assert [(d.tag, d.session == new) for d in batch.deliveries] == [(1, True), (2, True)]
 
 
 def test_sequencer_settles_batches_in_the_order_they_were_taken() -> None:
     settled: list[list[int]] = []
     sequencer = AckSequencer(lambda committed, rejected: settled.append([d.tag for d in committed + rejected]))
-    channel = object()
+    channel = 1
     batches = [Batch(seq, [_delivery(seq * 10 + i, channel) for i in range(1, 3)]) for seq in range(4)]
     sequencer.done(batches[1], batches[1].deliveries, [])
     sequencer.done(batches[3], batches[3].deliveries[:1], batches[3].deliveries[1:])
@@ -109,6 +109,29 @@ def test_sequencer_settles_batches_in_the_order_they_were_taken() -> None:
     sequencer.done(batches[2], batches[2].deliveries, [])
     assert settled == [[1, 2], [11, 12], [21, 22], [31, 32]]
     assert sequencer.waiting == 0
+
+
+def test_sequencer_tracks_the_oldest_unsettled_vote_and_survives_a_failing_settle() -> None:
+    settled: list[int] = []
+
+    def settle(committed: list[Delivery], _rejected: list[Delivery]) -> None:
+        if committed[0].tag == 1:
+            raise RuntimeError("the connection went away")
+        settled.append(committed[0].tag)
+
+    sequencer = AckSequencer(settle)
+    first = Batch(0, [_delivery(1, 1, received_at=100.0)])
+    second = Batch(1, [_delivery(2, 1, received_at=200.0)])
+    assert sequencer.oldest_received_at() is None
+    sequencer.taken(first)
+    sequencer.taken(second)
+    assert sequencer.oldest_received_at() == 100.0 and sequencer.unsettled == 2
+    sequencer.done(second, second.deliveries, [])
+    assert sequencer.oldest_received_at() == 100.0  # still held behind batch 0
+    sequencer.done(first, first.deliveries, [])
+    # Batch 0's settle raised: batch 1 is settled all the same, and nothing is held.
+    assert settled == [2]
+    assert sequencer.oldest_received_at() is None and sequencer.unsettled == 0
 
 
 # -- the service ---------------------------------------------------------------------

@@ -41,17 +41,18 @@ from tests.support import (
 MakeService = Callable[..., Service]
 
 # Loaded by the service's interpreter at start-up (PYTHONPATH): it wraps the
-# database write so that votes of chosen citizens raise what a bug or a driver
-# surprise would raise, inside the real service and its real flush thread.
+# statement run inside each batch's transaction so that votes of chosen citizens
+# raise what a bug or a driver surprise would raise (the way a BC timestamp's
+# read-back once did), inside the real service and its real flush worker.
 _INJECT = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 import db
 
-_write_batch = db.Database.write_batch
+_write_batch = db._write_batch
 
 
-def write_batch(self, votes):
+def write_batch(cur, votes):
     for vote in votes:
         if vote.citizen_id.startswith("raise-value"):
             raise ValueError("year -1 is out of range")
@@ -60,10 +61,10 @@ def write_batch(self, votes):
         if vote.citizen_id.startswith("hang-"):
             while True:  # a writer stuck outside PostgreSQL
                 time.sleep(1)
-    return _write_batch(self, votes)
+    return _write_batch(cur, votes)
 
 
-db.Database.write_batch = write_batch
+db._write_batch = write_batch
 """
 
 

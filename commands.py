@@ -1,0 +1,74 @@
+"""One-shot commands: `--check` and `--init-db` (`results` lives in results.py)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pika
+import pika.exceptions
+
+import db
+from config import Config
+from consumer import amqp_parameters, describe_error
+
+EXIT_OK = 0
+
+
+def init_db(config: Config) -> int:
+    if db.create_database(config):
+        print(f"created database {config.postgres_db}")
+    database = db.Database(config=config)
+    database.open()
+    try:
+        database.apply_schema()
+    finally:
+        database.close()
+    print(f"schema applied to {config.postgres_target_for_logs()}")
+    return EXIT_OK
+
+
+def check(config: Config) -> list[str]:
+    """Connect to both servers and verify the schema; one line per problem (for ExecStartPre=, CI)."""
+    return [*_check_rabbitmq(config), *_check_postgres(config)]
+
+
+def _check_rabbitmq(config: Config) -> list[str]:
+    try:
+        connection = pika.BlockingConnection(amqp_parameters(config))
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        return [f"RabbitMQ {config.rabbitmq_url_for_logs()}: {describe_error(exc)}"]
+    try:
+        ok = connection.channel().queue_declare(config.rabbitmq_queue, passive=True).method
+        print(
+            f"ok: RabbitMQ {config.rabbitmq_url_for_logs()}, queue {config.rabbitmq_queue} "
+            f"({ok.message_count} ready, {ok.consumer_count} consumers)"
+        )
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 404:
+            return [f"RabbitMQ queue {config.rabbitmq_queue}: {exc.reply_text}"]
+        print(
+            f"ok: RabbitMQ {config.rabbitmq_url_for_logs()}, queue {config.rabbitmq_queue} "
+            "does not exist yet (the service declares it)"
+        )
+    finally:
+        with contextlib.suppress(pika.exceptions.AMQPError, OSError):  # closing something already broken
+            connection.close()
+    return []
+
+
+def _check_postgres(config: Config) -> list[str]:
+    database = db.Database(config=config)
+    try:
+        database.open()
+        missing = database.missing_schema_objects()
+    except db.DatabaseError as exc:
+        return [f"PostgreSQL: {exc}"]
+    finally:
+        database.close()
+    if missing:
+        return [
+            f"PostgreSQL {config.postgres_target_for_logs()}: schema incomplete, missing {', '.join(missing)}; "
+            "apply it with: python aggregator.py --init-db"
+        ]
+    print(f"ok: PostgreSQL {config.postgres_target_for_logs()}, schema complete")
+    return []

@@ -1,0 +1,425 @@
+"""The RabbitMQ side: connection loop, queue set-up, receiving, validation hand-off, acks and rejects.
+
+pika's BlockingConnection is not thread-safe, so everything here that touches
+it runs on one thread (the main thread, in `Consumer.run`). Flush workers ask
+for acks and rejects through `settle`, which schedules them on that thread with
+`add_callback_threadsafe`, as dramatiq's RabbitMQ broker does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from pika.spec import Basic, BasicProperties
+
+from config import Config
+from metrics import Metrics
+from pipeline import Delivery, Pipeline
+from summary import Summary
+from systemd import Notifier
+from votes import InvalidVote, parse_message
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+# How long the connection thread blocks in pika between checks of the stop flag.
+_POLL_S = 0.05
+
+
+class ConsumerCancelled(Exception):
+    """RabbitMQ cancelled our consumer (queue deleted, or the node holding it went away)."""
+
+
+class Consumer:
+    """Consumes RABBITMQ_QUEUE, hands valid votes to the pipeline, and settles them when told."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        metrics: Metrics,
+        summary: Summary,
+        notifier: Notifier,
+        on_turn: Callable[[], None],
+    ) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._summary = summary
+        self._notifier = notifier
+        self._on_turn = on_turn
+        self._stop = threading.Event()
+        self._deadline = float("inf")
+        self._pipeline: Pipeline | None = None
+        # The current connection and channel, and the session number that names
+        # the channel in deliveries; all three change together, on this thread only.
+        self._connection: BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._session = 0
+        self._cancelled = False
+        self._connected_once = False  # a connection has been established since start-up
+        self._consumed = False  # the current connection got as far as consuming
+        self._ready_sent = False
+        self._received = 0  # this thread's running counts; reported once per loop turn
+        self._rejected = 0
+
+    # -- any thread ---------------------------------------------------------------
+
+    @property
+    def consuming(self) -> bool:
+        channel = self._channel
+        return channel is not None and channel.is_open and not self._cancelled
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def request_stop(self) -> None:
+        """Stop consuming and drain within SHUTDOWN_TIMEOUT_SECONDS (safe from a signal handler)."""
+        if not self._stop.is_set():
+            self._deadline = time.monotonic() + self._config.shutdown_timeout_s
+            self._stop.set()
+            self._notifier.notify("STOPPING=1", "STATUS=draining buffered votes")
+
+    def settle(self, committed: list[Delivery], rejected: list[Delivery]) -> None:
+        """Have one batch acked and rejected on the connection thread (called in batch order)."""
+        acks: dict[int, int] = {}  # session -> highest committed tag
+        for d in committed:
+            acks[d.session] = max(d.tag, acks.get(d.session, 0))
+        rejects = [(d.session, d.tag) for d in rejected]
+        connection = self._connection
+        try:
+            if connection is None:
+                raise pika.exceptions.ConnectionWrongStateError("not connected")
+            connection.add_callback_threadsafe(functools.partial(self._settle_here, acks, rejects))
+        except (pika.exceptions.AMQPError, AttributeError) as exc:
+            # The connection is gone; RabbitMQ redelivers and the database absorbs.
+            logger.warning("could not schedule an ack (%s); RabbitMQ will redeliver", exc)
+
+    # -- the connection thread -------------------------------------------------------
+
+    def run(self, pipeline: Pipeline) -> int:
+        """Consume until a stop is requested; reconnect on connection loss. Returns the exit code."""
+        self._pipeline = pipeline
+        self._warn_about_prefetch()
+        delay = 1.0
+        code = EXIT_OK
+        while not self._stop.is_set():
+            outcome = self._connect_and_consume()
+            if outcome == "refused":
+                return self._finish(EXIT_CONFIG)
+            if outcome == "unclean":
+                code = EXIT_FAILURE
+            if self._consumed:
+                delay = 1.0  # the last connection worked: start the backoff over
+            if not self._stop.is_set():
+                self._notifier.notify(f"STATUS=RabbitMQ unavailable; reconnecting in {delay:.0f}s")
+                self._wait(delay)
+                delay = min(delay * 2, self._config.rabbitmq_reconnect_max_delay_s)
+        return self._finish(code)
+
+    def _finish(self, code: int) -> int:
+        """After the loop: stopped while disconnected, or refused. Writes what is buffered."""
+        assert self._pipeline is not None
+        self.request_stop()
+        # The acks of what is written now cannot be sent: RabbitMQ redelivers
+        # those votes and the database absorbs them.
+        if not self._pipeline.finish(deadline=self._deadline, idle=lambda: time.sleep(_POLL_S)) and code == EXIT_OK:
+            code = EXIT_FAILURE
+        return code
+
+    def _connect_and_consume(self) -> str:
+        """One connection's life: "clean" or "unclean" after a stop, "lost", or "refused" (do not retry)."""
+        connection: BlockingConnection | None = None
+        self._consumed = False
+        try:
+            connection = pika.BlockingConnection(amqp_parameters(self._config))
+            self._connection = connection
+            self._connected_once = True
+            return "clean" if self._consume(connection) else "unclean"
+        except ConsumerCancelled as exc:
+            self._metrics.record_error("consumer_cancelled")
+            logger.warning("%s; consuming again", exc)
+        except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
+            self._metrics.record_error("rabbitmq_connection")
+            if not self._connected_once and refused_by_broker(exc):
+                # Wrong credentials or vhost: retrying will not help, and the
+                # operator needs to see it at once.
+                logger.error("RabbitMQ refused %s: %s", self._config.rabbitmq_url_for_logs(), exc)
+                return "refused"
+            # pika guesses "authentication" whenever the connection drops during
+            # the handshake, also when a node is merely stopping.
+            logger.error(
+                "RabbitMQ connection to %s failed during the handshake (%s); retrying",
+                self._config.rabbitmq_url_for_logs(),
+                describe_error(exc),
+            )
+        except ssl.SSLCertVerificationError as exc:
+            self._metrics.record_error("rabbitmq_connection")
+            if not self._connected_once:
+                # A CA file or server name that does not match: retrying will not help.
+                logger.error(
+                    "RabbitMQ at %s: TLS certificate not accepted: %s (check RABBITMQ_TLS_CA_FILE, "
+                    "RABBITMQ_HOST and RABBITMQ_TLS_SERVER_NAME)",
+                    self._config.rabbitmq_url_for_logs(),
+                    exc,
+                )
+                return "refused"
+            logger.error("RabbitMQ TLS certificate not accepted (%s); retrying", exc)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            # OSError: ssl.SSLError and socket errors that pika lets through.
+            self._metrics.record_error("rabbitmq_connection")
+            logger.warning(
+                "RabbitMQ connection to %s lost or refused (%s); retrying",
+                self._config.rabbitmq_url_for_logs(),
+                describe_error(exc),
+            )
+        finally:
+            self._forget_channel()
+            self._connection = None
+            if connection is not None and connection.is_open:
+                _close_quietly(connection.close)
+        return "lost"
+
+    def _warn_about_prefetch(self) -> None:
+        c = self._config
+        if c.rabbitmq_prefetch_count < 2 * c.batch_size:
+            # Acks follow commits: with fewer unacked messages allowed than two
+            # batches, RabbitMQ stops delivering while each batch is written.
+            logger.warning(
+                "RABBITMQ_PREFETCH_COUNT=%d is below twice BATCH_SIZE=%d: consumption pauses while each batch "
+                "is written%s",
+                c.rabbitmq_prefetch_count,
+                c.batch_size,
+                ", and batches never fill (they are written on the timeout)"
+                if c.rabbitmq_prefetch_count < c.batch_size
+                else "",
+            )
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep on the connection thread, still turning (systemd's watchdog, liveness)."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            self._on_turn()
+            self._stop.wait(min(remaining, 1.0))
+        self._on_turn()
+
+    def _open_queue(self, connection: BlockingConnection) -> BlockingChannel:
+        """A channel on RABBITMQ_QUEUE: an existing queue is used as it is, a missing one declared durable."""
+        channel = connection.channel()
+        queue = self._config.rabbitmq_queue
+        try:
+            channel.queue_declare(queue, passive=True)
+            return channel
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+        channel = connection.channel()
+        arguments: dict[str, str] = {}
+        c = self._config
+        if c.rabbitmq_dead_lettering:
+            # Rejected messages are kept for audit instead of being discarded.
+            channel.exchange_declare(c.dead_letter_exchange, "fanout", durable=True)
+            channel.queue_declare(c.dead_letter_queue, durable=True)
+            channel.queue_bind(c.dead_letter_queue, c.dead_letter_exchange)
+            arguments["x-dead-letter-exchange"] = c.dead_letter_exchange
+        channel.queue_declare(queue, durable=True, arguments=arguments)
+        logger.info(
+            "declared durable queue %s%s",
+            queue,
+            f" dead-lettering to {c.dead_letter_exchange} -> {c.dead_letter_queue}" if arguments else "",
+        )
+        return channel
+
+    def _start_consuming(self, connection: BlockingConnection) -> str:
+        channel = self._open_queue(connection)
+        channel.basic_qos(prefetch_count=self._config.rabbitmq_prefetch_count)
+        self._cancelled = False
+        channel.add_on_cancel_callback(self._on_cancelled)
+        self._session += 1
+        consumer_tag = channel.basic_consume(self._config.rabbitmq_queue, on_message_callback=self._on_message)
+        self._channel = channel
+        self._consumed = True
+        self._metrics.rabbitmq_connected.set(1)
+        status = f"STATUS=consuming {self._config.rabbitmq_queue}"
+        if self._ready_sent:
+            self._notifier.notify(status)
+        else:
+            # Both connections are up: the unit counts as started from here.
+            self._notifier.notify("READY=1", status)
+            self._ready_sent = True
+        logger.info(
+            "consuming %s on %s (prefetch %d, batch %d votes or %.2fs)",
+            self._config.rabbitmq_queue,
+            self._config.rabbitmq_url_for_logs(),
+            self._config.rabbitmq_prefetch_count,
+            self._config.batch_size,
+            self._config.batch_timeout_s,
+        )
+        return str(consumer_tag)
+
+    def _consume(self, connection: BlockingConnection) -> bool:
+        """Consume until a stop is requested, then drain. True when every vote written was acked."""
+        assert self._pipeline is not None
+        consumer_tag = self._start_consuming(connection)
+        while not self._stop.is_set() and not self._cancelled:
+            connection.process_data_events(time_limit=_POLL_S)
+            self._on_turn()
+            self._report_received()
+        self._report_received()
+        if not self._stop.is_set():
+            # The channel stays open after a cancel, but nothing arrives on it any
+            # more. Closing it hands its unacked votes back to RabbitMQ; a new
+            # channel declares the queue again if it is gone, as at start-up.
+            raise ConsumerCancelled(f"RabbitMQ cancelled the consumer of {self._config.rabbitmq_queue}")
+        logger.info("stopping: no new messages; writing %d buffered votes", len(self._pipeline.buffer))
+        channel = self._channel
+        assert channel is not None
+        # Undelivered prefetched messages are nacked by pika and stay in the queue.
+        channel.basic_cancel(consumer_tag)
+
+        def turn() -> None:
+            connection.process_data_events(time_limit=_POLL_S)
+            self._on_turn()
+
+        clean = self._pipeline.finish(deadline=self._deadline, idle=turn)
+        # Every ack was scheduled before this sentinel; once it has run, all were sent.
+        acks_sent = threading.Event()
+        connection.add_callback_threadsafe(acks_sent.set)
+        while not acks_sent.is_set() and time.monotonic() < self._deadline + 1.0:
+            turn()
+        self._forget_channel()
+        _close_quietly(channel.close)
+        _close_quietly(connection.close)
+        return clean and acks_sent.is_set()
+
+    def _on_cancelled(self, _method: object) -> None:
+        self._cancelled = True
+
+    def _forget_channel(self) -> None:
+        self._metrics.rabbitmq_connected.set(0)
+        channel, self._channel = self._channel, None
+        if channel is not None and self._pipeline is not None:
+            dropped = self._pipeline.buffer.drop_session(self._session)
+            if dropped:
+                logger.warning("dropped %d buffered votes of a closed channel; RabbitMQ redelivers them", dropped)
+
+    def _on_message(
+        self, channel: BlockingChannel, method: Basic.Deliver, _properties: BasicProperties, body: bytes
+    ) -> None:
+        assert self._pipeline is not None
+        tag = method.delivery_tag
+        self._received += 1  # only this thread writes it: no lock on the hot path
+        try:
+            parsed = parse_message(
+                body, max_bytes=self._config.max_message_bytes, law_id_pattern=self._config.law_id_pattern
+            )
+        except InvalidVote as exc:
+            self._reject_invalid(channel, tag, len(body), exc)
+            return
+        except Exception:
+            logger.exception("validation failed unexpectedly (delivery tag %d)", tag)
+            self._reject_invalid(channel, tag, len(body), InvalidVote("unexpected", "validation raised an error"))
+            return
+        if parsed.extra_fields:
+            self._note_extra_fields(parsed.extra_fields)
+        self._pipeline.buffer.add(Delivery(parsed.vote, tag, self._session, time.monotonic()))
+
+    def _note_extra_fields(self, names: tuple[str, ...]) -> None:
+        # A producer that adds a field during a rolling upgrade must not send
+        # every vote to the dead-letter queue: the vote counts, the field is noted.
+        for name in self._metrics.record_unknown_fields(names):
+            logger.warning("votes carry a field this service ignores: %r (counted in vote_unknown_fields_total)", name)
+
+    def _report_received(self) -> None:
+        # Fed once per loop turn, not once per message: the counter takes a lock on every increment.
+        received, rejected = self._received, self._rejected
+        if received or rejected:
+            self._metrics.messages_received.inc(received)
+            self._summary.received(received, rejected)
+            self._received = self._rejected = 0
+
+    def _reject_invalid(self, channel: BlockingChannel, tag: int, size: int, exc: InvalidVote) -> None:
+        # Never requeued: it would fail the same way forever. A dead-letter
+        # exchange on the queue keeps it for audit.
+        channel.basic_reject(tag, requeue=False)
+        self._metrics.record_rejected(exc.reason)
+        self._rejected += 1
+        logger.warning("rejected message (delivery tag %d, %d bytes): %s", tag, size, exc)
+
+    def _settle_here(self, acks: dict[int, int], rejects: list[tuple[int, int]]) -> None:
+        """Rejects first, then one multiple-ack up to the batch's highest committed tag.
+
+        Runs in batch order, so every earlier delivery on the channel has already
+        been acked or rejected. Deliveries of an earlier channel are skipped:
+        their tags would ack someone else's messages on the new one.
+        """
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            logger.warning("channel closed before a batch was settled; RabbitMQ will redeliver it")
+            return
+        for session, tag in rejects:
+            if session == self._session:
+                channel.basic_reject(tag, requeue=False)
+        last = acks.get(self._session)
+        if last is not None:
+            channel.basic_ack(last, multiple=True)
+        if len(acks) > (1 if last is not None else 0):
+            logger.warning("a batch held votes of a closed channel; RabbitMQ redelivers them")
+
+
+def amqp_parameters(c: Config) -> pika.ConnectionParameters:
+    """Connection parameters for RabbitMQ, TLS included."""
+    ssl_options = None
+    if c.rabbitmq_tls:
+        context = ssl.create_default_context(cafile=c.rabbitmq_tls_ca_file or None)
+        context.check_hostname = c.rabbitmq_tls_verify_hostname
+        if c.rabbitmq_tls_cert_file:
+            context.load_cert_chain(c.rabbitmq_tls_cert_file, c.rabbitmq_tls_key_file)
+        ssl_options = pika.SSLOptions(context, c.rabbitmq_tls_server_name or c.rabbitmq_host)
+    return pika.ConnectionParameters(
+        ssl_options=ssl_options,
+        host=c.rabbitmq_host,
+        port=c.rabbitmq_port,
+        virtual_host=c.rabbitmq_vhost,
+        credentials=pika.PlainCredentials(c.rabbitmq_user, c.rabbitmq_password),
+        heartbeat=c.rabbitmq_heartbeat_s,
+        blocked_connection_timeout=300,
+        connection_attempts=1,
+        socket_timeout=10,
+        client_properties={"connection_name": "vote-aggregator"},
+    )
+
+
+def refused_by_broker(exc: BaseException) -> bool:
+    """True when RabbitMQ itself refused the login (403) or the vhost (530).
+
+    pika raises ProbableAuthenticationError / ProbableAccessDeniedError for any
+    connection lost during the handshake; only a broker's explicit Connection.Close
+    with one of these reply codes is certain, and retrying cannot fix it.
+    """
+    text = " ".join(str(arg) for arg in exc.args)
+    return text.startswith(("ConnectionClosedByBroker: (403)", "ConnectionClosedByBroker: (530)"))
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming an error. pika's connection errors have an empty str(): the cause is in args."""
+    text = str(exc) or "; ".join(str(arg) or repr(arg) for arg in exc.args)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _close_quietly(close: Callable[[], None]) -> None:
+    try:
+        close()
+    except Exception as exc:  # closing something already broken
+        logger.debug("ignored while closing: %s", exc)
