@@ -54,6 +54,7 @@ class Config:
     postgres_max_connections: int = 10
     postgres_connect_timeout_s: int = 5
     postgres_query_timeout_s: float = 30.0
+    postgres_idle_in_transaction_timeout_s: float = 30.0
     postgres_sslmode: str = "prefer"
     postgres_sslrootcert: str = ""
     postgres_sslcert: str = ""
@@ -233,6 +234,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
     "POSTGRES_MAX_CONNECTIONS": ("postgres_max_connections", _parse_int, _at_least(1)),
     "POSTGRES_CONNECT_TIMEOUT_SECONDS": ("postgres_connect_timeout_s", _parse_int, _at_least(1)),
     "POSTGRES_QUERY_TIMEOUT_SECONDS": ("postgres_query_timeout_s", _parse_float, _at_least(1)),
+    "POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS": ("postgres_idle_in_transaction_timeout_s", _parse_float, _positive),
     "POSTGRES_SSLMODE": ("postgres_sslmode", _sslmode, None),
     "POSTGRES_SSLROOTCERT": ("postgres_sslrootcert", _file, None),
     "POSTGRES_SSLCERT": ("postgres_sslcert", _file, None),
@@ -284,6 +286,9 @@ HELP: dict[str, str] = {
     "POSTGRES_MAX_CONNECTIONS": "pool limit",
     "POSTGRES_CONNECT_TIMEOUT_SECONDS": "wait for a new connection",
     "POSTGRES_QUERY_TIMEOUT_SECONDS": "statement timeout; a connection silent 5 s longer is dropped",
+    "POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS": (
+        "the server ends a transaction left idle this long (a frozen or cut-off instance), freeing its row locks"
+    ),
     "POSTGRES_SSLMODE": "libpq sslmode: disable, allow, prefer, require, verify-ca or verify-full",
     "POSTGRES_SSLROOTCERT": "CA certificates to verify the server with (verify-ca, verify-full)",
     "POSTGRES_SSLCERT": "client certificate",

@@ -9,8 +9,12 @@ psycopg2's exceptions stop here. Callers see:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
+import re
+import select
 import socket
 import threading
 import time
@@ -18,21 +22,21 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg2
+import psycopg2._psycopg
 import psycopg2.errors
 import psycopg2.extensions
-import psycopg2.pool
 from psycopg2 import sql
 from psycopg2.extras import execute_values
-from psycopg2.pool import ThreadedConnectionPool
 from tenacity import (
     RetryCallState,
     Retrying,
     before_sleep_log,
     retry_if_exception_type,
     stop_after_attempt,
+    stop_when_event_set,
     wait_exponential,
 )
 
@@ -61,7 +65,8 @@ class DatabaseUnavailable(RetryableError):
 
 
 class TransactionConflict(RetryableError):
-    """Deadlock or serialization failure: the whole transaction is retried."""
+    """Deadlock, serialization failure or lock wait timeout: the whole transaction
+    is retried. PostgreSQL itself is fine (the connection is kept)."""
 
 
 class DatabaseRejected(DatabaseError):
@@ -73,7 +78,8 @@ class DatabaseMissing(DatabaseError):
 
 
 class DatabaseConfigError(DatabaseError):
-    """PostgreSQL answered but refused us (authentication, role, permissions)."""
+    """We cannot connect as configured and retrying cannot help (authentication,
+    role, pg_hba.conf, permissions, TLS files or certificate)."""
 
 
 @dataclass
@@ -90,35 +96,185 @@ class BatchOutcome:
         return sum(self.counted.values())
 
 
-# Phrases of server messages that mean "try again later" although the server answered.
-_TRANSIENT_FATAL = (
-    "the database system is starting up",
-    "the database system is shutting down",
-    "the database system is in recovery mode",
-    "too many clients",
-    "remaining connection slots are reserved",
+# SQLSTATEs of connection failures that retrying can never fix: the service
+# cannot run as configured until someone changes the configuration or the server.
+# Everything else a server answers while we connect (57P03 starting up, shutting
+# down, standby not accepting connections; 53300 too many connections; ...) is
+# retried. 28000 also covers an LDAP or RADIUS server behind PostgreSQL being down:
+# PostgreSQL reports it as the same failed authentication.
+_CONFIG_SQLSTATES = {
+    "28P01": "authentication failed",
+    "28000": "not authorized (pg_hba.conf, missing role, login not permitted)",
+    "42501": "no permission to connect to the database",
+}
+_MISSING_DATABASE = "3D000"
+# libpq's failures of its own, before or instead of any server answer: the
+# client's TLS files, the server's certificate, a missing password. English
+# unless libpq's own translations are installed and in use; a translated one
+# is retried, the safe side.
+_CLIENT_CONFIG_PHRASES = (
+    "certificate verify failed",
+    "does not match host name",
+    "certificate file",
+    "private key file",
+    "no password supplied",  # the server wants a password and POSTGRES_PASSWORD is empty
 )
+# The same certainties in English server messages, for when no SQLSTATE can be had.
+_CONFIG_PHRASES = (
+    "password authentication failed",
+    "authentication failed for user",
+    "no pg_hba.conf entry",
+    "pg_hba.conf rejects connection",
+    "is not permitted to log in",
+    "permission denied for database",
+)
+_ROLE_MISSING = re.compile(r'role ".*" does not exist')
+_DATABASE_MISSING = re.compile(r'database ".*" does not exist')
+# A server error in a libpq message: "<severity>:  <text>", two spaces after the
+# severity (translated by the server), so it is found in any language.
+_SERVER_ANSWER = re.compile(r"\S:  \S")
+# With PQERRORS_VERBOSE the SQLSTATE follows the severity: "FATAL:  28P01: ...".
+_VERBOSE_SQLSTATE = re.compile(r"\S:  ([0-9A-Z]{5}): ")
+_PQERRORS_VERBOSE = 2
 
 
-def classify_connect_error(exc: psycopg2.OperationalError, config: Config) -> DatabaseError:
+def classify_connect_error(
+    exc: psycopg2.OperationalError, config: Config, *, dbname: str | None = None
+) -> DatabaseError:
+    """DatabaseMissing / DatabaseConfigError only when retrying can never help; otherwise DatabaseUnavailable."""
+    dbname = dbname or config.postgres_db
     message = str(exc).strip()
-    # libpq reports connection failures without an SQLSTATE, so the text is all there is.
-    if "FATAL:" not in message or any(p in message for p in _TRANSIENT_FATAL):
-        return DatabaseUnavailable(
-            f"cannot reach PostgreSQL at {config.postgres_target_for_logs()}: {_first_line(message)}"
+    first = _first_line(message)
+    if any(phrase in message for phrase in _CLIENT_CONFIG_PHRASES):
+        return DatabaseConfigError(f"PostgreSQL refused {config.postgres_target_for_logs()}: {first}")
+    # libpq reports connection failures without an SQLSTATE (psycopg2's pgcode is
+    # None), in the server's language: ask the server again, verbosely.
+    codes = (
+        _connect_sqlstates(connect_kwargs(config, dbname=dbname), config) if _SERVER_ANSWER.search(message) else None
+    )
+    if codes is None:
+        return _classify_by_text(message, config, dbname=dbname)
+    if codes and all(code == _MISSING_DATABASE for code in codes):
+        return _database_missing(config, dbname, first)
+    if codes and all(code in _CONFIG_SQLSTATES or code == _MISSING_DATABASE for code in codes):
+        # The meaning in English too: the server's text may be in any language.
+        meaning = _CONFIG_SQLSTATES.get(codes[0], "database does not exist")
+        return DatabaseConfigError(
+            f"PostgreSQL refused {config.postgres_target_for_logs()}: {first} (SQLSTATE {codes[0]}: {meaning})"
         )
-    if "does not exist" in message and "database" in message:
-        return DatabaseMissing(
-            f'database "{config.postgres_db}" does not exist on {config.postgres_host}:{config.postgres_port}; '
-            f"create it with: createdb -h {config.postgres_host} -p {config.postgres_port} "
-            f"-U {config.postgres_user} {config.postgres_db}   (or: python aggregator.py --init-db)"
-        )
-    return DatabaseConfigError(f"PostgreSQL refused {config.postgres_target_for_logs()}: {_first_line(message)}")
+    # A code we do not know for certain, or the server let the second attempt in.
+    suffix = f" (SQLSTATE {', '.join(codes)})" if codes else ""
+    return DatabaseUnavailable(f"cannot reach PostgreSQL at {config.postgres_target_for_logs()}: {first}{suffix}")
+
+
+def _classify_by_text(message: str, config: Config, *, dbname: str) -> DatabaseError:
+    """The fallback without SQLSTATE: English phrases that are certain; anything else is retried."""
+    first = _first_line(message)
+    if _DATABASE_MISSING.search(message):
+        return _database_missing(config, dbname, first)
+    if any(phrase in message for phrase in _CONFIG_PHRASES) or _ROLE_MISSING.search(message):
+        return DatabaseConfigError(f"PostgreSQL refused {config.postgres_target_for_logs()}: {first}")
+    return DatabaseUnavailable(f"cannot reach PostgreSQL at {config.postgres_target_for_logs()}: {first}")
+
+
+def _database_missing(config: Config, dbname: str, first: str) -> DatabaseError:
+    if dbname != config.postgres_db:  # a maintenance database (create_database), not ours
+        return DatabaseConfigError(f"PostgreSQL refused {config.postgres_target_for_logs()}: {first}")
+    return DatabaseMissing(
+        f'database "{config.postgres_db}" does not exist on {config.postgres_host}:{config.postgres_port}; '
+        f"create it with: createdb -h {config.postgres_host} -p {config.postgres_port} "
+        f"-U {config.postgres_user} {config.postgres_db}   (or: python aggregator.py --init-db)"
+    )
+
+
+def _connect_sqlstates(kwargs: dict[str, Any], config: Config) -> list[str] | None:
+    """The SQLSTATEs a fresh connection attempt fails with: [] if it succeeds, None if unknown.
+
+    The attempt is made asynchronously so that libpq's error verbosity can be
+    raised before the server answers; libpq then writes the SQLSTATE into the
+    message ("FATAL:  28P01: ..."), whatever language the server speaks.
+    """
+    set_verbosity = _libpq_set_error_verbosity()
+    if set_verbosity is None:
+        return None
+    try:
+        conn = psycopg2.connect(psycopg2.extensions.make_dsn(**kwargs), async_=True)
+    except (psycopg2.Error, UnicodeError):
+        return None
+    deadline = time.monotonic() + config.postgres_connect_timeout_s
+    try:
+        if conn.pgconn_ptr is None:
+            return None
+        set_verbosity(conn.pgconn_ptr, _PQERRORS_VERBOSE)
+        while True:
+            state = conn.poll()
+            if state == psycopg2.extensions.POLL_OK:
+                return []
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if state == psycopg2.extensions.POLL_READ:
+                select.select([conn.fileno()], [], [], remaining)
+            else:
+                select.select([], [conn.fileno()], [], remaining)
+    except psycopg2.OperationalError as exc:
+        return list(dict.fromkeys(_VERBOSE_SQLSTATE.findall(str(exc)))) or None  # each once (prefer tries twice)
+    except (psycopg2.Error, OSError, ValueError, UnicodeError):
+        return None
+    finally:
+        conn.close()
+
+
+@functools.cache
+def _libpq_set_error_verbosity() -> Callable[[int, int], int] | None:
+    """PQsetErrorVerbosity of the libpq psycopg2 itself is linked with, or None.
+
+    Looked up through psycopg2's extension module, so it is the very library that
+    made the connection (psycopg2-binary bundles its own libpq).
+    """
+    try:
+        function = ctypes.CDLL(psycopg2._psycopg.__file__).PQsetErrorVerbosity
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int], int], function)
 
 
 def _first_line(message: str) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     return " ".join(lines[:2]) if lines else message
+
+
+def _session_options(config: Config) -> str:
+    """Server settings for every session, sent at connection time (libpq `options`)."""
+    statement_ms = int(config.postgres_query_timeout_s * 1000)
+    idle_ms = int(config.postgres_idle_in_transaction_timeout_s * 1000)
+    settings: dict[str, object] = {
+        # Timestamps are read back exactly as written whatever the database's or
+        # role's timezone: west of UTC, 0001-01-01T00:00:00Z would come back as a
+        # BC date that Python cannot represent.
+        "TimeZone": "UTC",
+        # The server aborts a statement that runs too long; a server or network
+        # that stops answering altogether is the watchdog's job (see _Watchdog).
+        "statement_timeout": statement_ms,
+        # A lock wait ends a little earlier, as 55P03, so contention is told apart
+        # from a slow server (57014): a conflict, retried on the same connection.
+        "lock_timeout": max(statement_ms - 1000, statement_ms * 9 // 10),
+        # The service's own transactions never sit idle (one statement, then
+        # commit), so only a frozen, dead or cut-off instance reaches this: the
+        # server ends its session and releases its row locks on vote_results,
+        # instead of holding them until TCP gives up (hours).
+        "idle_in_transaction_session_timeout": idle_ms,
+        # The server's side of the keepalives below: a vanished client's session
+        # (and its connection slot) goes within about 30 s even when idle, or
+        # when the server is blocked sending to it.
+        "tcp_keepalives_idle": 15,
+        "tcp_keepalives_interval": 5,
+        "tcp_keepalives_count": 3,
+        "tcp_user_timeout": 30_000,
+    }
+    return " ".join(f"-c {name}={value}" for name, value in settings.items())
 
 
 def connect_kwargs(config: Config, *, dbname: str | None = None) -> dict[str, Any]:
@@ -141,9 +297,7 @@ def connect_kwargs(config: Config, *, dbname: str | None = None) -> dict[str, An
         "password": config.postgres_password,
         "connect_timeout": config.postgres_connect_timeout_s,
         "application_name": "vote-aggregator",
-        # The server aborts a statement stuck on a lock; a server or network that
-        # stops answering altogether is the watchdog's job (see _Watchdog).
-        "options": f"-c statement_timeout={int(config.postgres_query_timeout_s * 1000)}",
+        "options": _session_options(config),
         # Notice a dead peer within about a minute instead of the kernel's two hours.
         "keepalives": 1,
         "keepalives_idle": 15,
@@ -157,7 +311,7 @@ def create_database(config: Config) -> bool:
     try:
         conn = psycopg2.connect(**connect_kwargs(config, dbname="postgres"))
     except psycopg2.OperationalError as exc:
-        raise classify_connect_error(exc, config) from None
+        raise classify_connect_error(exc, config, dbname="postgres") from None
     try:
         conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
         with conn.cursor() as cur:
@@ -208,12 +362,14 @@ class _Watchdog:
                 overdue = [conn for conn, deadline in self._deadlines.values() if deadline <= now]
                 for conn in overdue:
                     del self._deadlines[id(conn)]
-            for conn in overdue:
-                logger.warning("PostgreSQL did not answer within %.0fs; dropping the connection", self._timeout_s)
-                _break(conn)
+                    logger.warning("PostgreSQL did not answer within %.0fs; dropping the connection", self._timeout_s)
+                    # Under the lock: unwatch() comes before the connection is
+                    # closed, so its descriptor cannot have been reused meanwhile.
+                    _break(conn)
 
 
 def _break(conn: psycopg2.extensions.connection) -> None:
+    """Make every call blocked on `conn`, and every later one, fail at once."""
     try:
         # A duplicate of the descriptor: libpq keeps (and later closes) its own.
         sock = socket.socket(fileno=os.dup(conn.fileno()))
@@ -227,6 +383,97 @@ def _break(conn: psycopg2.extensions.connection) -> None:
         sock.close()
 
 
+class _Pool:
+    """The connections of one Database: closing it never waits for one.
+
+    psycopg2's ThreadedConnectionPool connects, and closes connections other
+    threads are using, while holding its lock, so closing it waits as long as a
+    connection attempt or a hung query does. Here the lock only swaps state;
+    connections in use are broken (their threads fail at once and hand them
+    back, to be closed) and the idle ones are closed outside the lock.
+    """
+
+    def __init__(self, *, connect: Callable[[], psycopg2.extensions.connection], keep: int, limit: int) -> None:
+        self._connect = connect
+        self._keep = keep  # idle connections kept for reuse, as ThreadedConnectionPool's minconn
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._idle: list[psycopg2.extensions.connection] = []
+        self._in_use: set[psycopg2.extensions.connection] = set()
+        self._connecting = 0
+        self.closed = False
+
+    def fill(self) -> None:
+        """Open the connections kept for reuse; raises psycopg2.OperationalError."""
+        while True:
+            with self._lock:
+                if self.closed or len(self._idle) >= self._keep:
+                    return
+            conn = self._connect()
+            with self._lock:
+                if not self.closed:
+                    self._idle.append(conn)
+                    continue
+            conn.close()
+
+    def get(self) -> psycopg2.extensions.connection:
+        """A connection for one transaction; raises DatabaseUnavailable or psycopg2.OperationalError."""
+        with self._lock:
+            if self.closed:
+                raise DatabaseUnavailable("the connection pool is closed")
+            if self._idle:
+                conn = self._idle.pop()
+                self._in_use.add(conn)
+                return conn
+            if len(self._in_use) + self._connecting >= self._limit:
+                raise DatabaseUnavailable(f"all {self._limit} connections are in use (POSTGRES_MAX_CONNECTIONS)")
+            self._connecting += 1
+        try:
+            conn = self._connect()
+        finally:
+            with self._lock:
+                self._connecting -= 1
+        with self._lock:
+            if not self.closed:
+                self._in_use.add(conn)
+                return conn
+        conn.close()
+        raise DatabaseUnavailable("the connection pool was closed")
+
+    def put(self, conn: psycopg2.extensions.connection, *, discard: bool) -> None:
+        reusable = (
+            not discard
+            and not conn.closed
+            and conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        )
+        with self._lock:
+            self._in_use.discard(conn)
+            if reusable and not self.closed and len(self._idle) < self._keep:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def break_in_use(self) -> None:
+        with self._lock:
+            # Under the lock: put() takes a connection out of _in_use before
+            # closing it, so no descriptor broken here can have been reused.
+            for conn in self._in_use:
+                _break(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            idle, self._idle = self._idle, []
+            for conn in self._in_use:
+                _break(conn)  # their threads fail at once; put() closes them
+        for conn in idle:
+            conn.close()
+
+
+class _Interrupted(Exception):
+    """Raised instead of a retry sleep once Database.interrupt() was called."""
+
+
 class Database:
     """A connection pool and the statements the service runs."""
 
@@ -238,13 +485,11 @@ class Database:
         on_retry: Callable[[], None] | None = None,
     ) -> None:
         self._config = config
-        self._pool: ThreadedConnectionPool | None = None
+        self._pool: _Pool | None = None
+        self._interrupted = threading.Event()
         # The client-side bound sits above the server's statement_timeout, so the
         # server gets the first chance to cancel cleanly.
         self._watchdog = _Watchdog(config.postgres_query_timeout_s + 5.0)
-        retry_kwargs: dict[str, Any] = {}
-        if sleep is not None:
-            retry_kwargs["sleep"] = sleep
         log_retry = before_sleep_log(logger, logging.WARNING)
 
         def before_sleep(state: RetryCallState) -> None:
@@ -252,33 +497,60 @@ class Database:
             if on_retry is not None:
                 on_retry()
 
+        def interruptible_sleep(seconds: float) -> None:
+            if sleep is not None:
+                sleep(seconds)
+            else:
+                self._interrupted.wait(seconds)
+            if self._interrupted.is_set():
+                raise _Interrupted
+
         # MAX_RETRY_ATTEMPTS counts retries after the first try: 3 gives waits of 1 s, 2 s, 4 s.
         self._retrying = Retrying(
-            stop=stop_after_attempt(config.max_retry_attempts + 1),
+            stop=stop_after_attempt(config.max_retry_attempts + 1) | stop_when_event_set(self._interrupted),
             wait=wait_exponential(multiplier=config.retry_delay_s, max=config.retry_max_delay_s),
             retry=retry_if_exception_type(RetryableError),
             before_sleep=before_sleep,
             reraise=True,
-            **retry_kwargs,
+            sleep=interruptible_sleep,
         )
 
     # -- pool ---------------------------------------------------------------
 
     def open(self) -> None:
         """Create the pool; raises DatabaseUnavailable, DatabaseMissing or DatabaseConfigError."""
+        kwargs = connect_kwargs(self._config)
+        pool = _Pool(
+            connect=lambda: psycopg2.connect(**kwargs),
+            keep=self._config.postgres_min_connections,
+            limit=self._config.postgres_max_connections,
+        )
         try:
-            self._pool = ThreadedConnectionPool(
-                self._config.postgres_min_connections,
-                self._config.postgres_max_connections,
-                **connect_kwargs(self._config),
-            )
+            pool.fill()
         except psycopg2.OperationalError as exc:
+            pool.close()
             raise classify_connect_error(exc, self._config) from None
+        previous, self._pool = self._pool, pool
+        if previous is not None:
+            previous.close()
 
     def close(self) -> None:
+        """Close the pool without waiting: a connection in use has its socket broken."""
         pool, self._pool = self._pool, None
-        if pool is not None and not pool.closed:
-            pool.closeall()
+        if pool is not None:
+            pool.close()
+
+    def interrupt(self) -> None:
+        """For shutdown: no retry waits from now on, and every call blocked on PostgreSQL fails at once.
+
+        A write_batch in progress raises its last error at its next retry point.
+        A connection attempt in progress is not interrupted; it ends within
+        POSTGRES_CONNECT_TIMEOUT_SECONDS.
+        """
+        self._interrupted.set()
+        pool = self._pool
+        if pool is not None:
+            pool.break_in_use()
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg2.extensions.cursor]:
@@ -291,38 +563,25 @@ class Database:
         if pool is None:
             raise DatabaseUnavailable("the connection pool is not open")
         try:
-            conn = pool.getconn()
+            conn = pool.get()
         except psycopg2.OperationalError as exc:
             raise classify_connect_error(exc, self._config) from None
-        except psycopg2.pool.PoolError as exc:  # closed while shutting down, or exhausted
-            raise DatabaseUnavailable(str(exc)) from None
         discard = False
         self._watchdog.watch(conn)
         try:
             with conn.cursor() as cur:
                 yield cur
             conn.commit()
-        except psycopg2.errors.TransactionRollbackError as exc:
-            _rollback(conn)
-            raise TransactionConflict(_first_line(str(exc))) from None
-        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-            discard = True
-            raise DatabaseUnavailable(_first_line(str(exc))) from None
-        except (psycopg2.DataError, psycopg2.IntegrityError) as exc:
-            _rollback(conn)
-            raise DatabaseRejected(_first_line(str(exc))) from None
         except psycopg2.Error as exc:
-            discard = not _rollback(conn)
-            raise DatabaseError(_first_line(str(exc))) from None
+            error, usable = _translate(exc)
+            discard = not (usable and _rollback(conn))
+            raise error from None
         except BaseException:
-            discard = _rollback(conn) is False
+            discard = not _rollback(conn)
             raise
         finally:
             self._watchdog.unwatch(conn)
-            try:
-                pool.putconn(conn, close=discard or bool(conn.closed))
-            except psycopg2.pool.PoolError:  # the pool was closed meanwhile (shutdown)
-                conn.close()
+            pool.put(conn, discard=discard)
 
     # -- schema -------------------------------------------------------------
 
@@ -365,14 +624,55 @@ class Database:
     def write_batch(self, votes: Sequence[Vote]) -> BatchOutcome:
         """Count `votes` exactly once, in one transaction, retrying what can recover.
 
-        Raises RetryableError once MAX_RETRY_ATTEMPTS retries have failed, and
-        DatabaseRejected (never retried) when PostgreSQL refuses the data.
+        Raises RetryableError once MAX_RETRY_ATTEMPTS retries have failed (or at
+        the first failure after interrupt()), and DatabaseRejected (never
+        retried) when PostgreSQL refuses the data.
         """
-        return self._retrying(self.write_batch_once, votes)
+        errors: list[RetryableError] = []
+
+        @functools.wraps(self.write_batch_once)  # its name in the retry log lines
+        def attempt(votes: Sequence[Vote]) -> BatchOutcome:
+            try:
+                return self.write_batch_once(votes)
+            except RetryableError as exc:
+                errors.append(exc)
+                raise
+
+        try:
+            return self._retrying(attempt, votes)
+        except _Interrupted:
+            raise errors[-1] from None
 
     def write_batch_once(self, votes: Sequence[Vote]) -> BatchOutcome:
         with self._transaction() as cur:
             return _write_batch(cur, votes)
+
+
+# What each SQLSTATE of a failed statement means for the batch. A conflict and a
+# statement timeout leave the session healthy: the transaction is rolled back
+# and the connection reused.
+_CONFLICTS = {
+    "40P01": "deadlock",
+    "40001": "serialization failure",
+    "55P03": "lock wait timeout",
+}
+_STATEMENT_TIMEOUT = "57014"
+
+
+def _translate(exc: psycopg2.Error) -> tuple[DatabaseError, bool]:
+    """This module's error for psycopg2's, and whether the connection may be kept after a rollback."""
+    message = _first_line(str(exc))
+    if exc.pgcode in _CONFLICTS:
+        return TransactionConflict(f"{_CONFLICTS[exc.pgcode]}: {message}"), True
+    if exc.pgcode == _STATEMENT_TIMEOUT:
+        # Lock waits end earlier (lock_timeout), so this is a server too slow to
+        # answer in time: retried, but not a conflict.
+        return DatabaseUnavailable(f"statement timeout: {message}"), True
+    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        return DatabaseUnavailable(message), False
+    if isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)):
+        return DatabaseRejected(message), True
+    return DatabaseError(message), True
 
 
 def _rollback(conn: psycopg2.extensions.connection) -> bool:

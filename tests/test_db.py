@@ -4,27 +4,53 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import UTC, datetime
+from typing import Any
 
+import psycopg2
 import pytest
+from psycopg2 import sql
 
 import db
 from config import Config
+from tests.proxy import TcpProxy
 from tests.support import POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, apply_schema, pg_connect, query, wait_for
 from votes import Vote
 
 
-def _database(dbname: str) -> db.Database:
+def _database(dbname: str, **settings: Any) -> db.Database:
     config = Config(
         postgres_host=POSTGRES_HOST,
         postgres_port=POSTGRES_PORT,
         postgres_user=POSTGRES_USER,
         postgres_db=dbname,
         retry_delay_s=0.1,
+        **settings,
     )
     database = db.Database(config=config)
     database.open()
     return database
+
+
+def _service_backends(dbname: str) -> set[int]:
+    """The backend pids of the connections db.Database holds in `dbname`."""
+    rows = query(
+        dbname,
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'vote-aggregator'",
+    )
+    return {pid for (pid,) in rows}
+
+
+def _waiting_on(dbname: str, blocker: psycopg2.extensions.connection) -> bool:
+    """True once one of db.Database's backends in `dbname` waits for a lock `blocker` holds."""
+    rows = query(
+        dbname,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = 'vote-aggregator' AND %s = ANY(pg_blocking_pids(pid))",
+        (blocker.get_backend_pid(),),
+    )
+    return bool(rows[0][0])
 
 
 def test_a_deadlock_retries_the_whole_batch(dbname: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -45,7 +71,7 @@ def test_a_deadlock_retries_the_whole_batch(dbname: str, caplog: pytest.LogCaptu
             writer = threading.Thread(target=lambda: outcome.append(database.write_batch([vote])))
             writer.start()
             wait_for(
-                lambda: query(dbname, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0] > 0,
+                lambda: _waiting_on(dbname, other),
                 timeout=10,
                 interval=0.02,
                 what="the batch waiting for the law's row",
@@ -82,3 +108,176 @@ def test_a_refused_row_raises_database_rejected_and_leaves_nothing(dbname: str) 
         assert database.write_batch([good]).counted == {("law-y", "non"): 1}
     finally:
         database.close()
+
+
+def test_timestamps_read_back_unchanged_whatever_the_database_timezone(dbname: str) -> None:
+    # West of UTC, 0001-01-01T00:00:00Z is a BC date: read back in the database's
+    # time zone, it raised "year -1 is out of range" and the redelivery never settled.
+    apply_schema(dbname)
+    admin = pg_connect(dbname)
+    try:
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("ALTER DATABASE {} SET timezone = 'America/New_York'").format(sql.Identifier(dbname)))
+    finally:
+        admin.close()
+    assert query(dbname, "SHOW timezone") == [("America/New_York",)]
+    vote = Vote("01" * 32, "citizen-tz", "law-tz", "oui", datetime(1, 1, 1, tzinfo=UTC))
+    database = _database(dbname)
+    try:
+        assert database.write_batch([vote]).counted == {("law-tz", "oui"): 1}
+        again = database.write_batch([vote])  # a redelivery
+    finally:
+        database.close()
+    assert (again.counted, again.redeliveries, again.duplicate_attempts) == ({}, 1, 0)
+    assert query(dbname, "SELECT count(*) FROM duplicate_attempts") == [(0,)]
+    assert query(dbname, "SELECT oui_count, non_count FROM vote_results WHERE law_id = 'law-tz'") == [(1, 0)]
+
+
+def test_a_lock_wait_timeout_is_a_conflict_on_a_kept_connection(dbname: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Another session holds the law's row past the statement timeout: plain
+    # contention, not a database failure. The wait ends as a lock timeout (55P03),
+    # the transaction is rolled back and the connection kept.
+    apply_schema(dbname)
+    query(dbname, "INSERT INTO vote_results (law_id) VALUES ('law-x')")
+    vote = Vote("ab" * 32, "citizen-1", "law-x", "oui", datetime(2025, 11, 14, 12, tzinfo=UTC))
+    database = _database(dbname, postgres_query_timeout_s=1.0, max_retry_attempts=1)
+    other = pg_connect(dbname)
+    other.autocommit = False
+    try:
+        backends = _service_backends(dbname)
+        with other.cursor() as cur:
+            cur.execute("UPDATE vote_results SET updated_at = now() WHERE law_id = 'law-x'")
+        with caplog.at_level(logging.WARNING, logger="db"), pytest.raises(db.TransactionConflict, match="lock"):
+            database.write_batch([vote])
+        assert any("TransactionConflict" in r.getMessage() for r in caplog.records)  # retried once
+        assert _service_backends(dbname) == backends
+        other.rollback()
+        assert database.write_batch([vote]).counted == {("law-x", "oui"): 1}
+        assert _service_backends(dbname) == backends
+    finally:
+        other.close()
+        database.close()
+
+
+def test_a_statement_timeout_is_retried_on_a_kept_connection(dbname: str) -> None:
+    # A server too slow to answer within the statement timeout (57014): retryable,
+    # not a conflict; the session itself is fine and is kept.
+    apply_schema(dbname)
+    query(
+        dbname,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$",
+    )
+    query(dbname, "CREATE TRIGGER slow BEFORE INSERT ON vote_audit FOR EACH STATEMENT EXECUTE FUNCTION slow()")
+    vote = Vote("cd" * 32, "citizen-2", "law-y", "non", datetime(2025, 11, 14, 12, tzinfo=UTC))
+    database = _database(dbname, postgres_query_timeout_s=1.0, max_retry_attempts=1)
+    try:
+        backends = _service_backends(dbname)
+        with pytest.raises(db.DatabaseUnavailable, match="statement timeout") as raised:
+            database.write_batch([vote])
+        assert not isinstance(raised.value, db.TransactionConflict)
+        assert _service_backends(dbname) == backends
+        query(dbname, "DROP TRIGGER slow ON vote_audit")
+        assert database.write_batch([vote]).counted == {("law-y", "non"): 1}
+        assert _service_backends(dbname) == backends
+    finally:
+        database.close()
+
+
+# -- shutdown never waits on PostgreSQL ---------------------------------------------------
+
+
+def _through(proxy: TcpProxy, dbname: str, **settings: Any) -> db.Database:
+    config = Config(
+        postgres_host="127.0.0.1",
+        postgres_port=proxy.port,
+        postgres_user=POSTGRES_USER,
+        postgres_db=dbname,
+        postgres_min_connections=1,
+        **settings,
+    )
+    database = db.Database(config=config)
+    database.open()
+    return database
+
+
+def _in_thread(call: Any) -> tuple[threading.Thread, list[BaseException]]:
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, raised
+
+
+def test_close_returns_at_once_while_a_query_hangs(dbname: str) -> None:
+    proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
+    database = _through(proxy, dbname)
+    try:
+        database.ping()
+        proxy.pause()  # PostgreSQL (or the path to it) stops answering mid-query
+        thread, raised = _in_thread(database.ping)
+        thread.join(0.5)
+        assert thread.is_alive(), "the query should hang while the proxy is paused"
+        started = time.monotonic()
+        database.close()
+        closing = time.monotonic() - started
+        thread.join(5)
+    finally:
+        proxy.close()
+    assert closing < 1.0, f"close() took {closing:.2f}s"
+    assert not thread.is_alive()
+    assert raised and isinstance(raised[0], db.DatabaseUnavailable)
+
+
+def test_interrupt_ends_a_hung_write_without_retrying(dbname: str, caplog: pytest.LogCaptureFixture) -> None:
+    apply_schema(dbname)
+    vote = Vote("ef" * 32, "citizen-3", "law-z", "oui", datetime(2025, 11, 14, 12, tzinfo=UTC))
+    proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
+    database = _through(proxy, dbname, max_retry_attempts=5, retry_delay_s=5.0)
+    try:
+        proxy.pause()
+        with caplog.at_level(logging.WARNING, logger="db"):
+            thread, raised = _in_thread(lambda: database.write_batch([vote]))
+            thread.join(0.5)
+            assert thread.is_alive(), "the write should hang while the proxy is paused"
+            database.interrupt()
+            thread.join(2)
+        assert not thread.is_alive()
+        assert raised and isinstance(raised[0], db.DatabaseUnavailable)
+        assert not any("Retrying" in r.getMessage() for r in caplog.records)
+    finally:
+        database.close()
+        proxy.close()
+    assert query(dbname, "SELECT count(*) FROM vote_audit") == [(0,)]
+
+
+def test_interrupt_cuts_a_retry_wait_short(dbname: str, caplog: pytest.LogCaptureFixture) -> None:
+    apply_schema(dbname)
+    vote = Vote("fe" * 32, "citizen-4", "law-z", "non", datetime(2025, 11, 14, 12, tzinfo=UTC))
+    proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
+    database = _through(proxy, dbname, max_retry_attempts=5, retry_delay_s=30.0)
+    try:
+        proxy.refuse()
+        proxy.cut()  # the pooled connection dies, and no new one can be made
+        with caplog.at_level(logging.WARNING, logger="db"):
+            thread, raised = _in_thread(lambda: database.write_batch([vote]))
+            wait_for(
+                lambda: any("Retrying" in r.getMessage() for r in caplog.records),
+                timeout=10,
+                what="the first retry wait",
+            )
+            database.interrupt()
+            thread.join(2)
+        assert not thread.is_alive(), "the 30 s retry wait was not cut short"
+        # The error of the last attempt, as the retry line logged it.
+        assert raised and isinstance(raised[0], db.DatabaseUnavailable)
+        (retry,) = [r.getMessage() for r in caplog.records if "Retrying" in r.getMessage()]
+        assert f"DatabaseUnavailable: {raised[0]}" in retry
+    finally:
+        database.close()
+        proxy.close()
