@@ -28,17 +28,10 @@ import psycopg2
 import psycopg2._psycopg
 import psycopg2.errors
 import psycopg2.extensions
+import psycopg2.pool
 from psycopg2 import sql
 from psycopg2.extras import execute_values
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    before_sleep_log,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_when_event_set,
-    wait_exponential,
-)
+from psycopg2.pool import ThreadedConnectionPool
 
 from config import Config
 from votes import Vote
@@ -328,7 +321,7 @@ def create_database(config: Config) -> bool:
 
 
 class _Watchdog:
-    """Breaks connections whose transaction overran its deadline.
+    """Breaks connections whose transaction overran its deadline (or all of them, at shutdown).
 
     A server that is paused, or a network path that silently drops packets,
     leaves libpq waiting forever for an answer; TCP keepalives do not help when
@@ -353,6 +346,14 @@ class _Watchdog:
     def unwatch(self, conn: psycopg2.extensions.connection) -> None:
         with self._lock:
             self._deadlines.pop(id(conn), None)
+
+    def break_all(self) -> None:
+        """Break every connection in a transaction now (shutdown)."""
+        with self._lock:
+            # Under the lock, as in _loop: a connection is unwatched before it is
+            # closed, so no descriptor broken here can have been reused.
+            for conn, _deadline in self._deadlines.values():
+                _break(conn)
 
     def _loop(self) -> None:
         while True:
@@ -383,174 +384,48 @@ def _break(conn: psycopg2.extensions.connection) -> None:
         sock.close()
 
 
-class _Pool:
-    """The connections of one Database: closing it never waits for one.
-
-    psycopg2's ThreadedConnectionPool connects, and closes connections other
-    threads are using, while holding its lock, so closing it waits as long as a
-    connection attempt or a hung query does. Here the lock only swaps state;
-    connections in use are broken (their threads fail at once and hand them
-    back, to be closed) and the idle ones are closed outside the lock.
-    """
-
-    def __init__(self, *, connect: Callable[[], psycopg2.extensions.connection], keep: int, limit: int) -> None:
-        self._connect = connect
-        self._keep = keep  # idle connections kept for reuse, as ThreadedConnectionPool's minconn
-        self._limit = limit
-        self._lock = threading.Lock()
-        self._idle: list[psycopg2.extensions.connection] = []
-        self._in_use: set[psycopg2.extensions.connection] = set()
-        self._connecting = 0
-        self.closed = False
-
-    def fill(self) -> None:
-        """Open the connections kept for reuse; raises psycopg2.OperationalError."""
-        while True:
-            with self._lock:
-                if self.closed or len(self._idle) >= self._keep:
-                    return
-            conn = self._connect()
-            with self._lock:
-                if not self.closed:
-                    self._idle.append(conn)
-                    continue
-            conn.close()
-
-    def get(self) -> psycopg2.extensions.connection:
-        """A connection for one transaction; raises DatabaseUnavailable or psycopg2.OperationalError."""
-        with self._lock:
-            if self.closed:
-                raise DatabaseUnavailable("the connection pool is closed")
-            if self._idle:
-                conn = self._idle.pop()
-                self._in_use.add(conn)
-                return conn
-            if len(self._in_use) + self._connecting >= self._limit:
-                raise DatabaseUnavailable(f"all {self._limit} connections are in use (POSTGRES_MAX_CONNECTIONS)")
-            self._connecting += 1
-        try:
-            conn = self._connect()
-        finally:
-            with self._lock:
-                self._connecting -= 1
-        with self._lock:
-            if not self.closed:
-                self._in_use.add(conn)
-                return conn
-        conn.close()
-        raise DatabaseUnavailable("the connection pool was closed")
-
-    def put(self, conn: psycopg2.extensions.connection, *, discard: bool) -> None:
-        reusable = (
-            not discard
-            and not conn.closed
-            and conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
-        )
-        with self._lock:
-            self._in_use.discard(conn)
-            if reusable and not self.closed and len(self._idle) < self._keep:
-                self._idle.append(conn)
-                return
-        conn.close()
-
-    def break_in_use(self) -> None:
-        with self._lock:
-            # Under the lock: put() takes a connection out of _in_use before
-            # closing it, so no descriptor broken here can have been reused.
-            for conn in self._in_use:
-                _break(conn)
-
-    def close(self) -> None:
-        with self._lock:
-            self.closed = True
-            idle, self._idle = self._idle, []
-            for conn in self._in_use:
-                _break(conn)  # their threads fail at once; put() closes them
-        for conn in idle:
-            conn.close()
-
-
-class _Interrupted(Exception):
-    """Raised instead of a retry sleep once Database.interrupt() was called."""
-
-
 class Database:
-    """A connection pool and the statements the service runs."""
+    """A connection pool and the statements the service runs. Each call is one attempt:
+    the retry policy is the caller's (pipeline.py)."""
 
-    def __init__(
-        self,
-        *,
-        config: Config,
-        sleep: Callable[[float], None] | None = None,
-        on_retry: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, *, config: Config) -> None:
         self._config = config
-        self._pool: _Pool | None = None
-        self._interrupted = threading.Event()
+        self._pool: ThreadedConnectionPool | None = None
         # The client-side bound sits above the server's statement_timeout, so the
-        # server gets the first chance to cancel cleanly.
+        # server gets the first chance to cancel cleanly. It also knows which
+        # connections are in use, for interrupt().
         self._watchdog = _Watchdog(config.postgres_query_timeout_s + 5.0)
-        log_retry = before_sleep_log(logger, logging.WARNING)
-
-        def before_sleep(state: RetryCallState) -> None:
-            log_retry(state)
-            if on_retry is not None:
-                on_retry()
-
-        def interruptible_sleep(seconds: float) -> None:
-            if sleep is not None:
-                sleep(seconds)
-            else:
-                self._interrupted.wait(seconds)
-            if self._interrupted.is_set():
-                raise _Interrupted
-
-        # MAX_RETRY_ATTEMPTS counts retries after the first try: 3 gives waits of 1 s, 2 s, 4 s.
-        self._retrying = Retrying(
-            stop=stop_after_attempt(config.max_retry_attempts + 1) | stop_when_event_set(self._interrupted),
-            wait=wait_exponential(multiplier=config.retry_delay_s, max=config.retry_max_delay_s),
-            retry=retry_if_exception_type(RetryableError),
-            before_sleep=before_sleep,
-            reraise=True,
-            sleep=interruptible_sleep,
-        )
 
     # -- pool ---------------------------------------------------------------
 
     def open(self) -> None:
         """Create the pool; raises DatabaseUnavailable, DatabaseMissing or DatabaseConfigError."""
-        kwargs = connect_kwargs(self._config)
-        pool = _Pool(
-            connect=lambda: psycopg2.connect(**kwargs),
-            keep=self._config.postgres_min_connections,
-            limit=self._config.postgres_max_connections,
-        )
         try:
-            pool.fill()
+            pool = ThreadedConnectionPool(
+                self._config.postgres_min_connections,
+                self._config.postgres_max_connections,
+                **connect_kwargs(self._config),
+            )
         except psycopg2.OperationalError as exc:
-            pool.close()
             raise classify_connect_error(exc, self._config) from None
         previous, self._pool = self._pool, pool
-        if previous is not None:
-            previous.close()
-
-    def close(self) -> None:
-        """Close the pool without waiting: a connection in use has its socket broken."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
+        if previous is not None and not previous.closed:
+            previous.closeall()
 
     def interrupt(self) -> None:
-        """For shutdown: no retry waits from now on, and every call blocked on PostgreSQL fails at once.
+        """For shutdown: every call blocked on PostgreSQL fails at once (DatabaseUnavailable).
 
-        A write_batch in progress raises its last error at its next retry point.
         A connection attempt in progress is not interrupted; it ends within
         POSTGRES_CONNECT_TIMEOUT_SECONDS.
         """
-        self._interrupted.set()
-        pool = self._pool
-        if pool is not None:
-            pool.break_in_use()
+        self._watchdog.break_all()
+
+    def close(self) -> None:
+        """Close the pool. Connections in use are broken first: psycopg2 would wait for their queries."""
+        pool, self._pool = self._pool, None
+        if pool is not None and not pool.closed:
+            self._watchdog.break_all()
+            pool.closeall()
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg2.extensions.cursor]:
@@ -563,9 +438,11 @@ class Database:
         if pool is None:
             raise DatabaseUnavailable("the connection pool is not open")
         try:
-            conn = pool.get()
+            conn = pool.getconn()
         except psycopg2.OperationalError as exc:
             raise classify_connect_error(exc, self._config) from None
+        except psycopg2.pool.PoolError as exc:  # closed while shutting down, or exhausted
+            raise DatabaseUnavailable(str(exc)) from None
         discard = False
         self._watchdog.watch(conn)
         try:
@@ -573,7 +450,7 @@ class Database:
                 yield cur
             conn.commit()
         except psycopg2.Error as exc:
-            error, usable = _translate(exc)
+            error, usable = _translate(exc, lost=bool(conn.closed))
             discard = not (usable and _rollback(conn))
             raise error from None
         except BaseException:
@@ -581,7 +458,10 @@ class Database:
             raise
         finally:
             self._watchdog.unwatch(conn)
-            pool.put(conn, discard=discard)
+            try:
+                pool.putconn(conn, close=discard or bool(conn.closed))
+            except psycopg2.pool.PoolError:  # the pool was closed meanwhile (shutdown)
+                conn.close()
 
     # -- schema -------------------------------------------------------------
 
@@ -622,28 +502,12 @@ class Database:
     # -- the batch ------------------------------------------------------------
 
     def write_batch(self, votes: Sequence[Vote]) -> BatchOutcome:
-        """Count `votes` exactly once, in one transaction, retrying what can recover.
+        """Count `votes` exactly once, in one transaction (one attempt).
 
-        Raises RetryableError once MAX_RETRY_ATTEMPTS retries have failed (or at
-        the first failure after interrupt()), and DatabaseRejected (never
-        retried) when PostgreSQL refuses the data.
+        Raises RetryableError when trying again later may succeed (the whole
+        batch is retried: nothing of a failed transaction stays), and
+        DatabaseRejected when PostgreSQL refuses the data itself.
         """
-        errors: list[RetryableError] = []
-
-        @functools.wraps(self.write_batch_once)  # its name in the retry log lines
-        def attempt(votes: Sequence[Vote]) -> BatchOutcome:
-            try:
-                return self.write_batch_once(votes)
-            except RetryableError as exc:
-                errors.append(exc)
-                raise
-
-        try:
-            return self._retrying(attempt, votes)
-        except _Interrupted:
-            raise errors[-1] from None
-
-    def write_batch_once(self, votes: Sequence[Vote]) -> BatchOutcome:
         with self._transaction() as cur:
             return _write_batch(cur, votes)
 
@@ -659,9 +523,15 @@ _CONFLICTS = {
 _STATEMENT_TIMEOUT = "57014"
 
 
-def _translate(exc: psycopg2.Error) -> tuple[DatabaseError, bool]:
-    """This module's error for psycopg2's, and whether the connection may be kept after a rollback."""
+def _translate(exc: psycopg2.Error, *, lost: bool = False) -> tuple[DatabaseError, bool]:
+    """This module's error for psycopg2's, and whether the connection may be kept after a rollback.
+
+    `lost`: the connection is closed (broken at shutdown, or by the server);
+    psycopg2 then raises plain DatabaseError or InterfaceError as often as OperationalError.
+    """
     message = _first_line(str(exc))
+    if lost:
+        return DatabaseUnavailable(message), False
     if exc.pgcode in _CONFLICTS:
         return TransactionConflict(f"{_CONFLICTS[exc.pgcode]}: {message}"), True
     if exc.pgcode == _STATEMENT_TIMEOUT:

@@ -233,6 +233,8 @@ class Pipeline:
         if not self._writing():
             return True
         self._abandon.set()
+        # Retry waits end at once (abandon), and so do queries PostgreSQL never answers.
+        self._db.interrupt()
         logger.error(
             "shutdown budget (SHUTDOWN_TIMEOUT_SECONDS=%.1f) spent with %d votes not written: "
             "they stay unacked and RabbitMQ redelivers them",
@@ -325,7 +327,14 @@ class Pipeline:
         self._summary.error()
         attempt = state.attempt_number
         if attempt <= self._config.max_retry_attempts:
-            logger.warning("Retrying a batch of %d votes in %.1fs (attempt %d failed: %s)", size, delay, attempt, exc)
+            logger.warning(
+                "Retrying a batch of %d votes in %.1fs (attempt %d failed: %s: %s)",
+                size,
+                delay,
+                attempt,
+                type(exc).__name__,
+                exc,
+            )
             return
         self._metrics.record_error(_error_type(exc))
         if not conflict:
@@ -334,9 +343,10 @@ class Pipeline:
             self._database_failed(exc)
         logger.log(
             logging.WARNING if conflict else logging.ERROR,
-            "batch of %d votes not written after %d attempts (%s); keeping it and retrying in %.1fs",
+            "batch of %d votes not written after %d attempts (%s: %s); keeping it and retrying in %.1fs",
             size,
             attempt,
+            type(exc).__name__,
             exc,
             delay,
         )
@@ -352,7 +362,7 @@ class Pipeline:
         """
         refused: Exception | None = None
         try:
-            outcome = self._db.write_batch_once([d.vote for d in batch])
+            outcome = self._db.write_batch([d.vote for d in batch])
         except db.DatabaseRejected as exc:
             refused = exc
         except db.DatabaseError:

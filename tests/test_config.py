@@ -51,6 +51,7 @@ NON_DEFAULTS: dict[str, tuple[str, str, object]] = {
     "POSTGRES_MAX_CONNECTIONS": ("20", "postgres_max_connections", 20),
     "POSTGRES_CONNECT_TIMEOUT_SECONDS": ("9", "postgres_connect_timeout_s", 9),
     "POSTGRES_QUERY_TIMEOUT_SECONDS": ("12", "postgres_query_timeout_s", 12.0),
+    "POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS": ("45", "postgres_idle_in_transaction_timeout_s", 45.0),
     "POSTGRES_SSLMODE": ("verify-full", "postgres_sslmode", "verify-full"),
     "POSTGRES_SSLROOTCERT": (A_FILE, "postgres_sslrootcert", A_FILE),
     "POSTGRES_SSLCERT": (A_FILE, "postgres_sslcert", A_FILE),

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pika.exceptions
 
+from tests.proxy import TcpProxy
 from tests.support import (
+    POSTGRES_HOST,
+    POSTGRES_PORT,
     RABBITMQ_PORT,
     ROOT,
     Service,
@@ -320,4 +323,32 @@ def test_the_oldest_unacked_age_is_zero_when_idle(make_service: MakeService, que
     wait_for(lambda: queue_state(queue)[0] == 0, timeout=10, what="acked")
     wait_for(lambda: svc.metric("oldest_unacked_delivery_age_seconds") == 0, timeout=5, what="nothing held")
     assert svc.stop() == 0
+    assert_all_counted_once(dbname, queue, votes)
+
+
+def test_shutdown_is_bounded_when_postgres_hangs_mid_query(make_service: MakeService, queue: str, dbname: str) -> None:
+    proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
+    try:
+        svc = make_service({"POSTGRES_PORT": str(proxy.port), "SHUTDOWN_TIMEOUT_SECONDS": "2"}).start()
+        votes = make_votes(600, laws=3)
+        publish(queue, [v.body() for v in votes[:300]])
+        wait_for(lambda: audit_count(dbname) == 300, timeout=30, what="the first votes counted")
+        proxy.pause()  # PostgreSQL stops answering with a batch on the way
+        publish(queue, [v.body() for v in votes[300:]])
+        wait_for(lambda: svc.metric("oldest_unacked_delivery_age_seconds") > 0.5, timeout=10, what="a batch held")
+        started = time.monotonic()
+        svc.signal()
+        assert svc.proc is not None
+        code = svc.proc.wait(15)
+        took = time.monotonic() - started
+    finally:
+        proxy.close()
+    # SHUTDOWN_TIMEOUT_SECONDS plus a small fixed margin, although the query never returned.
+    assert took < 2 + 2.5, f"stopping took {took:.1f}s"
+    assert code == 1  # not everything was written: said by the exit code
+    assert "shutdown budget" in svc.logs()
+    # Nothing was lost: the next instance counts what the first could not.
+    again = make_service().start()
+    wait_for(lambda: audit_count(dbname) == len(votes), timeout=30, what="every vote counted")
+    assert again.stop() == 0
     assert_all_counted_once(dbname, queue, votes)

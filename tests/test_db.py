@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from datetime import UTC, datetime
@@ -53,43 +52,39 @@ def _waiting_on(dbname: str, blocker: psycopg2.extensions.connection) -> bool:
     return bool(rows[0][0])
 
 
-def test_a_deadlock_retries_the_whole_batch(dbname: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_deadlock_is_a_conflict_that_leaves_nothing_behind(dbname: str) -> None:
     # Another session holds the law's row and then inserts the batch's hash: a
-    # lock cycle. PostgreSQL aborts the batch (it waited longest); the batch is
-    # retried as a whole and counts its vote once.
+    # lock cycle. PostgreSQL aborts the batch (it waited longest): a conflict,
+    # rolled back whole; the pipeline's retry then counts the vote once
+    # (tests/test_pipeline.py).
     apply_schema(dbname)
     query(dbname, "INSERT INTO vote_results (law_id) VALUES ('law-x')")
     vote = Vote("ab" * 32, "citizen-1", "law-x", "oui", datetime(2025, 11, 14, 12, tzinfo=UTC))
     database = _database(dbname)
     other = pg_connect(dbname)
     other.autocommit = False
-    outcome: list[db.BatchOutcome] = []
     try:
+        backends = _service_backends(dbname)
         with other.cursor() as cur:
             cur.execute("UPDATE vote_results SET updated_at = now() WHERE law_id = 'law-x'")
-        with caplog.at_level(logging.WARNING, logger="db"):
-            writer = threading.Thread(target=lambda: outcome.append(database.write_batch([vote])))
-            writer.start()
-            wait_for(
-                lambda: _waiting_on(dbname, other),
-                timeout=10,
-                interval=0.02,
-                what="the batch waiting for the law's row",
+        writer, raised = _in_thread(lambda: database.write_batch([vote]))
+        wait_for(lambda: _waiting_on(dbname, other), timeout=10, interval=0.02, what="the batch waiting for the row")
+        with other.cursor() as cur:
+            cur.execute(
+                'INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp") '
+                "VALUES (%s, 'someone', 'law-x', 'non', now())",
+                (vote.vote_hash,),
             )
-            with other.cursor() as cur:
-                cur.execute(
-                    'INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp") '
-                    "VALUES (%s, 'someone', 'law-x', 'non', now())",
-                    (vote.vote_hash,),
-                )
-            other.rollback()
-            writer.join(30)
+        other.rollback()
+        writer.join(30)
         assert not writer.is_alive()
+        assert raised and isinstance(raised[0], db.TransactionConflict) and "deadlock" in str(raised[0])
+        assert query(dbname, "SELECT count(*) FROM vote_audit") == [(0,)]
+        assert _service_backends(dbname) == backends  # the connection was kept
+        assert database.write_batch([vote]).counted == {("law-x", "oui"): 1}
     finally:
         other.close()
         database.close()
-    assert any("TransactionConflict" in r.getMessage() and "deadlock" in r.getMessage() for r in caplog.records)
-    assert outcome and outcome[0].counted == {("law-x", "oui"): 1}
     assert query(dbname, "SELECT oui_count, non_count FROM vote_results WHERE law_id = 'law-x'") == [(1, 0)]
     assert query(dbname, "SELECT citizen_id, choice FROM vote_audit") == [("citizen-1", "oui")]
 
@@ -133,23 +128,22 @@ def test_timestamps_read_back_unchanged_whatever_the_database_timezone(dbname: s
     assert query(dbname, "SELECT oui_count, non_count FROM vote_results WHERE law_id = 'law-tz'") == [(1, 0)]
 
 
-def test_a_lock_wait_timeout_is_a_conflict_on_a_kept_connection(dbname: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_lock_wait_timeout_is_a_conflict_on_a_kept_connection(dbname: str) -> None:
     # Another session holds the law's row past the statement timeout: plain
     # contention, not a database failure. The wait ends as a lock timeout (55P03),
     # the transaction is rolled back and the connection kept.
     apply_schema(dbname)
     query(dbname, "INSERT INTO vote_results (law_id) VALUES ('law-x')")
     vote = Vote("ab" * 32, "citizen-1", "law-x", "oui", datetime(2025, 11, 14, 12, tzinfo=UTC))
-    database = _database(dbname, postgres_query_timeout_s=1.0, max_retry_attempts=1)
+    database = _database(dbname, postgres_query_timeout_s=1.0)
     other = pg_connect(dbname)
     other.autocommit = False
     try:
         backends = _service_backends(dbname)
         with other.cursor() as cur:
             cur.execute("UPDATE vote_results SET updated_at = now() WHERE law_id = 'law-x'")
-        with caplog.at_level(logging.WARNING, logger="db"), pytest.raises(db.TransactionConflict, match="lock"):
+        with pytest.raises(db.TransactionConflict, match="lock"):
             database.write_batch([vote])
-        assert any("TransactionConflict" in r.getMessage() for r in caplog.records)  # retried once
         assert _service_backends(dbname) == backends
         other.rollback()
         assert database.write_batch([vote]).counted == {("law-x", "oui"): 1}
@@ -169,7 +163,7 @@ def test_a_statement_timeout_is_retried_on_a_kept_connection(dbname: str) -> Non
     )
     query(dbname, "CREATE TRIGGER slow BEFORE INSERT ON vote_audit FOR EACH STATEMENT EXECUTE FUNCTION slow()")
     vote = Vote("cd" * 32, "citizen-2", "law-y", "non", datetime(2025, 11, 14, 12, tzinfo=UTC))
-    database = _database(dbname, postgres_query_timeout_s=1.0, max_retry_attempts=1)
+    database = _database(dbname, postgres_query_timeout_s=1.0)
     try:
         backends = _service_backends(dbname)
         with pytest.raises(db.DatabaseUnavailable, match="statement timeout") as raised:
@@ -234,50 +228,21 @@ def test_close_returns_at_once_while_a_query_hangs(dbname: str) -> None:
     assert raised and isinstance(raised[0], db.DatabaseUnavailable)
 
 
-def test_interrupt_ends_a_hung_write_without_retrying(dbname: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_interrupt_ends_a_hung_write_at_once(dbname: str) -> None:
     apply_schema(dbname)
     vote = Vote("ef" * 32, "citizen-3", "law-z", "oui", datetime(2025, 11, 14, 12, tzinfo=UTC))
     proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
-    database = _through(proxy, dbname, max_retry_attempts=5, retry_delay_s=5.0)
+    database = _through(proxy, dbname)
     try:
         proxy.pause()
-        with caplog.at_level(logging.WARNING, logger="db"):
-            thread, raised = _in_thread(lambda: database.write_batch([vote]))
-            thread.join(0.5)
-            assert thread.is_alive(), "the write should hang while the proxy is paused"
-            database.interrupt()
-            thread.join(2)
+        thread, raised = _in_thread(lambda: database.write_batch([vote]))
+        thread.join(0.5)
+        assert thread.is_alive(), "the write should hang while the proxy is paused"
+        database.interrupt()
+        thread.join(2)
         assert not thread.is_alive()
         assert raised and isinstance(raised[0], db.DatabaseUnavailable)
-        assert not any("Retrying" in r.getMessage() for r in caplog.records)
     finally:
         database.close()
         proxy.close()
     assert query(dbname, "SELECT count(*) FROM vote_audit") == [(0,)]
-
-
-def test_interrupt_cuts_a_retry_wait_short(dbname: str, caplog: pytest.LogCaptureFixture) -> None:
-    apply_schema(dbname)
-    vote = Vote("fe" * 32, "citizen-4", "law-z", "non", datetime(2025, 11, 14, 12, tzinfo=UTC))
-    proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
-    database = _through(proxy, dbname, max_retry_attempts=5, retry_delay_s=30.0)
-    try:
-        proxy.refuse()
-        proxy.cut()  # the pooled connection dies, and no new one can be made
-        with caplog.at_level(logging.WARNING, logger="db"):
-            thread, raised = _in_thread(lambda: database.write_batch([vote]))
-            wait_for(
-                lambda: any("Retrying" in r.getMessage() for r in caplog.records),
-                timeout=10,
-                what="the first retry wait",
-            )
-            database.interrupt()
-            thread.join(2)
-        assert not thread.is_alive(), "the 30 s retry wait was not cut short"
-        # The error of the last attempt, as the retry line logged it.
-        assert raised and isinstance(raised[0], db.DatabaseUnavailable)
-        (retry,) = [r.getMessage() for r in caplog.records if "Retrying" in r.getMessage()]
-        assert f"DatabaseUnavailable: {raised[0]}" in retry
-    finally:
-        database.close()
-        proxy.close()

@@ -1,0 +1,164 @@
+"""The batch pipeline against the real PostgreSQL: its one retry policy, and its shutdown bound."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg2
+from prometheus_client import CollectorRegistry
+
+import db
+from config import Config
+from metrics import Metrics
+from pipeline import Delivery, Pipeline
+from summary import Summary
+from tests.proxy import TcpProxy
+from tests.support import POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, apply_schema, pg_connect, query, wait_for
+from votes import Vote
+
+
+class _Settled:
+    def __init__(self) -> None:
+        self.committed: list[int] = []
+        self.rejected: list[int] = []
+        self.calls = threading.Event()
+
+    def __call__(self, committed: list[Delivery], rejected: list[Delivery]) -> None:
+        self.committed += [d.tag for d in committed]
+        self.rejected += [d.tag for d in rejected]
+        self.calls.set()
+
+
+def _pipeline(
+    dbname: str, *, port: int = POSTGRES_PORT, host: str = POSTGRES_HOST, **settings: Any
+) -> tuple[Pipeline, db.Database, Metrics, _Settled]:
+    config = Config(
+        postgres_host=host,
+        postgres_port=port,
+        postgres_user=POSTGRES_USER,
+        postgres_db=dbname,
+        postgres_min_connections=1,
+        batch_timeout_s=0.05,
+        **{"retry_delay_s": 0.1, **settings},
+    )
+    database = db.Database(config=config)
+    database.open()
+    metrics = Metrics(CollectorRegistry())
+    settled = _Settled()
+    pipeline = Pipeline(
+        config=config,
+        database=database,
+        metrics=metrics,
+        summary=Summary(interval_s=0),
+        settle=settled,
+        on_fatal=lambda _reason: None,
+    )
+    return pipeline, database, metrics, settled
+
+
+def _vote(n: int, law: str = "law-x") -> Vote:
+    return Vote(f"{n:064x}", f"citizen-{n}", law, "oui", datetime(2025, 11, 14, 12, tzinfo=UTC))
+
+
+def _value(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    assert value is not None, f"no sample {name}{labels}"
+    return value
+
+
+def _waiting_on(dbname: str, blocker: psycopg2.extensions.connection) -> bool:
+    rows = query(
+        dbname,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = 'vote-aggregator' AND %s = ANY(pg_blocking_pids(pid))",
+        (blocker.get_backend_pid(),),
+    )
+    return bool(rows[0][0])
+
+
+def test_a_deadlock_is_retried_as_a_conflict_and_counted_once(dbname: str) -> None:
+    # Another session holds the law's row and then inserts the batch's hash: a
+    # lock cycle, and PostgreSQL aborts the batch. Contention is not an outage:
+    # the batch is retried whole and counted once, and database_up stays 1.
+    apply_schema(dbname)
+    query(dbname, "INSERT INTO vote_results (law_id) VALUES ('law-x')")
+    pipeline, database, metrics, settled = _pipeline(dbname)
+    other = pg_connect(dbname)
+    other.autocommit = False
+    vote = _vote(1)
+    try:
+        metrics.database_up.set(1)
+        with other.cursor() as cur:
+            cur.execute("UPDATE vote_results SET updated_at = now() WHERE law_id = 'law-x'")
+        pipeline.start()
+        pipeline.buffer.add(Delivery(vote, 7, 1, time.monotonic()))
+        wait_for(lambda: _waiting_on(dbname, other), timeout=10, interval=0.02, what="the batch waiting for the row")
+        with other.cursor() as cur:
+            cur.execute(
+                'INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp") '
+                "VALUES (%s, 'someone', 'law-x', 'non', now())",
+                (vote.vote_hash,),
+            )
+        other.rollback()
+        assert settled.calls.wait(30)
+        assert pipeline.finish(deadline=time.monotonic() + 10, idle=lambda: time.sleep(0.01))
+    finally:
+        other.close()
+        database.close()
+    assert settled.committed == [7] and settled.rejected == []
+    assert _value(metrics, "database_retries_total") >= 1
+    assert _value(metrics, "database_up") == 1
+    assert pipeline.database_error is None
+    assert query(dbname, "SELECT oui_count, non_count FROM vote_results WHERE law_id = 'law-x'") == [(1, 0)]
+    assert query(dbname, "SELECT citizen_id FROM vote_audit") == [("citizen-1",)]
+
+
+def test_the_shutdown_budget_cuts_a_long_retry_wait_short(dbname: str) -> None:
+    apply_schema(dbname)
+    proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
+    pipeline, database, metrics, settled = _pipeline(
+        dbname, host="127.0.0.1", port=proxy.port, retry_delay_s=30.0, max_retry_attempts=5
+    )
+    try:
+        proxy.refuse()
+        proxy.cut()  # the pooled connection dies, and no new one can be made
+        pipeline.start()
+        pipeline.buffer.add(Delivery(_vote(2), 1, 1, time.monotonic()))
+        wait_for(lambda: _value(metrics, "database_retries_total") >= 1, timeout=10, what="the first retry wait")
+        started = time.monotonic()
+        finished = pipeline.finish(deadline=started + 1.0, idle=lambda: time.sleep(0.01))
+        took = time.monotonic() - started
+        wait_for(lambda: not any(t.name.startswith("flush-") for t in threading.enumerate()), timeout=5, what="exit")
+    finally:
+        database.close()
+        proxy.close()
+    assert not finished
+    assert took < 2.0, f"finish took {took:.1f}s"
+    assert settled.committed == [] and pipeline.unsettled == 1  # left for RabbitMQ to redeliver
+    assert query(dbname, "SELECT count(*) FROM vote_audit") == [(0,)]
+
+
+def test_the_shutdown_budget_ends_a_query_postgres_never_answers(dbname: str) -> None:
+    apply_schema(dbname)
+    proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
+    pipeline, database, _metrics, settled = _pipeline(dbname, host="127.0.0.1", port=proxy.port)
+    try:
+        database.ping()
+        proxy.pause()  # PostgreSQL (or the path to it) stops answering mid-query
+        pipeline.start()
+        pipeline.buffer.add(Delivery(_vote(3), 1, 1, time.monotonic()))
+        time.sleep(0.5)
+        started = time.monotonic()
+        finished = pipeline.finish(deadline=started + 1.0, idle=lambda: time.sleep(0.01))
+        closing = time.monotonic()
+        database.close()
+        closed = time.monotonic()
+    finally:
+        proxy.close()
+    assert not finished
+    assert closing - started < 1.5, f"finish took {closing - started:.1f}s"
+    assert closed - closing < 1.0, f"close took {closed - closing:.1f}s"
+    assert settled.committed == []
