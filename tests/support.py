@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import pika
 import psycopg2
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg2 import sql
+
+from tools.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RABBITMQ_HOST = os.environ.get("TEST_RABBITMQ_HOST", "127.0.0.1")
@@ -41,12 +42,6 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- votes ---------------------------------------------------------------------

@@ -30,7 +30,6 @@ from tests.support import (
     ROOT,
     Service,
     audit_count,
-    free_port,
     make_votes,
     pg_connect,
     problems,
@@ -40,6 +39,7 @@ from tests.support import (
     service_env,
     wait_for,
 )
+from tools.ports import free_port
 
 SCHEMA_OBJECTS = ("vote_results", "vote_audit", "duplicate_attempts", "vote_statistics")
 

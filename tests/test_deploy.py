@@ -34,7 +34,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from config import Config, load_config, variables
-from tests.support import ROOT, Service, free_port, make_votes, publish, query, queue_state, wait_for
+from tests.support import ROOT, Service, make_votes, publish, query, queue_state, wait_for
+from tools.ports import free_port
 
 UNIT = ROOT / "deploy" / "vote-aggregator.service"
 ENV_EXAMPLE = ROOT / "deploy" / "vote-aggregator.env"

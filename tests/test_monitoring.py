@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import RABBITMQ_HOST, RABBITMQ_PORT, ROOT, Service, free_port, wait_for
+from tests.support import RABBITMQ_HOST, RABBITMQ_PORT, ROOT, Service, wait_for
+from tools.ports import free_port
 
 MakeService = Callable[..., Service]
 
