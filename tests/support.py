@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import pika.exceptions
 import psycopg2
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg2 import sql
 
 from tools.ports import free_port
+from tools.publisher import publish_all
 
 ROOT = Path(__file__).resolve().parent.parent
 RABBITMQ_HOST = os.environ.get("TEST_RABBITMQ_HOST", "127.0.0.1")
@@ -87,24 +90,54 @@ def expected_totals(votes: Iterable[VoteMsg]) -> dict[str, tuple[int, int]]:
 # -- RabbitMQ --------------------------------------------------------------------
 
 
+def amqp_params() -> pika.ConnectionParameters:
+    return pika.ConnectionParameters(RABBITMQ_HOST, RABBITMQ_PORT)
+
+
 def amqp_connection() -> pika.BlockingConnection:
-    return pika.BlockingConnection(pika.ConnectionParameters(RABBITMQ_HOST, RABBITMQ_PORT))
+    return pika.BlockingConnection(amqp_params())
 
 
 def publish(queue: str, bodies: Iterable[bytes]) -> int:
-    """Publish with confirms, so every body is in the queue when this returns."""
-    n = 0
+    """Publish in order with confirms, so every body is in the queue when this returns.
+
+    Confirms are awaited a window at a time (tools/publisher.py), not one per message.
+    """
+    messages = list(bodies)
+    publish_all(amqp_params(), queue, messages)
+    return len(messages)
+
+
+def declare_queue(names: list[str]) -> str:
+    """A fresh durable queue, declared the way upstream would declare it; its name is added to `names`."""
+    name = f"agg.test.{uuid.uuid4().hex[:12]}"
+    names.append(name)
     conn = amqp_connection()
     try:
-        ch = conn.channel()
-        ch.confirm_delivery()
-        props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-        for body in bodies:
-            ch.basic_publish("", queue, body, props, mandatory=True)
-            n += 1
+        conn.channel().queue_declare(name, durable=True)
     finally:
         conn.close()
-    return n
+    return name
+
+
+@contextmanager
+def scratch_queues() -> Iterator[list[str]]:
+    """Queues whose names are added to the list are deleted from RabbitMQ afterwards, with the
+    dead-letter queue and exchange the service names after them."""
+    names: list[str] = []
+    try:
+        yield names
+    finally:
+        conn = amqp_connection()
+        try:
+            for name in names:
+                for queue_name in (name, f"{name}.dead"):
+                    with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                        conn.channel().queue_delete(queue_name)
+                with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                    conn.channel().exchange_delete(f"{name}.dlx")
+        finally:
+            conn.close()
 
 
 def queue_state(queue: str) -> tuple[int, int]:
@@ -229,6 +262,9 @@ def problems(result: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("problem: ")]
 
 
+TEST_BATCH_TIMEOUT_S = "0.2"
+
+
 class Service:
     """The service as users run it: `python aggregator.py` with environment variables."""
 
@@ -240,9 +276,13 @@ class Service:
         self.env = service_env(
             dbname=dbname,
             queue=queue,
-            PROMETHEUS_PORT=str(self.metrics_port),
-            PYTHONUNBUFFERED="1",
-            **(env or {}),
+            **{
+                "PROMETHEUS_PORT": str(self.metrics_port),
+                "PYTHONUNBUFFERED": "1",
+                # The last, partial batch of a test is written 0.2 s after its first vote, not 1 s.
+                "BATCH_TIMEOUT_SECONDS": TEST_BATCH_TIMEOUT_S,
+                **(env or {}),
+            },
         )
         self.proc: subprocess.Popen[bytes] | None = None
 

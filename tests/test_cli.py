@@ -44,12 +44,12 @@ from tools.ports import free_port
 SCHEMA_OBJECTS = ("vote_results", "vote_audit", "duplicate_attempts", "vote_statistics")
 
 
-@pytest.fixture
-def schema_db(dbname: str) -> str:
-    """The test's database with the schema applied the operator's way."""
-    result = run_cli("--init-db", env=service_env(dbname=dbname))
+@pytest.fixture(scope="module")
+def schema_db(module_dbname: str) -> str:
+    """A database with the schema applied the operator's way, shared by the tests that only read it."""
+    result = run_cli("--init-db", env=service_env(dbname=module_dbname))
     assert result.returncode == 0, result.stderr
-    return dbname
+    return module_dbname
 
 
 @pytest.fixture
@@ -330,7 +330,8 @@ def per_batch(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def test_batches_are_logged_at_debug(make_service: Callable[..., Service], queue: str, dbname: str) -> None:
     # The counterpart of the test above: the per-batch lines exist, one level down.
-    svc = make_service({"LOG_FORMAT": "json", "LOG_LEVEL": "DEBUG"}).start()
+    # The default batch timeout: the 50 votes arrive well within it, as one batch.
+    svc = make_service({"LOG_FORMAT": "json", "LOG_LEVEL": "DEBUG", "BATCH_TIMEOUT_SECONDS": "1"}).start()
     publish(queue, [v.body() for v in make_votes(50, laws=2, seed=42)])
     wait_for(lambda: audit_count(dbname) == 50, timeout=30, what="votes counted")
     wait_for(lambda: per_batch(json_lines(svc.logs())), timeout=10, what="the batch line")

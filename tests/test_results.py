@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -25,12 +25,12 @@ from tests.support import (
     Service,
     VoteMsg,
     audit_count,
+    declare_queue,
     publish,
     query,
+    scratch_queues,
     wait_for,
 )
-
-MakeService = Callable[..., Service]
 
 # law -> (oui, non): a clear lead, a repeating decimal, a tie, and thousands.
 VOTES = {"law-001": (7, 3), "law-002": (1, 2), "law-003": (2, 2), "law-010": (1234, 0)}
@@ -41,7 +41,7 @@ def vote(n: int, law: str, choice: str, timestamp: str = "2025-11-14T12:00:00Z")
     return VoteMsg(hashlib.sha256(f"{citizen}:{law}".encode()).hexdigest(), citizen, law, choice, timestamp)
 
 
-def fill(make_service: MakeService, queue: str, dbname: str) -> None:
+def fill(svc: Service, queue: str, dbname: str) -> None:
     """Count VOTES with the service itself, plus messages that must not change them."""
     votes: list[VoteMsg] = []
     for law, (oui, non) in VOTES.items():
@@ -49,7 +49,7 @@ def fill(make_service: MakeService, queue: str, dbname: str) -> None:
             votes.append(vote(len(votes) + 1, law, choice))
     first = votes[len(votes) // 2]
     attempt = VoteMsg(first.vote_hash, first.citizen_id, first.law_id, "non" if first.choice == "oui" else "oui")
-    svc = make_service().start()
+    svc.start()
     publish(queue, [v.body() for v in votes] + [attempt.body(), votes[0].body(), b"not json"])
     wait_for(lambda: audit_count(dbname) == len(votes), timeout=60, what="every vote counted")
     wait_for(lambda: svc.metric("messages_received_total") == len(votes) + 3, timeout=30, what="all received")
@@ -91,10 +91,17 @@ def updated_at(dbname: str) -> dict[str, datetime]:
     return {law: ts for law, ts in query(dbname, "SELECT law_id, updated_at FROM vote_results")}
 
 
-@pytest.fixture
-def counted(make_service: MakeService, queue: str, dbname: str) -> str:
-    fill(make_service, queue, dbname)
-    return dbname
+@pytest.fixture(scope="module")
+def counted(module_dbname: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """VOTES counted once for the module: the tests that use it only read."""
+    with scratch_queues() as names:
+        queue = declare_queue(names)
+        svc = Service(queue=queue, dbname=module_dbname, log_path=tmp_path_factory.mktemp("counted") / "service.log")
+        try:
+            fill(svc, queue, module_dbname)
+        finally:
+            svc.kill()
+    yield module_dbname
 
 
 def test_table_has_every_law_with_exact_numbers_and_a_totals_line(counted: str) -> None:

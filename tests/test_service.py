@@ -231,7 +231,8 @@ def test_partial_batch_is_written_after_the_batch_timeout(make_service: MakeServ
 def test_a_batch_waits_for_its_timeout_when_not_full(make_service: MakeService, queue: str, dbname: str) -> None:
     svc = make_service({"BATCH_SIZE": "1000", "BATCH_TIMEOUT_SECONDS": "60"}).start()
     publish(queue, (v.body() for v in make_votes(5, laws=1)))
-    time.sleep(3)
+    wait_for(lambda: svc.metric("vote_buffer_depth") == 5, timeout=15, what="the votes buffered")
+    time.sleep(1.5)  # longer than the default timeout (1 s) and the tests' (0.2 s): this one holds them
     assert audit_count(dbname) == 0
     # A graceful stop writes what is buffered instead of waiting out the timer.
     assert svc.stop(timeout=20) == 0
@@ -366,7 +367,8 @@ def test_second_signal_exits_at_once(make_service: MakeService, queue: str, dbna
         proxy.pause()
         votes = make_votes(10, laws=2)
         publish(queue, (v.body() for v in votes))
-        time.sleep(1.5)
+        wait_for(lambda: svc.metric("messages_received_total") == len(votes), timeout=15, what="the votes received")
+        time.sleep(0.3)  # past the batch timeout: the batch is on its way to the silent database
         svc.signal(signal.SIGTERM)
         time.sleep(1.0)
         assert svc.proc is not None and svc.proc.poll() is None, "the first signal waits for the batch"
