@@ -108,7 +108,8 @@ def test_check_passes_when_everything_is_ready(schema_db: str, queue: str) -> No
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
-    assert len(lines) == 2 and all(line.startswith("ok: ") for line in lines), lines
+    assert len(lines) == 2, lines
+    assert all(line.startswith("ok: ") for line in lines), lines
     assert f"queue {queue} (0 ready, 0 consumers)" in lines[0]
     assert lines[1] == f"ok: PostgreSQL {target(schema_db)}, schema complete"
 
@@ -200,7 +201,8 @@ def test_results_match_the_database(make_service: Callable[..., Service], queue:
     wait_for(lambda: audit_count(dbname) == len(votes), timeout=30, what="votes counted")
     assert svc.stop() == 0
     rows = statistics(dbname)
-    assert len(rows) == 3 and sum(r[3] for r in rows) == len(votes)
+    assert len(rows) == 3
+    assert sum(r[3] for r in rows) == len(votes)
     env = service_env(dbname=dbname)
 
     as_csv = run_cli("results", "--format", "csv", env=env)
@@ -346,7 +348,8 @@ def test_check_reports_a_bad_variable_as_one_problem() -> None:
     assert result.returncode == 1
     assert problems(result) == result.stderr.splitlines()
     (problem,) = problems(result)
-    assert "BATCH_SIZE" in problem and "'abc'" in problem
+    assert "BATCH_SIZE" in problem
+    assert "'abc'" in problem
 
 
 def test_make_says_in_one_line_how_to_start_a_server_that_is_down(tmp_path: Path) -> None:
@@ -359,7 +362,8 @@ def test_make_says_in_one_line_how_to_start_a_server_that_is_down(tmp_path: Path
     )
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
-    assert f"RabbitMQ is not reachable at {RABBITMQ_HOST}:{closed}" in line and "rabbitmq-server -detached" in line
+    assert f"RabbitMQ is not reachable at {RABBITMQ_HOST}:{closed}" in line
+    assert "rabbitmq-server -detached" in line
 
     env["RABBITMQ_PORT"] = str(RABBITMQ_PORT)
     ok = subprocess.run([str(ROOT / "scripts" / "check_services.sh")], cwd=tmp_path, env=env, timeout=30)

@@ -223,7 +223,7 @@ def test_bad_value_raises_config_error_naming_variable_and_value(name: str, raw:
 
 
 def test_config_error_is_a_value_error() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="BATCH_SIZE"):
         load_config({"BATCH_SIZE": "abc"})
 
 

@@ -130,7 +130,8 @@ def test_rabbitmq_connection_cut_and_broker_down_under_load(
     amqp_proxy.cut()
     # The lost connection, then two refused attempts (one a second at this backoff cap).
     wait_for(lambda: svc.logs().count("RabbitMQ connection to") >= failures + 3, timeout=30, what="refused reconnects")
-    assert svc.proc is not None and svc.proc.poll() is None
+    assert svc.proc is not None
+    assert svc.proc.poll() is None
     amqp_proxy.resume()
 
     wait_for(lambda: audit_count(dbname) == len(votes), timeout=120, what="every vote counted")
@@ -191,7 +192,8 @@ def test_postgres_unreachable_longer_than_the_retry_budget(
     during = make_votes(3_000, laws=10, seed=2)
     publish(queue, (v.body() for v in during))
     time.sleep(OUTAGE_S)
-    assert svc.proc is not None and svc.proc.poll() is None
+    assert svc.proc is not None
+    assert svc.proc.poll() is None
     assert audit_count(dbname) == len(before)
     # Nothing was acked, nothing dropped, nothing requeued in a loop: the queue
     # still holds what the service has not taken, and no message was redelivered.
@@ -360,7 +362,8 @@ def test_hostile_payloads_are_rejected_and_good_votes_counted(
     # Thirty 10 MB bodies went through; memory is held only while one is parsed.
     peak = peak_rss_mb(svc)
     assert peak < baseline + 120, f"peak RSS {peak:.0f} MB from {baseline:.0f} MB"
-    assert svc.proc is not None and svc.proc.poll() is None
+    assert svc.proc is not None
+    assert svc.proc.poll() is None
     assert svc.stop() == 0
     assert results(dbname) == expected_totals(good)
     assert query(dbname, "SELECT count(*) FROM vote_audit WHERE citizen_id LIKE 'hostile%'") == [(0,)]
@@ -384,8 +387,10 @@ def test_law_labels_are_capped_and_law_ids_checked_against_the_pattern(
     samples = svc.metrics()
     labelled = {dict(labels)["law_id"] for (name, labels) in samples if name == "votes_aggregated_total"}
     gauged = {dict(labels)["law_id"] for (name, labels) in samples if name == "current_vote_totals"}
-    assert len(labelled - {"_other"}) == 10 and "_other" in labelled
-    assert len(gauged) == 10 and gauged <= labelled
+    assert len(labelled - {"_other"}) == 10
+    assert "_other" in labelled
+    assert len(gauged) == 10
+    assert gauged <= labelled
     totals = expected_totals(votes)
     beyond = sum(oui + non for law, (oui, non) in totals.items() if law not in labelled)
     other = svc.metric("votes_aggregated_total", law_id="_other", choice="oui") + svc.metric(

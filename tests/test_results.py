@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -92,7 +91,7 @@ def updated_at(dbname: str) -> dict[str, datetime]:
 
 
 @pytest.fixture(scope="module")
-def counted(module_dbname: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def counted(module_dbname: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """VOTES counted once for the module: the tests that use it only read."""
     with scratch_queues() as names:
         queue = declare_queue(names)
@@ -101,7 +100,7 @@ def counted(module_dbname: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             fill(svc, queue, module_dbname)
         finally:
             svc.kill()
-    yield module_dbname
+    return module_dbname
 
 
 def test_table_has_every_law_with_exact_numbers_and_a_totals_line(counted: str) -> None:
@@ -122,7 +121,8 @@ def test_table_has_every_law_with_exact_numbers_and_a_totals_line(counted: str) 
         "update",
         "(UTC)",
     ]
-    assert set(lines[1]) <= {"-", " "} and set(lines[-2]) <= {"-", " "}
+    assert set(lines[1]) <= {"-", " "}
+    assert set(lines[-2]) <= {"-", " "}
     rows = lines[2:-2]
     stamps = updated_at(counted)
     assert len(rows) == len(VOTES)
@@ -141,7 +141,9 @@ def test_table_has_every_law_with_exact_numbers_and_a_totals_line(counted: str) 
     oui = sum(o for o, _ in VOTES.values())
     non = sum(n for _, n in VOTES.values())
     assert lines[-1].split() == ["all", "laws", f"{oui:,}", f"{non:,}", f"{oui + non:,}"]
-    assert "1,234" in result.stdout and "33.33%" in result.stdout and "66.67%" in result.stdout
+    assert "1,234" in result.stdout
+    assert "33.33%" in result.stdout
+    assert "66.67%" in result.stdout
 
 
 def test_csv_equals_the_database(counted: str) -> None:
@@ -175,7 +177,8 @@ def test_csv_equals_the_database(counted: str) -> None:
             e["total"],
             e["leading"],
         )
-        assert Decimal(row["oui_percent"]) == e["oui_percent"] and Decimal(row["non_percent"]) == e["non_percent"]
+        assert Decimal(row["oui_percent"]) == e["oui_percent"]
+        assert Decimal(row["non_percent"]) == e["non_percent"]
 
 
 def test_json_equals_the_database(counted: str) -> None:
@@ -233,11 +236,11 @@ def test_no_votes_yet_is_not_an_error(dbname: str) -> None:
     assert init.returncode == 0, init.stderr
     assert json.loads(results_cli(dbname, "--format", "json").stdout) == []
     csv_out = results_cli(dbname, "--format", "csv")
-    assert csv_out.returncode == 0 and csv_out.stdout.splitlines() == [
-        "law_id,oui,non,total,oui_percent,non_percent,leading,updated_at"
-    ]
+    assert csv_out.returncode == 0
+    assert csv_out.stdout.splitlines() == ["law_id,oui,non,total,oui_percent,non_percent,leading,updated_at"]
     table = results_cli(dbname)
-    assert table.returncode == 0 and len(table.stdout.splitlines()) == 2  # header and rule only
+    assert table.returncode == 0
+    assert len(table.stdout.splitlines()) == 2  # header and rule only
 
 
 def test_missing_database_exits_1_with_one_line() -> None:
@@ -261,7 +264,9 @@ def test_unreachable_postgres_exits_1_with_one_line(dbname: str) -> None:
 
 def test_database_without_the_schema_exits_1(dbname: str) -> None:
     result = results_cli(dbname)
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == 1
+    assert result.stdout == ""
     # One line that says what is wrong and how to fix it.
-    assert result.stderr.startswith("error: the schema is missing") and "--init-db" in result.stderr
+    assert result.stderr.startswith("error: the schema is missing")
+    assert "--init-db" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

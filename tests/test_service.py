@@ -280,7 +280,8 @@ def test_sigterm_with_votes_in_flight_loses_and_doubles_nothing(
     assert svc.stop(timeout=30) == 0
     assert time.monotonic() - stopped_at < 10
     logs = svc.logs()
-    assert "stopping" in logs and "Traceback" not in logs
+    assert "stopping" in logs
+    assert "Traceback" not in logs
 
     counted = audit_count(dbname)
     ready, consumers = queue_state(queue)
@@ -353,7 +354,9 @@ def test_missing_database_stops_start_up_with_how_to_create_it(make_service: Mak
     assert svc.proc is not None
     assert svc.proc.wait(30) == 2
     logs = svc.logs()
-    assert "does not exist" in logs and "createdb" in logs and "--init-db" in logs
+    assert "does not exist" in logs
+    assert "createdb" in logs
+    assert "--init-db" in logs
     assert "Traceback" not in logs
 
 
@@ -371,7 +374,8 @@ def test_second_signal_exits_at_once(make_service: MakeService, queue: str, dbna
         time.sleep(0.3)  # past the batch timeout: the batch is on its way to the silent database
         svc.signal(signal.SIGTERM)
         time.sleep(1.0)
-        assert svc.proc is not None and svc.proc.poll() is None, "the first signal waits for the batch"
+        assert svc.proc is not None
+        assert svc.proc.poll() is None, "the first signal waits for the batch"
         svc.signal(signal.SIGTERM)
         assert svc.proc.wait(10) != 0
     finally:
@@ -459,4 +463,5 @@ def test_credentials_never_reach_the_logs(make_service: MakeService, queue: str,
     assert refused.logs().count("RabbitMQ refused") == 1
     assert "Traceback" not in refused.logs()
     for log in (svc.logs(), refused.logs()):
-        assert pg_secret not in log and amqp_secret not in log
+        assert pg_secret not in log
+        assert amqp_secret not in log

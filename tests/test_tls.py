@@ -209,7 +209,8 @@ def test_postgres_verify_full_counts_votes(
         "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = %s",
         ("vote-aggregator",),
     )
-    assert encrypted and all(row[0] is True for row in encrypted)
+    assert encrypted
+    assert all(row[0] is True for row in encrypted)
     assert svc.stop() == 0
 
 
@@ -255,5 +256,6 @@ def test_postgres_without_tls_is_refused_by_the_server(
     assert svc.proc.wait(30) == 2
     refusals = [line for line in svc.logs().splitlines() if "pg_hba.conf rejects connection" in line]
     assert len(refusals) == 1, svc.logs()
-    assert "ERROR" in refusals[0] and "no encryption" in refusals[0]
+    assert "ERROR" in refusals[0]
+    assert "no encryption" in refusals[0]
     assert "pg_hba.conf rejects connection" in tls_postgres.server_log()

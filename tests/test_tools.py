@@ -76,13 +76,15 @@ def test_published_votes_are_counted_exactly_as_the_tool_reports(
     )
     assert result.returncode == 0, result.stderr
     s = summary_of(result)
-    assert s["ok"] and s["published"] == s["confirmed"] == 3000
+    assert s["ok"]
+    assert s["published"] == s["confirmed"] == 3000
     assert s["nacked"] == s["returned"] == s["unconfirmed"] == 0
     assert (s["duplicates"], s["replays"], s["invalid"]) == (150, 120, 90)
     assert s["votes"] == 3000 - 150 - 120 - 90
     assert set(s["invalid_by_reason"]) == set(INVALID_KINDS)
     # The summary line is on stderr in --json mode, with every figure.
-    assert "published=3000 confirmed=3000 nacked=0" in result.stderr and "invalid=90" in result.stderr
+    assert "published=3000 confirmed=3000 nacked=0" in result.stderr
+    assert "invalid=90" in result.stderr
 
     wait_for(lambda: svc.metric("messages_received_total") == 3000, timeout=60, what="every message received")
     wait_for(lambda: audit_count(dbname) == s["votes"], timeout=60, what="every vote counted")
@@ -107,7 +109,8 @@ def test_published_votes_are_counted_exactly_as_the_tool_reports(
         "SELECT d.choice <> a.choice, d.vote_timestamp > a.timestamp FROM duplicate_attempts d "
         "JOIN vote_audit a USING (vote_hash)",
     )
-    assert len(attempts) == s["duplicates"] and all(flipped and later for flipped, later in attempts)
+    assert len(attempts) == s["duplicates"]
+    assert all(flipped and later for flipped, later in attempts)
     # Invalid messages: rejected for the reason each kind is named after.
     for reason, n in s["invalid_by_reason"].items():
         assert svc.metric("votes_rejected_total", reason=reason) == n, reason
@@ -137,7 +140,8 @@ def test_each_kind_of_message_is_what_it_claims() -> None:
             reasons[exc.reason] += 1
             continue
         assert vote.law_id in ("law-001", "law-002", "law-003")
-        assert body.decode().endswith('Z"}') and vote.timestamp.tzinfo is not None
+        assert body.decode().endswith('Z"}')
+        assert vote.timestamp.tzinfo is not None
         if vote.vote_hash not in seen:
             assert vote.vote_hash == hashlib.sha256(f"{vote.citizen_id}:{vote.law_id}".encode()).hexdigest()
             seen[vote.vote_hash] = body
@@ -150,10 +154,12 @@ def test_each_kind_of_message_is_what_it_claims() -> None:
             replays += 1
         else:
             duplicates += 1
-            assert vote.choice != original.choice and vote.timestamp > original.timestamp
+            assert vote.choice != original.choice
+            assert vote.timestamp > original.timestamp
             assert (vote.citizen_id, vote.law_id) == (original.citizen_id, original.law_id)
     assert (len(seen), duplicates, replays, sum(reasons.values())) == (1200, 200, 200, 400)
-    assert reasons == factory.invalid and set(reasons) == set(INVALID_KINDS)
+    assert reasons == factory.invalid
+    assert set(reasons) == set(INVALID_KINDS)
     assert factory.votes == len(seen)
     assert sum(oui + non for oui, non in factory.totals.values()) == 1200
 
@@ -162,7 +168,8 @@ def test_two_connections_share_the_messages(queue: str) -> None:
     result = run_tool("--count=2000", "--connections=2", "--json", f"--queue={queue}")
     assert result.returncode == 0, result.stderr
     s = summary_of(result)
-    assert s["connections"] == 2 and s["published"] == s["confirmed"] == 2000
+    assert s["connections"] == 2
+    assert s["published"] == s["confirmed"] == 2000
     assert queue_state(queue)[0] == 2000
     bodies = [json.loads(b) for b in drain_queue(queue)]
     citizens = [int(b["citizen_id"].rsplit("-", 1)[1]) for b in bodies]
@@ -177,7 +184,8 @@ def test_rate_paces_publishing(queue: str) -> None:
     wall = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     s = summary_of(result)
-    assert wall >= 1.5 and s["elapsed_s"] >= 1.5
+    assert wall >= 1.5
+    assert s["elapsed_s"] >= 1.5
     assert s["rate"] <= 130
     assert queue_state(queue)[0] == 200
 
@@ -236,7 +244,8 @@ def test_a_lost_connection_is_reported_and_fails(queue: str) -> None:
         proxy.close()
     assert proc.returncode == 1, err
     s = json.loads(out)
-    assert not s["ok"] and 100 < s["published"] < 5000
+    assert not s["ok"]
+    assert 100 < s["published"] < 5000
     assert any("connection" in e for e in s["errors"]), s["errors"]
     assert "connection 1:" in err
 
@@ -266,9 +275,12 @@ def test_interrupting_stops_publishing_and_settles_what_is_in_flight(queue: str,
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     s = json.loads(out)
-    assert s["interrupted"] and not s["ok"] and 300 < s["published"] < 20000
+    assert s["interrupted"]
+    assert not s["ok"]
+    assert 300 < s["published"] < 20000
     # Stopped at once, with every message in flight confirmed: all of them are in the queue.
-    assert s["confirmed"] == s["published"] and s["unconfirmed"] == 0
+    assert s["confirmed"] == s["published"]
+    assert s["unconfirmed"] == 0
     assert queue_state(queue)[0] == s["published"]
     assert f"interrupted after {s['published']} of 20000 messages" in err
 
@@ -278,7 +290,8 @@ def test_a_missing_queue_stops_it_unless_declared(queue_names: list[str]) -> Non
     queue_names.append(name)
     result = run_tool("--count=10", f"--queue={name}")
     assert result.returncode == 2
-    assert f"queue {name} does not exist" in result.stderr and "--declare" in result.stderr
+    assert f"queue {name} does not exist" in result.stderr
+    assert "--declare" in result.stderr
     result = run_tool("--count=10", "--declare", f"--queue={name}")
     assert result.returncode == 0, result.stderr
     assert queue_state(name)[0] == 10
@@ -296,7 +309,8 @@ def test_a_missing_queue_stops_it_unless_declared(queue_names: list[str]) -> Non
 )
 def test_bad_options_exit_2(args: list[str], message: str) -> None:
     result = run_tool(*args, "--queue=unused")
-    assert result.returncode == 2 and message in result.stderr
+    assert result.returncode == 2
+    assert message in result.stderr
 
 
 def test_unreachable_broker_exits_2(queue: str) -> None:
@@ -306,12 +320,14 @@ def test_unreachable_broker_exits_2(queue: str) -> None:
         result = run_tool("--count=10", f"--queue={queue}", port=proxy.port)
     finally:
         proxy.close()
-    assert result.returncode == 2 and "cannot connect to RabbitMQ" in result.stderr
+    assert result.returncode == 2
+    assert "cannot connect to RabbitMQ" in result.stderr
 
 
 def test_wrong_password_exits_2(queue: str) -> None:
     result = run_tool("--count=10", "--password=wrong", f"--queue={queue}")
-    assert result.returncode == 2 and "RabbitMQ refused" in result.stderr
+    assert result.returncode == 2
+    assert "RabbitMQ refused" in result.stderr
 
 
 def test_environment_variables_set_the_connection(queue: str) -> None:
@@ -372,8 +388,10 @@ def test_progress_bar_on_a_terminal(queue: str) -> None:
     assert proc.returncode == 0, text
     updates = [u for u in text.split("\r") if u.strip()]
     assert len(updates) >= 3, text  # redrawn in place several times
-    assert "msg/s" in updates[0] and "[" in updates[0]
-    assert "100.0%" in updates[-1] and "400/400 confirmed" in updates[-1]
+    assert "msg/s" in updates[0]
+    assert "[" in updates[0]
+    assert "100.0%" in updates[-1]
+    assert "400/400 confirmed" in updates[-1]
     assert out.startswith("published=400 confirmed=400")
 
 
