@@ -27,6 +27,7 @@ from tests.support import (
     POSTGRES_USER,
     RABBITMQ_HOST,
     RABBITMQ_PORT,
+    RABBITMQ_USER,
     ROOT,
     Service,
     audit_count,
@@ -127,7 +128,7 @@ def test_check_reports_one_line_per_problem(case: str, dbname: str, queue: str) 
     if case in ("rabbitmq-unreachable", "two-at-once"):
         port = free_port()  # nothing listens there
         env["RABBITMQ_PORT"] = str(port)
-        expected.append(f"RabbitMQ amqp://guest@{RABBITMQ_HOST}:{port}/")
+        expected.append(f"RabbitMQ amqp://{RABBITMQ_USER}@{RABBITMQ_HOST}:{port}/")
     if case in ("missing-database", "two-at-once"):
         env["POSTGRES_DB"] = f"agg_test_absent_{uuid.uuid4().hex[:8]}"
         expected.append(f'database "{env["POSTGRES_DB"]}" does not exist')

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import config
 from config import Config, ConfigError, load_config
+from tests.support import run_cli, service_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -295,18 +293,7 @@ def test_log_level_is_case_insensitive(raw: str, expected: str, number: int) -> 
 
 @pytest.mark.parametrize(("name", "raw"), [("BATCH_SIZE", "abc"), ("RABBITMQ_PORT", "70000")])
 def test_service_exits_2_with_one_line_on_bad_configuration(name: str, raw: str) -> None:
-    env = dict(os.environ)
-    env[name] = raw
-
-    result = subprocess.run(
-        [sys.executable, "aggregator.py"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_cli(env=service_env(dbname="postgres", **{name: raw}), timeout=30)
 
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()

@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -22,7 +21,16 @@ from typing import Any
 
 import pytest
 
-from tests.support import RABBITMQ_HOST, RABBITMQ_PORT, ROOT, Service, wait_for
+from tests.support import (
+    RABBITMQ_HOST,
+    RABBITMQ_PORT,
+    ROOT,
+    Service,
+    outside_checkout,
+    tool_command,
+    tool_env,
+    wait_for,
+)
 from tools.ports import free_port
 
 MakeService = Callable[..., Service]
@@ -286,10 +294,7 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
 def start_load(queue: str, *, rate: int, seconds: int) -> subprocess.Popen[bytes]:
     """The demo publisher: votes with duplicate attempts, replays and invalid messages, paced."""
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tools.publish_votes",
+        tool_command(
             f"--count={rate * seconds}",
             f"--rate={rate}",
             "--laws=4",
@@ -301,8 +306,9 @@ def start_load(queue: str, *, rate: int, seconds: int) -> subprocess.Popen[bytes
             f"--host={RABBITMQ_HOST}",
             f"--port={RABBITMQ_PORT}",
             "--progress=none",
-        ],
-        cwd=ROOT,
+        ),
+        cwd=outside_checkout(),
+        env=tool_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

@@ -6,9 +6,7 @@ import csv
 import hashlib
 import io
 import json
-import os
 import subprocess
-import sys
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -19,15 +17,15 @@ from tests.proxy import TcpProxy
 from tests.support import (
     POSTGRES_HOST,
     POSTGRES_PORT,
-    POSTGRES_USER,
-    ROOT,
     Service,
     VoteMsg,
     audit_count,
     declare_queue,
     publish,
     query,
+    run_cli,
     scratch_queues,
+    service_env,
     wait_for,
 )
 
@@ -56,16 +54,7 @@ def fill(svc: Service, queue: str, dbname: str) -> None:
 
 
 def results_cli(dbname: str, *args: str, port: int = POSTGRES_PORT) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "POSTGRES_"))}
-    env.update(POSTGRES_HOST=POSTGRES_HOST, POSTGRES_PORT=str(port), POSTGRES_USER=POSTGRES_USER, POSTGRES_DB=dbname)
-    return subprocess.run(
-        [sys.executable, "aggregator.py", "results", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("results", *args, env=service_env(dbname=dbname, POSTGRES_PORT=str(port)))
 
 
 def percent(part: int, whole: int) -> Decimal:
@@ -219,20 +208,7 @@ def test_unknown_law_exits_1(counted: str) -> None:
 
 
 def test_no_votes_yet_is_not_an_error(dbname: str) -> None:
-    init = subprocess.run(
-        [sys.executable, "aggregator.py", "--init-db"],
-        cwd=ROOT,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "POSTGRES_"))},
-            "POSTGRES_HOST": POSTGRES_HOST,
-            "POSTGRES_PORT": str(POSTGRES_PORT),
-            "POSTGRES_USER": POSTGRES_USER,
-            "POSTGRES_DB": dbname,
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    init = run_cli("--init-db", env=service_env(dbname=dbname))
     assert init.returncode == 0, init.stderr
     assert json.loads(results_cli(dbname, "--format", "json").stdout) == []
     csv_out = results_cli(dbname, "--format", "csv")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -20,7 +19,9 @@ import pytest
 from tests.proxy import TcpProxy
 from tests.support import (
     POSTGRES_HOST,
+    POSTGRES_PASSWORD,
     POSTGRES_PORT,
+    POSTGRES_USER,
     ROOT,
     Service,
     VoteMsg,
@@ -28,13 +29,17 @@ from tests.support import (
     assert_all_counted_once,
     assert_invariant,
     audit_count,
+    clean_env,
     drain_queue,
     expected_totals,
     make_votes,
+    outside_checkout,
     publish,
     query,
     queue_state,
     results,
+    run_cli,
+    service_env,
     wait_for,
 )
 
@@ -397,15 +402,18 @@ def test_init_db_is_idempotent_with_psql(dbname: str) -> None:
                 "-v",
                 "ON_ERROR_STOP=1",
                 "-h",
-                "127.0.0.1",
+                POSTGRES_HOST,
+                "-p",
+                str(POSTGRES_PORT),
                 "-U",
-                "postgres",
+                POSTGRES_USER,
                 "-d",
                 dbname,
                 "-f",
-                "init_db.sql",
+                str(ROOT / "init_db.sql"),
             ],
-            cwd=ROOT,
+            cwd=outside_checkout(),
+            env=clean_env(PGPASSWORD=POSTGRES_PASSWORD),
             capture_output=True,
             text=True,
             timeout=60,
@@ -423,14 +431,8 @@ def test_init_db_is_idempotent_with_psql(dbname: str) -> None:
 def test_schema_rejects_what_the_invariant_forbids(dbname: str) -> None:
     import psycopg2
 
-    subprocess.run(
-        [sys.executable, "aggregator.py", "--init-db"],
-        cwd=ROOT,
-        env={"POSTGRES_HOST": "127.0.0.1", "POSTGRES_DB": dbname, "PATH": "/usr/bin:/bin"},
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    done = run_cli("--init-db", env=service_env(dbname=dbname))
+    assert done.returncode == 0, done.stderr
     audit = 'INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp") VALUES '
     bad = [
         "INSERT INTO vote_results (law_id, oui_count) VALUES ('l', -1)",

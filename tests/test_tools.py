@@ -9,7 +9,6 @@ import pty
 import select
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -22,15 +21,17 @@ from tests.proxy import TcpProxy
 from tests.support import (
     RABBITMQ_HOST,
     RABBITMQ_PORT,
-    ROOT,
     Service,
     amqp_connection,
     assert_invariant,
     audit_count,
     drain_queue,
+    outside_checkout,
     query,
     queue_state,
     results,
+    tool_command,
+    tool_env,
     wait_for,
 )
 from tools.publish_votes import INVALID_KINDS, MessageFactory
@@ -43,8 +44,9 @@ def run_tool(
     *args: str, port: int = RABBITMQ_PORT, timeout: float = 120, **kwargs: Any
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tools.publish_votes", f"--host={RABBITMQ_HOST}", f"--port={port}", *args],
-        cwd=ROOT,
+        tool_command(f"--host={RABBITMQ_HOST}", f"--port={port}", *args),
+        cwd=outside_checkout(),
+        env=tool_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -220,18 +222,16 @@ def test_a_lost_connection_is_reported_and_fails(queue: str) -> None:
     proxy = TcpProxy(RABBITMQ_HOST, RABBITMQ_PORT)
     try:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tools.publish_votes",
+            tool_command(
                 f"--host={RABBITMQ_HOST}",
                 f"--port={proxy.port}",
                 "--count=5000",
                 "--rate=500",
                 "--json",
                 f"--queue={queue}",
-            ],
-            cwd=ROOT,
+            ),
+            cwd=outside_checkout(),
+            env=tool_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -253,10 +253,7 @@ def test_a_lost_connection_is_reported_and_fails(queue: str) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupting_stops_publishing_and_settles_what_is_in_flight(queue: str, signum: int) -> None:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tools.publish_votes",
+        tool_command(
             f"--host={RABBITMQ_HOST}",
             f"--port={RABBITMQ_PORT}",
             "--count=20000",
@@ -264,8 +261,9 @@ def test_interrupting_stops_publishing_and_settles_what_is_in_flight(queue: str,
             "--connections=2",
             "--json",
             f"--queue={queue}",
-        ],
-        cwd=ROOT,
+        ),
+        cwd=outside_checkout(),
+        env=tool_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -331,11 +329,10 @@ def test_wrong_password_exits_2(queue: str) -> None:
 
 
 def test_environment_variables_set_the_connection(queue: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
-    env.update(RABBITMQ_HOST=RABBITMQ_HOST, RABBITMQ_PORT=str(RABBITMQ_PORT), RABBITMQ_QUEUE=queue)
+    env = tool_env(RABBITMQ_HOST=RABBITMQ_HOST, RABBITMQ_PORT=str(RABBITMQ_PORT), RABBITMQ_QUEUE=queue)
     result = subprocess.run(
-        [sys.executable, "-m", "tools.publish_votes", "--count=25"],
-        cwd=ROOT,
+        tool_command("--count=25"),
+        cwd=outside_checkout(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -350,17 +347,15 @@ def test_progress_bar_on_a_terminal(queue: str) -> None:
     master, slave = pty.openpty()
     try:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tools.publish_votes",
+            tool_command(
                 f"--host={RABBITMQ_HOST}",
                 f"--port={RABBITMQ_PORT}",
                 "--count=400",
                 "--rate=400",
                 f"--queue={queue}",
-            ],
-            cwd=ROOT,
+            ),
+            cwd=outside_checkout(),
+            env=tool_env(),
             stdout=subprocess.PIPE,
             stderr=slave,
             text=True,
@@ -397,7 +392,7 @@ def test_progress_bar_on_a_terminal(queue: str) -> None:
 
 def test_help_lists_every_option() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tools.publish_votes", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
+        tool_command("--help"), cwd=outside_checkout(), env=tool_env(), capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0
     for option in ("--count", "--laws", "--rate", "--duplicates", "--replays", "--invalid", "--connections", "--queue"):
