@@ -23,6 +23,7 @@ from tests.support import (
     RABBITMQ_PORT,
     Service,
     amqp_connection,
+    amqp_params,
     assert_invariant,
     audit_count,
     drain_queue,
@@ -35,6 +36,7 @@ from tests.support import (
     wait_for,
 )
 from tools.publish_votes import INVALID_KINDS, MessageFactory
+from tools.publisher import PublishError, publish_all
 from votes import InvalidVote, parse_vote
 
 MakeService = Callable[..., Service]
@@ -199,6 +201,25 @@ def test_unpaced_publishing_reaches_thousands_per_second(queue: str) -> None:
     assert s["confirmed"] == 20000
     # About 13,000/s on an idle 2-core machine; the floor leaves room for a busy one.
     assert s["rate"] >= 2000, s["rate"]
+
+
+def test_the_shared_publisher_raises_unless_every_message_is_in_the_queue(queue_names: list[str]) -> None:
+    """tools/publisher.publish_all, which the bench and the tests publish with: never a silent loss."""
+    name = f"agg.test.{uuid.uuid4().hex[:12]}"
+    queue_names.append(name)
+    conn = amqp_connection()
+    try:
+        conn.channel().queue_declare(name, durable=True, arguments={"x-max-length": 10, "x-overflow": "reject-publish"})
+    finally:
+        conn.close()
+    bodies = [f'{{"n": {i}}}'.encode() for i in range(50)]
+    with pytest.raises(PublishError, match="the broker nacked 40 messages"):
+        publish_all(amqp_params(), name, bodies, window=7)
+    assert drain_queue(name) == bodies[:10]  # in order
+    with pytest.raises(PublishError, match=f"50 messages were returned unroutable by queue {name}.absent"):
+        publish_all(amqp_params(), f"{name}.absent", bodies)
+    publish_all(amqp_params(), name, bodies[:10], window=3)
+    assert drain_queue(name) == bodies[:10]
 
 
 def test_nacked_messages_make_the_exit_status_non_zero(queue_names: list[str]) -> None:
