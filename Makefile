@@ -34,8 +34,10 @@ test-tools:
 	@scripts/install_test_tools.sh
 
 ## Throughput, latency and memory against the bare-consumer limit (prints one table; see README).
+## A shorter run: make bench BENCH_ARGS="--votes 5000 --naive-votes 500 --latency-seconds 2"
+BENCH_ARGS ?=
 bench: $(VENV)/.runtime check-services
-	$(PY) bench/throughput.py
+	$(PY) bench/throughput.py $(BENCH_ARGS)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

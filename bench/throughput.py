@@ -31,13 +31,11 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -49,18 +47,20 @@ from typing import Any
 
 import pika
 import pika.exceptions
-import pika.spec
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
-from pika.adapters.select_connection import SelectConnection
 from psycopg2 import sql
 
 ROOT = Path(__file__).resolve().parent.parent
+# `python bench/throughput.py` puts bench/ on the path, not the repository the shared tools live in.
+sys.path.insert(0, str(ROOT))
+from tools.ports import free_port  # noqa: E402
+from tools.publisher import PERSISTENT, PublishError, publish_all  # noqa: E402
+
 SCHEMA_FILE = ROOT / "init_db.sql"
 PHASES = ("bare", "service", "naive", "latency")
 MP = multiprocessing.get_context("fork")
-PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type="application/json")
 
 # Targets are printed next to the figures; missing one does not fail the run.
 TARGET_LIMIT_RATIO = 0.85
@@ -273,93 +273,11 @@ def _child_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-class ConfirmedPublisher:
-    """Publishes persistent messages on one connection with publisher confirms.
-
-    A BlockingChannel in confirm mode waits for each confirm (about 1,500 messages/s
-    per process here); this keeps up to PUBLISH_WINDOW messages unconfirmed instead,
-    and is done only when the broker has confirmed every one.
-    """
-
-    def __init__(self, params: pika.ConnectionParameters, queue: str, bodies: Sequence[bytes]) -> None:
-        self._params = params
-        self._queue = queue
-        self._bodies = bodies
-        self._next = 0
-        self._unconfirmed: deque[int] = deque()  # delivery tags, in publishing order
-        self._connection: Any = None
-        self._channel: Any = None
-        self.error: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._next == len(self._bodies) and not self._unconfirmed
-
-    def run(self) -> None:
-        self._connection = SelectConnection(
-            self._params,
-            on_open_callback=self._on_open,
-            on_open_error_callback=self._on_open_error,
-            on_close_callback=self._on_closed,
-        )
-        self._connection.ioloop.start()
-        if self.error is None and not self.done:
-            self.error = f"stopped with {len(self._bodies) - self._next + len(self._unconfirmed)} unconfirmed"
-        if self.error is not None:
-            raise BenchError(self.error)
-
-    def _on_open(self, connection: Any) -> None:
-        connection.channel(on_open_callback=self._on_channel)
-
-    def _on_open_error(self, connection: Any, exc: BaseException) -> None:
-        self.error = f"cannot connect to RabbitMQ: {exc}"
-        connection.ioloop.stop()
-
-    def _on_closed(self, connection: Any, reason: BaseException) -> None:
-        if not self.done and self.error is None:
-            self.error = f"connection closed: {reason}"
-        connection.ioloop.stop()
-
-    def _on_channel(self, channel: Any) -> None:
-        self._channel = channel
-        channel.add_on_return_callback(self._on_return)
-        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._pump())
-
-    def _pump(self) -> None:
-        while self._next < len(self._bodies) and len(self._unconfirmed) < PUBLISH_WINDOW:
-            self._channel.basic_publish("", self._queue, self._bodies[self._next], PERSISTENT, mandatory=True)
-            self._next += 1
-            self._unconfirmed.append(self._next)  # delivery tags count publications from 1
-        if self.done:
-            self._connection.close()
-
-    def _on_confirm(self, frame: Any) -> None:
-        method = frame.method
-        if isinstance(method, pika.spec.Basic.Nack):
-            self._fail(f"broker nacked delivery tag {method.delivery_tag}")
-            return
-        if method.multiple:
-            while self._unconfirmed and self._unconfirmed[0] <= method.delivery_tag:
-                self._unconfirmed.popleft()
-        else:
-            self._unconfirmed.remove(method.delivery_tag)
-        self._pump()
-
-    def _on_return(self, _channel: Any, _method: Any, _properties: Any, _body: bytes) -> None:
-        self._fail(f"a message was returned unroutable by queue {self._queue}")
-
-    def _fail(self, message: str) -> None:
-        if self.error is None:
-            self.error = message
-        if self._connection.is_open:
-            self._connection.close()
-
-
 def _backlog_publisher_main(endpoints: Endpoints, queue: str, bodies: Sequence[bytes]) -> None:
     _child_signals()
     try:
-        ConfirmedPublisher(endpoints.amqp(), queue, bodies).run()
-    except BenchError as exc:
+        publish_all(endpoints.amqp(), queue, bodies, window=PUBLISH_WINDOW)
+    except PublishError as exc:
         print(f"publisher: {exc}", file=sys.stderr)
         sys.exit(1)
 
@@ -622,12 +540,6 @@ def run_consumer(
 
 
 # -- the service -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ServiceProcess:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pika.exceptions
 import pytest
 
-from tests.support import Service, amqp_connection, pg_connect, scratch_database
+from tests.support import Service, declare_queue, pg_connect, scratch_database, scratch_queues
 
 
 @pytest.fixture
@@ -19,35 +16,25 @@ def dbname() -> Iterator[str]:
         yield name
 
 
+@pytest.fixture(scope="module")
+def module_dbname() -> Iterator[str]:
+    """A database shared by the tests of one module that only read it."""
+    with scratch_database(pg_connect("postgres"), prefix="agg_test") as name:
+        yield name
+
+
 @pytest.fixture
 def queue_names() -> Iterator[list[str]]:
     """Queues registered here are deleted from RabbitMQ after the test, with the
     dead-letter queue and exchange the service names after them."""
-    names: list[str] = []
-    yield names
-    conn = amqp_connection()
-    try:
-        for name in names:
-            for queue_name in (name, f"{name}.dead"):
-                with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
-                    conn.channel().queue_delete(queue_name)
-            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
-                conn.channel().exchange_delete(f"{name}.dlx")
-    finally:
-        conn.close()
+    with scratch_queues() as names:
+        yield names
 
 
 @pytest.fixture
 def queue(queue_names: list[str]) -> str:
     """A fresh durable queue, declared the way upstream would declare it."""
-    name = f"agg.test.{uuid.uuid4().hex[:12]}"
-    queue_names.append(name)
-    conn = amqp_connection()
-    try:
-        conn.channel().queue_declare(name, durable=True)
-    finally:
-        conn.close()
-    return name
+    return declare_queue(queue_names)
 
 
 @pytest.fixture

@@ -1,15 +1,26 @@
-"""Test helpers: the service as a subprocess, the broker and database as a user sees them."""
+"""Test helpers: the service as a subprocess, the broker and database as a user sees them.
+
+The servers are the ones TEST_RABBITMQ_HOST, TEST_RABBITMQ_PORT, TEST_RABBITMQ_USER,
+TEST_RABBITMQ_PASSWORD, TEST_POSTGRES_HOST, TEST_POSTGRES_PORT, TEST_POSTGRES_USER and
+TEST_POSTGRES_PASSWORD name (default: both on 127.0.0.1, guest/guest, postgres without a
+password). Subprocesses get only these settings: none of the service's variables from the shell
+that runs the tests, and a working directory of their own, so no checkout's `.env` reaches them.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import random
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -20,9 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import pika.exceptions
 import psycopg2
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg2 import sql
+
+from config import variables
+from tools.ports import free_port
+from tools.publisher import publish_all
 
 ROOT = Path(__file__).resolve().parent.parent
 RABBITMQ_HOST = os.environ.get("TEST_RABBITMQ_HOST", "127.0.0.1")
@@ -30,6 +46,11 @@ RABBITMQ_PORT = int(os.environ.get("TEST_RABBITMQ_PORT", "5672"))
 POSTGRES_HOST = os.environ.get("TEST_POSTGRES_HOST", "127.0.0.1")
 POSTGRES_PORT = int(os.environ.get("TEST_POSTGRES_PORT", "5432"))
 POSTGRES_USER = os.environ.get("TEST_POSTGRES_USER", "postgres")
+POSTGRES_PASSWORD = os.environ.get("TEST_POSTGRES_PASSWORD", "")
+RABBITMQ_USER = os.environ.get("TEST_RABBITMQ_USER", "guest")
+RABBITMQ_PASSWORD = os.environ.get("TEST_RABBITMQ_PASSWORD", "guest")
+# systemd's, read by the service too; the tests that need them set them.
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
@@ -41,12 +62,6 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- votes ---------------------------------------------------------------------
@@ -92,24 +107,56 @@ def expected_totals(votes: Iterable[VoteMsg]) -> dict[str, tuple[int, int]]:
 # -- RabbitMQ --------------------------------------------------------------------
 
 
+def amqp_params() -> pika.ConnectionParameters:
+    return pika.ConnectionParameters(
+        RABBITMQ_HOST, RABBITMQ_PORT, credentials=pika.PlainCredentials(RABBITMQ_USER, RABBITMQ_PASSWORD)
+    )
+
+
 def amqp_connection() -> pika.BlockingConnection:
-    return pika.BlockingConnection(pika.ConnectionParameters(RABBITMQ_HOST, RABBITMQ_PORT))
+    return pika.BlockingConnection(amqp_params())
 
 
 def publish(queue: str, bodies: Iterable[bytes]) -> int:
-    """Publish with confirms, so every body is in the queue when this returns."""
-    n = 0
+    """Publish in order with confirms, so every body is in the queue when this returns.
+
+    Confirms are awaited a window at a time (tools/publisher.py), not one per message.
+    """
+    messages = list(bodies)
+    publish_all(amqp_params(), queue, messages)
+    return len(messages)
+
+
+def declare_queue(names: list[str]) -> str:
+    """A fresh durable queue, declared the way upstream would declare it; its name is added to `names`."""
+    name = f"agg.test.{uuid.uuid4().hex[:12]}"
+    names.append(name)
     conn = amqp_connection()
     try:
-        ch = conn.channel()
-        ch.confirm_delivery()
-        props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-        for body in bodies:
-            ch.basic_publish("", queue, body, props, mandatory=True)
-            n += 1
+        conn.channel().queue_declare(name, durable=True)
     finally:
         conn.close()
-    return n
+    return name
+
+
+@contextmanager
+def scratch_queues() -> Iterator[list[str]]:
+    """Queues whose names are added to the list are deleted from RabbitMQ afterwards, with the
+    dead-letter queue and exchange the service names after them."""
+    names: list[str] = []
+    try:
+        yield names
+    finally:
+        conn = amqp_connection()
+        try:
+            for name in names:
+                for queue_name in (name, f"{name}.dead"):
+                    with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                        conn.channel().queue_delete(queue_name)
+                with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                    conn.channel().exchange_delete(f"{name}.dlx")
+        finally:
+            conn.close()
 
 
 def queue_state(queue: str) -> tuple[int, int]:
@@ -141,7 +188,9 @@ def drain_queue(queue: str) -> list[bytes]:
 
 
 def pg_connect(dbname: str) -> psycopg2.extensions.connection:
-    conn = psycopg2.connect(host=POSTGRES_HOST, port=POSTGRES_PORT, user=POSTGRES_USER, dbname=dbname)
+    conn = psycopg2.connect(
+        host=POSTGRES_HOST, port=POSTGRES_PORT, user=POSTGRES_USER, password=POSTGRES_PASSWORD, dbname=dbname
+    )
     conn.autocommit = True
     return conn
 
@@ -202,26 +251,51 @@ def assert_all_counted_once(dbname: str, queue: str, votes: list[VoteMsg]) -> No
 # -- the service --------------------------------------------------------------------
 
 
+@functools.cache
+def outside_checkout() -> Path:
+    """An empty directory, removed at exit, for subprocesses to run in: python-dotenv looks for
+    `.env` from the working directory up, and a developer's `.env` must not configure a test."""
+    path = Path(tempfile.mkdtemp(prefix="agg-test-cwd-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """This process's environment without a variable the service or the tools read; `overrides` win."""
+    read = set(variables()) | set(SYSTEMD_VARIABLES)
+    inherited = {k: v for k, v in os.environ.items() if k not in read and not k.startswith(("RABBITMQ_", "POSTGRES_"))}
+    return {**inherited, **overrides}
+
+
 def service_env(*, dbname: str, queue: str = "votes.aggregation", **overrides: str) -> dict[str, str]:
-    """The environment of a run against the shared test servers; `overrides` win."""
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "POSTGRES_"))},
-        "RABBITMQ_HOST": RABBITMQ_HOST,
-        "RABBITMQ_PORT": str(RABBITMQ_PORT),
-        "RABBITMQ_QUEUE": queue,
-        "POSTGRES_HOST": POSTGRES_HOST,
-        "POSTGRES_PORT": str(POSTGRES_PORT),
-        "POSTGRES_USER": POSTGRES_USER,
-        "POSTGRES_DB": dbname,
-        **overrides,
-    }
+    """The environment of a run against the test servers; `overrides` win."""
+    return clean_env(
+        **{
+            "RABBITMQ_HOST": RABBITMQ_HOST,
+            "RABBITMQ_PORT": str(RABBITMQ_PORT),
+            "RABBITMQ_USER": RABBITMQ_USER,
+            "RABBITMQ_PASSWORD": RABBITMQ_PASSWORD,
+            "RABBITMQ_QUEUE": queue,
+            "POSTGRES_HOST": POSTGRES_HOST,
+            "POSTGRES_PORT": str(POSTGRES_PORT),
+            "POSTGRES_USER": POSTGRES_USER,
+            "POSTGRES_PASSWORD": POSTGRES_PASSWORD,
+            "POSTGRES_DB": dbname,
+            **overrides,
+        }
+    )
+
+
+def aggregator_command(*args: str) -> list[str]:
+    """`python <checkout>/aggregator.py <args>`, to be run outside the checkout."""
+    return [sys.executable, str(ROOT / "aggregator.py"), *args]
 
 
 def run_cli(*args: str, env: Mapping[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`python aggregator.py <args>` as an operator runs it."""
     return subprocess.run(
-        [sys.executable, "aggregator.py", *args],
-        cwd=ROOT,
+        aggregator_command(*args),
+        cwd=outside_checkout(),
         env=dict(env),
         capture_output=True,
         text=True,
@@ -229,9 +303,25 @@ def run_cli(*args: str, env: Mapping[str, str], timeout: float = 60) -> subproce
     )
 
 
+def tool_command(*args: str) -> list[str]:
+    """`python -m tools.publish_votes <args>`, to be run outside the checkout with tool_env()."""
+    return [sys.executable, "-m", "tools.publish_votes", *args]
+
+
+def tool_env(**overrides: str) -> dict[str, str]:
+    """The publishing tool's environment: the test broker's credentials, the checkout on the path."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return clean_env(
+        **{"PYTHONPATH": path, "RABBITMQ_USER": RABBITMQ_USER, "RABBITMQ_PASSWORD": RABBITMQ_PASSWORD, **overrides}
+    )
+
+
 def problems(result: subprocess.CompletedProcess[str]) -> list[str]:
     """The `problem:` lines of a --check run."""
     return [line for line in result.stderr.splitlines() if line.startswith("problem: ")]
+
+
+TEST_BATCH_TIMEOUT_S = "0.2"
 
 
 class Service:
@@ -245,16 +335,20 @@ class Service:
         self.env = service_env(
             dbname=dbname,
             queue=queue,
-            PROMETHEUS_PORT=str(self.metrics_port),
-            PYTHONUNBUFFERED="1",
-            **(env or {}),
+            **{
+                "PROMETHEUS_PORT": str(self.metrics_port),
+                "PYTHONUNBUFFERED": "1",
+                # The last, partial batch of a test is written 0.2 s after its first vote, not 1 s.
+                "BATCH_TIMEOUT_SECONDS": TEST_BATCH_TIMEOUT_S,
+                **(env or {}),
+            },
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait_consuming: bool = True) -> Service:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "aggregator.py"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            aggregator_command(), cwd=outside_checkout(), env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         if wait_consuming:

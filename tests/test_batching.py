@@ -54,8 +54,11 @@ def test_buffer_hands_out_full_batches_in_delivery_order() -> None:
     for tag in range(1, 8):
         buffer.add(_delivery(tag, channel))
     first, second = buffer.take(wait_s=0), buffer.take(wait_s=0)
-    assert _tags(first) == [1, 2, 3] and _tags(second) == [4, 5, 6]
-    assert first is not None and second is not None and (first.seq, second.seq) == (0, 1)
+    assert _tags(first) == [1, 2, 3]
+    assert _tags(second) == [4, 5, 6]
+    assert first is not None
+    assert second is not None
+    assert (first.seq, second.seq) == (0, 1)
     assert buffer.take(wait_s=0.05) is None  # one vote left, not due yet
     assert _tags(buffer.take(wait_s=0, drain=True)) == [7]
     assert len(buffer) == 0
@@ -103,7 +106,9 @@ def test_sequencer_settles_batches_in_the_order_they_were_taken() -> None:
     batches = [Batch(seq, [_delivery(seq * 10 + i, channel) for i in range(1, 3)]) for seq in range(4)]
     sequencer.done(batches[1], batches[1].deliveries, [])
     sequencer.done(batches[3], batches[3].deliveries[:1], batches[3].deliveries[1:])
-    assert settled == [] and sequencer.waiting == 2  # batch 0 is still being written
+    # Batch 0 is still being written.
+    assert settled == []
+    assert sequencer.waiting == 2
     sequencer.done(batches[0], batches[0].deliveries, [])
     assert settled == [[1, 2], [11, 12]]  # 3 still waits for 2
     sequencer.done(batches[2], batches[2].deliveries, [])
@@ -200,7 +205,8 @@ def test_stopping_while_a_batch_is_being_written_waits_for_it(
         wait_for(lambda: svc.metric("vote_buffer_depth") > 0, timeout=30, what="votes buffered")
         svc.signal(signal.SIGTERM)
         time.sleep(1.0)
-        assert svc.proc is not None and svc.proc.poll() is None, "the stop waits for the batch being written"
+        assert svc.proc is not None
+        assert svc.proc.poll() is None, "the stop waits for the batch being written"
         proxy.resume()
         assert svc.proc.wait(30) == 0
     finally:

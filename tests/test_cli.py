@@ -27,10 +27,10 @@ from tests.support import (
     POSTGRES_USER,
     RABBITMQ_HOST,
     RABBITMQ_PORT,
+    RABBITMQ_USER,
     ROOT,
     Service,
     audit_count,
-    free_port,
     make_votes,
     pg_connect,
     problems,
@@ -40,16 +40,17 @@ from tests.support import (
     service_env,
     wait_for,
 )
+from tools.ports import free_port
 
 SCHEMA_OBJECTS = ("vote_results", "vote_audit", "duplicate_attempts", "vote_statistics")
 
 
-@pytest.fixture
-def schema_db(dbname: str) -> str:
-    """The test's database with the schema applied the operator's way."""
-    result = run_cli("--init-db", env=service_env(dbname=dbname))
+@pytest.fixture(scope="module")
+def schema_db(module_dbname: str) -> str:
+    """A database with the schema applied the operator's way, shared by the tests that only read it."""
+    result = run_cli("--init-db", env=service_env(dbname=module_dbname))
     assert result.returncode == 0, result.stderr
-    return dbname
+    return module_dbname
 
 
 @pytest.fixture
@@ -108,7 +109,8 @@ def test_check_passes_when_everything_is_ready(schema_db: str, queue: str) -> No
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
-    assert len(lines) == 2 and all(line.startswith("ok: ") for line in lines), lines
+    assert len(lines) == 2, lines
+    assert all(line.startswith("ok: ") for line in lines), lines
     assert f"queue {queue} (0 ready, 0 consumers)" in lines[0]
     assert lines[1] == f"ok: PostgreSQL {target(schema_db)}, schema complete"
 
@@ -126,7 +128,7 @@ def test_check_reports_one_line_per_problem(case: str, dbname: str, queue: str) 
     if case in ("rabbitmq-unreachable", "two-at-once"):
         port = free_port()  # nothing listens there
         env["RABBITMQ_PORT"] = str(port)
-        expected.append(f"RabbitMQ amqp://guest@{RABBITMQ_HOST}:{port}/")
+        expected.append(f"RabbitMQ amqp://{RABBITMQ_USER}@{RABBITMQ_HOST}:{port}/")
     if case in ("missing-database", "two-at-once"):
         env["POSTGRES_DB"] = f"agg_test_absent_{uuid.uuid4().hex[:8]}"
         expected.append(f'database "{env["POSTGRES_DB"]}" does not exist')
@@ -200,7 +202,8 @@ def test_results_match_the_database(make_service: Callable[..., Service], queue:
     wait_for(lambda: audit_count(dbname) == len(votes), timeout=30, what="votes counted")
     assert svc.stop() == 0
     rows = statistics(dbname)
-    assert len(rows) == 3 and sum(r[3] for r in rows) == len(votes)
+    assert len(rows) == 3
+    assert sum(r[3] for r in rows) == len(votes)
     env = service_env(dbname=dbname)
 
     as_csv = run_cli("results", "--format", "csv", env=env)
@@ -330,7 +333,8 @@ def per_batch(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def test_batches_are_logged_at_debug(make_service: Callable[..., Service], queue: str, dbname: str) -> None:
     # The counterpart of the test above: the per-batch lines exist, one level down.
-    svc = make_service({"LOG_FORMAT": "json", "LOG_LEVEL": "DEBUG"}).start()
+    # The default batch timeout: the 50 votes arrive well within it, as one batch.
+    svc = make_service({"LOG_FORMAT": "json", "LOG_LEVEL": "DEBUG", "BATCH_TIMEOUT_SECONDS": "1"}).start()
     publish(queue, [v.body() for v in make_votes(50, laws=2, seed=42)])
     wait_for(lambda: audit_count(dbname) == 50, timeout=30, what="votes counted")
     wait_for(lambda: per_batch(json_lines(svc.logs())), timeout=10, what="the batch line")
@@ -345,7 +349,8 @@ def test_check_reports_a_bad_variable_as_one_problem() -> None:
     assert result.returncode == 1
     assert problems(result) == result.stderr.splitlines()
     (problem,) = problems(result)
-    assert "BATCH_SIZE" in problem and "'abc'" in problem
+    assert "BATCH_SIZE" in problem
+    assert "'abc'" in problem
 
 
 def test_make_says_in_one_line_how_to_start_a_server_that_is_down(tmp_path: Path) -> None:
@@ -358,7 +363,8 @@ def test_make_says_in_one_line_how_to_start_a_server_that_is_down(tmp_path: Path
     )
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
-    assert f"RabbitMQ is not reachable at {RABBITMQ_HOST}:{closed}" in line and "rabbitmq-server -detached" in line
+    assert f"RabbitMQ is not reachable at {RABBITMQ_HOST}:{closed}" in line
+    assert "rabbitmq-server -detached" in line
 
     env["RABBITMQ_PORT"] = str(RABBITMQ_PORT)
     ok = subprocess.run([str(ROOT / "scripts" / "check_services.sh")], cwd=tmp_path, env=env, timeout=30)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import config
 from config import Config, ConfigError, load_config
+from tests.support import run_cli, service_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -226,7 +224,7 @@ def test_bad_value_raises_config_error_naming_variable_and_value(name: str, raw:
 
 
 def test_config_error_is_a_value_error() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="BATCH_SIZE"):
         load_config({"BATCH_SIZE": "abc"})
 
 
@@ -298,18 +296,7 @@ def test_log_level_is_case_insensitive(raw: str, expected: str, number: int) -> 
 
 @pytest.mark.parametrize(("name", "raw"), [("BATCH_SIZE", "abc"), ("RABBITMQ_PORT", "70000")])
 def test_service_exits_2_with_one_line_on_bad_configuration(name: str, raw: str) -> None:
-    env = dict(os.environ)
-    env[name] = raw
-
-    result = subprocess.run(
-        [sys.executable, "aggregator.py"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_cli(env=service_env(dbname="postgres", **{name: raw}), timeout=30)
 
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()

@@ -34,7 +34,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from config import Config, load_config, variables
-from tests.support import ROOT, Service, free_port, make_votes, publish, query, queue_state, wait_for
+from tests.support import ROOT, Service, make_votes, publish, query, queue_state, wait_for
+from tools.ports import free_port
 
 UNIT = ROOT / "deploy" / "vote-aggregator.service"
 ENV_EXAMPLE = ROOT / "deploy" / "vote-aggregator.env"
@@ -427,7 +428,8 @@ def test_image_copies_every_module_the_service_imports() -> None:
     assert [f for f in copied_sources(text) if dockerignored(f)] == []
     # The check notices a module left out.
     assert missing_from_image(text.replace(" logsetup.py", "", 1)) == {"logsetup.py"}
-    assert dockerignored("tests/test_deploy.py") and dockerignored(".venv")
+    assert dockerignored("tests/test_deploy.py")
+    assert dockerignored(".venv")
 
 
 def test_image_runs_the_service_as_the_unit_does() -> None:
@@ -483,7 +485,8 @@ def _run_healthcheck(status_by_path: dict[str, int]) -> tuple[int, list[str]]:
 def test_healthcheck_probes_healthz_on_the_metrics_port() -> None:
     assert _run_healthcheck({"/healthz": 200}) == (0, ["/healthz"])
     code, requested = _run_healthcheck({"/healthz": 503})
-    assert code != 0 and requested == ["/healthz"]
+    assert code != 0
+    assert requested == ["/healthz"]
     # Nothing listening on PROMETHEUS_PORT: unhealthy.
     unreachable = subprocess.run(_healthcheck_command(), env={"PROMETHEUS_PORT": str(free_port())}, capture_output=True)
     assert unreachable.returncode != 0
@@ -581,7 +584,8 @@ def test_compose_aggregator_configuration() -> None:
     for server in ("rabbitmq", "postgres"):
         assert aggregator["depends_on"][server] == {"condition": "service_healthy"}
         assert services[server]["healthcheck"]["test"]
-    assert config.rabbitmq_host == "rabbitmq" and config.postgres_host == "postgres"
+    assert config.rabbitmq_host == "rabbitmq"
+    assert config.postgres_host == "postgres"
     rabbitmq_env = services["rabbitmq"]["environment"]
     assert (config.rabbitmq_user, config.rabbitmq_password) == (
         rabbitmq_env["RABBITMQ_DEFAULT_USER"],

@@ -118,17 +118,20 @@ def test_rabbitmq_connection_cut_and_broker_down_under_load(
 ) -> None:
     votes = make_votes(30_000, laws=20)
     publish(queue, (v.body() for v in votes))
-    svc = make_service({"RABBITMQ_PORT": str(amqp_proxy.port), "RABBITMQ_RECONNECT_MAX_DELAY_SECONDS": "4"}).start()
+    svc = make_service({"RABBITMQ_PORT": str(amqp_proxy.port), "RABBITMQ_RECONNECT_MAX_DELAY_SECONDS": "1"}).start()
 
     for threshold in (2_000, 8_000):
         wait_for(lambda t=threshold: audit_count(dbname) > t, timeout=60, what="counting under way")  # type: ignore[misc]
         amqp_proxy.cut()
-    # The broker is down for a while: connections are refused.
+    # The broker is down for a while: connections are refused, and refused again.
     wait_for(lambda: audit_count(dbname) > 14_000, timeout=60, what="counting under way")
+    failures = svc.logs().count("RabbitMQ connection to")
     amqp_proxy.refuse()
     amqp_proxy.cut()
-    time.sleep(6)
-    assert svc.proc is not None and svc.proc.poll() is None
+    # The lost connection, then two refused attempts (one a second at this backoff cap).
+    wait_for(lambda: svc.logs().count("RabbitMQ connection to") >= failures + 3, timeout=30, what="refused reconnects")
+    assert svc.proc is not None
+    assert svc.proc.poll() is None
     amqp_proxy.resume()
 
     wait_for(lambda: audit_count(dbname) == len(votes), timeout=120, what="every vote counted")
@@ -142,7 +145,8 @@ def test_rabbitmq_connection_cut_and_broker_down_under_load(
 def test_hung_broker_is_detected_by_heartbeats(
     make_service: MakeService, queue: str, dbname: str, amqp_proxy: TcpProxy
 ) -> None:
-    svc = make_service({"RABBITMQ_PORT": str(amqp_proxy.port), "RABBITMQ_HEARTBEAT_SECONDS": "2"}).start()
+    # The smallest heartbeat: pika notices a silent broker after heartbeat + 5 s.
+    svc = make_service({"RABBITMQ_PORT": str(amqp_proxy.port), "RABBITMQ_HEARTBEAT_SECONDS": "1"}).start()
     first = make_votes(500, laws=5, seed=1)
     publish(queue, (v.body() for v in first))
     wait_for(lambda: audit_count(dbname) == len(first), timeout=30, what="first votes counted")
@@ -161,16 +165,22 @@ def test_hung_broker_is_detected_by_heartbeats(
 # -- 3. PostgreSQL unavailable ------------------------------------------------------------------
 
 
+OUTAGE_S = 7.0
+
+
 def test_postgres_unreachable_longer_than_the_retry_budget(
     make_service: MakeService, queue: str, dbname: str, pg_proxy: TcpProxy
 ) -> None:
     svc = make_service(
         {
             "POSTGRES_PORT": str(pg_proxy.port),
-            # Heartbeats would time out within ~10 s if pika's I/O stalled during the outage.
-            "RABBITMQ_HEARTBEAT_SECONDS": "4",
-            "RETRY_DELAY_SECONDS": "0.5",
-            "RETRY_MAX_DELAY_SECONDS": "8",
+            # RabbitMQ would drop the connection after two missed heartbeats (~4 s) if pika's
+            # I/O stalled during the outage.
+            "RABBITMQ_HEARTBEAT_SECONDS": "2",
+            # Waits of 0.1 s doubling up to 1.6 s: an outage of OUTAGE_S outlasts tenacity's
+            # budget (0.1 + 0.2 + 0.4 s) several times over.
+            "RETRY_DELAY_SECONDS": "0.1",
+            "RETRY_MAX_DELAY_SECONDS": "1.6",
         }
     ).start()
     before = make_votes(2_000, laws=10, seed=1)
@@ -181,8 +191,9 @@ def test_postgres_unreachable_longer_than_the_retry_budget(
     pg_proxy.cut()
     during = make_votes(3_000, laws=10, seed=2)
     publish(queue, (v.body() for v in during))
-    time.sleep(35)
-    assert svc.proc is not None and svc.proc.poll() is None
+    time.sleep(OUTAGE_S)
+    assert svc.proc is not None
+    assert svc.proc.poll() is None
     assert audit_count(dbname) == len(before)
     # Nothing was acked, nothing dropped, nothing requeued in a loop: the queue
     # still holds what the service has not taken, and no message was redelivered.
@@ -192,7 +203,7 @@ def test_postgres_unreachable_longer_than_the_retry_budget(
     outage_logs = svc.logs()
     assert "keeping it and retrying" in outage_logs
     assert "Retrying" in outage_logs  # tenacity's attempts, logged
-    # Capped backoff, not a tight loop: a handful of retry rounds in 35 s.
+    # Capped backoff, not a tight loop: a handful of retry rounds in OUTAGE_S (five or six).
     assert outage_logs.count("keeping it and retrying") <= 12
     assert svc.metric("aggregation_errors_total", error_type="database_unavailable") >= 1
 
@@ -208,7 +219,7 @@ def test_postgres_that_stops_answering_is_abandoned_and_reconnected(
     make_service: MakeService, queue: str, dbname: str, pg_proxy: TcpProxy
 ) -> None:
     svc = make_service(
-        {"POSTGRES_PORT": str(pg_proxy.port), "POSTGRES_QUERY_TIMEOUT_SECONDS": "2", "RETRY_DELAY_SECONDS": "0.5"}
+        {"POSTGRES_PORT": str(pg_proxy.port), "POSTGRES_QUERY_TIMEOUT_SECONDS": "1", "RETRY_DELAY_SECONDS": "0.1"}
     ).start()
     first = make_votes(300, laws=4, seed=1)
     publish(queue, (v.body() for v in first))
@@ -351,7 +362,8 @@ def test_hostile_payloads_are_rejected_and_good_votes_counted(
     # Thirty 10 MB bodies went through; memory is held only while one is parsed.
     peak = peak_rss_mb(svc)
     assert peak < baseline + 120, f"peak RSS {peak:.0f} MB from {baseline:.0f} MB"
-    assert svc.proc is not None and svc.proc.poll() is None
+    assert svc.proc is not None
+    assert svc.proc.poll() is None
     assert svc.stop() == 0
     assert results(dbname) == expected_totals(good)
     assert query(dbname, "SELECT count(*) FROM vote_audit WHERE citizen_id LIKE 'hostile%'") == [(0,)]
@@ -375,8 +387,10 @@ def test_law_labels_are_capped_and_law_ids_checked_against_the_pattern(
     samples = svc.metrics()
     labelled = {dict(labels)["law_id"] for (name, labels) in samples if name == "votes_aggregated_total"}
     gauged = {dict(labels)["law_id"] for (name, labels) in samples if name == "current_vote_totals"}
-    assert len(labelled - {"_other"}) == 10 and "_other" in labelled
-    assert len(gauged) == 10 and gauged <= labelled
+    assert len(labelled - {"_other"}) == 10
+    assert "_other" in labelled
+    assert len(gauged) == 10
+    assert gauged <= labelled
     totals = expected_totals(votes)
     beyond = sum(oui + non for law, (oui, non) in totals.items() if law not in labelled)
     other = svc.metric("votes_aggregated_total", law_id="_other", choice="oui") + svc.metric(

@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -22,7 +21,17 @@ from typing import Any
 
 import pytest
 
-from tests.support import RABBITMQ_HOST, RABBITMQ_PORT, ROOT, Service, free_port, wait_for
+from tests.support import (
+    RABBITMQ_HOST,
+    RABBITMQ_PORT,
+    ROOT,
+    Service,
+    outside_checkout,
+    tool_command,
+    tool_env,
+    wait_for,
+)
+from tools.ports import free_port
 
 MakeService = Callable[..., Service]
 
@@ -127,7 +136,8 @@ def test_every_alert_has_labels_annotations_and_unit_tests() -> None:
     for name, body in blocks.items():
         assert f'job="{JOB}"' in body, f"{name} does not select job={JOB}"
         severity = re.search(r"^\s*severity:\s*(\S+)", body, flags=re.MULTILINE)
-        assert severity is not None and severity.group(1) in SEVERITIES, f"{name}: severity"
+        assert severity is not None, f"{name}: severity"
+        assert severity.group(1) in SEVERITIES, f"{name}: severity"
         for annotation in ("summary", "description", "runbook"):
             assert re.search(rf"^\s*{annotation}:\s*\S", body, flags=re.MULTILINE), f"{name}: no {annotation}"
     cases = alert_cases()
@@ -144,7 +154,9 @@ def test_every_alert_has_labels_annotations_and_unit_tests() -> None:
 
 def test_dashboard_is_well_formed_and_uses_the_provisioned_datasource() -> None:
     board = dashboard()
-    assert board["uid"] and board["title"] and 36 <= board["schemaVersion"] <= 41
+    assert board["uid"]
+    assert board["title"]
+    assert 36 <= board["schemaVersion"] <= 41
     uid = re.search(r"^\s*uid:\s*(\S+)", DATASOURCES.read_text(), flags=re.MULTILINE)
     assert uid is not None
     datasource = {"type": "prometheus", "uid": uid.group(1)}
@@ -157,7 +169,9 @@ def test_dashboard_is_well_formed_and_uses_the_provisioned_datasource() -> None:
     cells: set[tuple[int, int]] = set()
     for panel in panels:
         pos = panel["gridPos"]
-        assert pos["x"] >= 0 and pos["w"] > 0 and pos["x"] + pos["w"] <= 24, panel["title"]
+        assert pos["x"] >= 0, panel["title"]
+        assert pos["w"] > 0, panel["title"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
         area = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])}
         assert not area & cells, f"panel {panel['title']!r} overlaps another"
         cells |= area
@@ -169,10 +183,12 @@ def test_dashboard_is_well_formed_and_uses_the_provisioned_datasource() -> None:
         assert targets, f"panel {panel['title']!r} has no query"
         assert len({t["refId"] for t in targets}) == len(targets)
         for target in targets:
-            assert target["datasource"] == datasource and target["expr"].strip()
+            assert target["datasource"] == datasource
+            assert target["expr"].strip()
             # Every selector reads this service's job and honours the instance picker.
             for selector in re.findall(r"\{([^}]*)\}", target["expr"]):
-                assert f'job="{JOB}"' in selector and 'instance=~"$instance"' in selector, target["expr"]
+                assert f'job="{JOB}"' in selector, target["expr"]
+                assert 'instance=~"$instance"' in selector, target["expr"]
     variables = {v["name"] for v in board["templating"]["list"]}
     assert variables == {"instance"}
 
@@ -185,7 +201,8 @@ def test_dashboard_is_well_formed_and_uses_the_provisioned_datasource() -> None:
         assert needed in exprs, f"no panel shows {needed}"
     for quantile in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({quantile}," in exprs
-    assert "postgresql" in titles and "rabbitmq" in titles
+    assert "postgresql" in titles
+    assert "rabbitmq" in titles
 
 
 # -- a real Prometheus -------------------------------------------------------------------------------
@@ -277,10 +294,7 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
 def start_load(queue: str, *, rate: int, seconds: int) -> subprocess.Popen[bytes]:
     """The demo publisher: votes with duplicate attempts, replays and invalid messages, paced."""
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tools.publish_votes",
+        tool_command(
             f"--count={rate * seconds}",
             f"--rate={rate}",
             "--laws=4",
@@ -292,8 +306,9 @@ def start_load(queue: str, *, rate: int, seconds: int) -> subprocess.Popen[bytes
             f"--host={RABBITMQ_HOST}",
             f"--port={RABBITMQ_PORT}",
             "--progress=none",
-        ],
-        cwd=ROOT,
+        ),
+        cwd=outside_checkout(),
+        env=tool_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -335,7 +350,8 @@ def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
             return float(prometheus.query(expr)[0]["value"][1])
 
         assert value(f'sum(rate(votes_aggregated_total{{job="{JOB}"}}[5s]))') > 0
-        assert value(f'database_up{{job="{JOB}"}}') == 1 and value(f'rabbitmq_connected{{job="{JOB}"}}') == 1
+        assert value(f'database_up{{job="{JOB}"}}') == 1
+        assert value(f'rabbitmq_connected{{job="{JOB}"}}') == 1
         reasons = {s["metric"]["reason"] for s in prometheus.query(f'votes_rejected_total{{job="{JOB}"}}')}
         assert {"invalid_json", "missing_field", "invalid_choice"} <= reasons
         assert value(f'duplicate_vote_attempts_total{{job="{JOB}"}}') > 0
@@ -361,7 +377,8 @@ def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
         loaded = rules()
         assert set(loaded) == set(alert_blocks())
         for name, rule in loaded.items():
-            assert rule["type"] == "alerting" and rule["labels"]["severity"] in SEVERITIES, name
+            assert rule["type"] == "alerting", name
+            assert rule["labels"]["severity"] in SEVERITIES, name
             assert rule.get("lastError", "") == "", f"{name}: {rule['lastError']}"
         # 10% invalid and 5% duplicate attempts are spikes by the rules' standards;
         # a healthy service trips none of the others.

@@ -46,7 +46,8 @@ def test_readiness_follows_postgres_and_rabbitmq(make_service: MakeService, queu
         ).start()
         assert probe(svc, "/healthz") == (200, "ok\n")
         assert probe(svc, "/readyz") == (200, "ready\n")
-        assert svc.metric("database_up") == 1 and svc.metric("rabbitmq_connected") == 1
+        assert svc.metric("database_up") == 1
+        assert svc.metric("rabbitmq_connected") == 1
 
         # PostgreSQL goes away while votes arrive: not ready, process still healthy.
         pg.refuse()
@@ -54,7 +55,8 @@ def test_readiness_follows_postgres_and_rabbitmq(make_service: MakeService, queu
         publish(queue, (v.body() for v in make_votes(20, laws=2)))
         wait_for(lambda: probe(svc, "/readyz")[0] == 503, timeout=30, what="not ready without PostgreSQL")
         status, reason = probe(svc, "/readyz")
-        assert status == 503 and "PostgreSQL" in reason
+        assert status == 503
+        assert "PostgreSQL" in reason
         assert probe(svc, "/healthz")[0] == 200
         assert svc.metric("database_up") == 0
         wait_for(lambda: svc.metric("database_retries_total") >= 1, timeout=10, what="retries counted")
@@ -92,6 +94,7 @@ def test_operator_metrics_describe_what_happened(make_service: MakeService, queu
     assert svc.metric("vote_buffer_depth") == 0
     assert svc.metric("database_retries_total") == 0
     builds = [labels for (name, labels) in svc.metrics() if name == "vote_aggregator_build_info"]
-    assert len(builds) == 1 and dict(builds[0])["version"]
+    assert len(builds) == 1
+    assert dict(builds[0])["version"]
     assert audit_count(dbname) == len(votes)
     assert svc.stop() == 0

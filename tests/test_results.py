@@ -6,10 +6,7 @@ import csv
 import hashlib
 import io
 import json
-import os
 import subprocess
-import sys
-from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -20,17 +17,17 @@ from tests.proxy import TcpProxy
 from tests.support import (
     POSTGRES_HOST,
     POSTGRES_PORT,
-    POSTGRES_USER,
-    ROOT,
     Service,
     VoteMsg,
     audit_count,
+    declare_queue,
     publish,
     query,
+    run_cli,
+    scratch_queues,
+    service_env,
     wait_for,
 )
-
-MakeService = Callable[..., Service]
 
 # law -> (oui, non): a clear lead, a repeating decimal, a tie, and thousands.
 VOTES = {"law-001": (7, 3), "law-002": (1, 2), "law-003": (2, 2), "law-010": (1234, 0)}
@@ -41,7 +38,7 @@ def vote(n: int, law: str, choice: str, timestamp: str = "2025-11-14T12:00:00Z")
     return VoteMsg(hashlib.sha256(f"{citizen}:{law}".encode()).hexdigest(), citizen, law, choice, timestamp)
 
 
-def fill(make_service: MakeService, queue: str, dbname: str) -> None:
+def fill(svc: Service, queue: str, dbname: str) -> None:
     """Count VOTES with the service itself, plus messages that must not change them."""
     votes: list[VoteMsg] = []
     for law, (oui, non) in VOTES.items():
@@ -49,7 +46,7 @@ def fill(make_service: MakeService, queue: str, dbname: str) -> None:
             votes.append(vote(len(votes) + 1, law, choice))
     first = votes[len(votes) // 2]
     attempt = VoteMsg(first.vote_hash, first.citizen_id, first.law_id, "non" if first.choice == "oui" else "oui")
-    svc = make_service().start()
+    svc.start()
     publish(queue, [v.body() for v in votes] + [attempt.body(), votes[0].body(), b"not json"])
     wait_for(lambda: audit_count(dbname) == len(votes), timeout=60, what="every vote counted")
     wait_for(lambda: svc.metric("messages_received_total") == len(votes) + 3, timeout=30, what="all received")
@@ -57,16 +54,7 @@ def fill(make_service: MakeService, queue: str, dbname: str) -> None:
 
 
 def results_cli(dbname: str, *args: str, port: int = POSTGRES_PORT) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "POSTGRES_"))}
-    env.update(POSTGRES_HOST=POSTGRES_HOST, POSTGRES_PORT=str(port), POSTGRES_USER=POSTGRES_USER, POSTGRES_DB=dbname)
-    return subprocess.run(
-        [sys.executable, "aggregator.py", "results", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("results", *args, env=service_env(dbname=dbname, POSTGRES_PORT=str(port)))
 
 
 def percent(part: int, whole: int) -> Decimal:
@@ -91,10 +79,17 @@ def updated_at(dbname: str) -> dict[str, datetime]:
     return {law: ts for law, ts in query(dbname, "SELECT law_id, updated_at FROM vote_results")}
 
 
-@pytest.fixture
-def counted(make_service: MakeService, queue: str, dbname: str) -> str:
-    fill(make_service, queue, dbname)
-    return dbname
+@pytest.fixture(scope="module")
+def counted(module_dbname: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """VOTES counted once for the module: the tests that use it only read."""
+    with scratch_queues() as names:
+        queue = declare_queue(names)
+        svc = Service(queue=queue, dbname=module_dbname, log_path=tmp_path_factory.mktemp("counted") / "service.log")
+        try:
+            fill(svc, queue, module_dbname)
+        finally:
+            svc.kill()
+    return module_dbname
 
 
 def test_table_has_every_law_with_exact_numbers_and_a_totals_line(counted: str) -> None:
@@ -115,7 +110,8 @@ def test_table_has_every_law_with_exact_numbers_and_a_totals_line(counted: str) 
         "update",
         "(UTC)",
     ]
-    assert set(lines[1]) <= {"-", " "} and set(lines[-2]) <= {"-", " "}
+    assert set(lines[1]) <= {"-", " "}
+    assert set(lines[-2]) <= {"-", " "}
     rows = lines[2:-2]
     stamps = updated_at(counted)
     assert len(rows) == len(VOTES)
@@ -134,7 +130,9 @@ def test_table_has_every_law_with_exact_numbers_and_a_totals_line(counted: str) 
     oui = sum(o for o, _ in VOTES.values())
     non = sum(n for _, n in VOTES.values())
     assert lines[-1].split() == ["all", "laws", f"{oui:,}", f"{non:,}", f"{oui + non:,}"]
-    assert "1,234" in result.stdout and "33.33%" in result.stdout and "66.67%" in result.stdout
+    assert "1,234" in result.stdout
+    assert "33.33%" in result.stdout
+    assert "66.67%" in result.stdout
 
 
 def test_csv_equals_the_database(counted: str) -> None:
@@ -168,7 +166,8 @@ def test_csv_equals_the_database(counted: str) -> None:
             e["total"],
             e["leading"],
         )
-        assert Decimal(row["oui_percent"]) == e["oui_percent"] and Decimal(row["non_percent"]) == e["non_percent"]
+        assert Decimal(row["oui_percent"]) == e["oui_percent"]
+        assert Decimal(row["non_percent"]) == e["non_percent"]
 
 
 def test_json_equals_the_database(counted: str) -> None:
@@ -209,28 +208,15 @@ def test_unknown_law_exits_1(counted: str) -> None:
 
 
 def test_no_votes_yet_is_not_an_error(dbname: str) -> None:
-    init = subprocess.run(
-        [sys.executable, "aggregator.py", "--init-db"],
-        cwd=ROOT,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "POSTGRES_"))},
-            "POSTGRES_HOST": POSTGRES_HOST,
-            "POSTGRES_PORT": str(POSTGRES_PORT),
-            "POSTGRES_USER": POSTGRES_USER,
-            "POSTGRES_DB": dbname,
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    init = run_cli("--init-db", env=service_env(dbname=dbname))
     assert init.returncode == 0, init.stderr
     assert json.loads(results_cli(dbname, "--format", "json").stdout) == []
     csv_out = results_cli(dbname, "--format", "csv")
-    assert csv_out.returncode == 0 and csv_out.stdout.splitlines() == [
-        "law_id,oui,non,total,oui_percent,non_percent,leading,updated_at"
-    ]
+    assert csv_out.returncode == 0
+    assert csv_out.stdout.splitlines() == ["law_id,oui,non,total,oui_percent,non_percent,leading,updated_at"]
     table = results_cli(dbname)
-    assert table.returncode == 0 and len(table.stdout.splitlines()) == 2  # header and rule only
+    assert table.returncode == 0
+    assert len(table.stdout.splitlines()) == 2  # header and rule only
 
 
 def test_missing_database_exits_1_with_one_line() -> None:
@@ -254,7 +240,9 @@ def test_unreachable_postgres_exits_1_with_one_line(dbname: str) -> None:
 
 def test_database_without_the_schema_exits_1(dbname: str) -> None:
     result = results_cli(dbname)
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == 1
+    assert result.stdout == ""
     # One line that says what is wrong and how to fix it.
-    assert result.stderr.startswith("error: the schema is missing") and "--init-db" in result.stderr
+    assert result.stderr.startswith("error: the schema is missing")
+    assert "--init-db" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -20,7 +19,9 @@ import pytest
 from tests.proxy import TcpProxy
 from tests.support import (
     POSTGRES_HOST,
+    POSTGRES_PASSWORD,
     POSTGRES_PORT,
+    POSTGRES_USER,
     ROOT,
     Service,
     VoteMsg,
@@ -28,13 +29,17 @@ from tests.support import (
     assert_all_counted_once,
     assert_invariant,
     audit_count,
+    clean_env,
     drain_queue,
     expected_totals,
     make_votes,
+    outside_checkout,
     publish,
     query,
     queue_state,
     results,
+    run_cli,
+    service_env,
     wait_for,
 )
 
@@ -228,7 +233,8 @@ def test_partial_batch_is_written_after_the_batch_timeout(make_service: MakeServ
 def test_a_batch_waits_for_its_timeout_when_not_full(make_service: MakeService, queue: str, dbname: str) -> None:
     svc = make_service({"BATCH_SIZE": "1000", "BATCH_TIMEOUT_SECONDS": "60"}).start()
     publish(queue, (v.body() for v in make_votes(5, laws=1)))
-    time.sleep(3)
+    wait_for(lambda: svc.metric("vote_buffer_depth") == 5, timeout=15, what="the votes buffered")
+    time.sleep(1.5)  # longer than the default timeout (1 s) and the tests' (0.2 s): this one holds them
     assert audit_count(dbname) == 0
     # A graceful stop writes what is buffered instead of waiting out the timer.
     assert svc.stop(timeout=20) == 0
@@ -276,7 +282,8 @@ def test_sigterm_with_votes_in_flight_loses_and_doubles_nothing(
     assert svc.stop(timeout=30) == 0
     assert time.monotonic() - stopped_at < 10
     logs = svc.logs()
-    assert "stopping" in logs and "Traceback" not in logs
+    assert "stopping" in logs
+    assert "Traceback" not in logs
 
     counted = audit_count(dbname)
     ready, consumers = queue_state(queue)
@@ -349,7 +356,9 @@ def test_missing_database_stops_start_up_with_how_to_create_it(make_service: Mak
     assert svc.proc is not None
     assert svc.proc.wait(30) == 2
     logs = svc.logs()
-    assert "does not exist" in logs and "createdb" in logs and "--init-db" in logs
+    assert "does not exist" in logs
+    assert "createdb" in logs
+    assert "--init-db" in logs
     assert "Traceback" not in logs
 
 
@@ -363,10 +372,12 @@ def test_second_signal_exits_at_once(make_service: MakeService, queue: str, dbna
         proxy.pause()
         votes = make_votes(10, laws=2)
         publish(queue, (v.body() for v in votes))
-        time.sleep(1.5)
+        wait_for(lambda: svc.metric("messages_received_total") == len(votes), timeout=15, what="the votes received")
+        time.sleep(0.3)  # past the batch timeout: the batch is on its way to the silent database
         svc.signal(signal.SIGTERM)
         time.sleep(1.0)
-        assert svc.proc is not None and svc.proc.poll() is None, "the first signal waits for the batch"
+        assert svc.proc is not None
+        assert svc.proc.poll() is None, "the first signal waits for the batch"
         svc.signal(signal.SIGTERM)
         assert svc.proc.wait(10) != 0
     finally:
@@ -388,15 +399,18 @@ def test_init_db_is_idempotent_with_psql(dbname: str) -> None:
                 "-v",
                 "ON_ERROR_STOP=1",
                 "-h",
-                "127.0.0.1",
+                POSTGRES_HOST,
+                "-p",
+                str(POSTGRES_PORT),
                 "-U",
-                "postgres",
+                POSTGRES_USER,
                 "-d",
                 dbname,
                 "-f",
-                "init_db.sql",
+                str(ROOT / "init_db.sql"),
             ],
-            cwd=ROOT,
+            cwd=outside_checkout(),
+            env=clean_env(PGPASSWORD=POSTGRES_PASSWORD),
             capture_output=True,
             text=True,
             timeout=60,
@@ -414,14 +428,8 @@ def test_init_db_is_idempotent_with_psql(dbname: str) -> None:
 def test_schema_rejects_what_the_invariant_forbids(dbname: str) -> None:
     import psycopg2
 
-    subprocess.run(
-        [sys.executable, "aggregator.py", "--init-db"],
-        cwd=ROOT,
-        env={"POSTGRES_HOST": "127.0.0.1", "POSTGRES_DB": dbname, "PATH": "/usr/bin:/bin"},
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    done = run_cli("--init-db", env=service_env(dbname=dbname))
+    assert done.returncode == 0, done.stderr
     audit = 'INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp") VALUES '
     bad = [
         "INSERT INTO vote_results (law_id, oui_count) VALUES ('l', -1)",
@@ -454,4 +462,5 @@ def test_credentials_never_reach_the_logs(make_service: MakeService, queue: str,
     assert refused.logs().count("RabbitMQ refused") == 1
     assert "Traceback" not in refused.logs()
     for log in (svc.logs(), refused.logs()):
-        assert pg_secret not in log and amqp_secret not in log
+        assert pg_secret not in log
+        assert amqp_secret not in log

@@ -19,6 +19,7 @@ import pytest
 from tests.support import (
     RABBITMQ_HOST,
     RABBITMQ_PORT,
+    RABBITMQ_USER,
     Service,
     audit_count,
     expected_totals,
@@ -78,7 +79,7 @@ def test_rabbitmq_over_tls_counts_votes(
     make_service: Callable[..., Service], queue: str, dbname: str, tls_proxy: TlsProxy, pki: Pki
 ) -> None:
     svc = make_service(rabbitmq_tls_env(tls_proxy, pki.ca.cert)).start()
-    assert f"consuming {queue} on amqp://guest@localhost:{tls_proxy.port}/" in svc.logs()
+    assert f"consuming {queue} on amqp://{RABBITMQ_USER}@localhost:{tls_proxy.port}/" in svc.logs()
     assert tls_proxy.handshakes == 1
     assert tls_proxy.handshake_errors == []
 
@@ -133,7 +134,7 @@ def test_rabbitmq_host_name_is_checked(tls_proxy: TlsProxy, pki: Pki) -> None:
     assert "ok: RabbitMQ" not in refused.stdout
 
     named = run_cli("--check", env={**as_ip, "RABBITMQ_TLS_SERVER_NAME": "localhost"})
-    assert "ok: RabbitMQ amqp://guest@127.0.0.1:" in named.stdout, named.stderr
+    assert f"ok: RabbitMQ amqp://{RABBITMQ_USER}@127.0.0.1:" in named.stdout, named.stderr
     assert not [p for p in problems(named) if "RabbitMQ" in p]
 
 
@@ -181,6 +182,9 @@ def postgres_tls_env(server: TempPostgres, dbname: str, ca: Path, **extra: str) 
     return {
         "POSTGRES_HOST": "localhost",
         "POSTGRES_PORT": str(server.port),
+        # The throwaway cluster's own superuser, whatever TEST_POSTGRES_USER says of the shared server.
+        "POSTGRES_USER": "postgres",
+        "POSTGRES_PASSWORD": "",
         "POSTGRES_DB": dbname,
         "POSTGRES_SSLMODE": "verify-full",
         "POSTGRES_SSLROOTCERT": str(ca),
@@ -208,7 +212,8 @@ def test_postgres_verify_full_counts_votes(
         "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = %s",
         ("vote-aggregator",),
     )
-    assert encrypted and all(row[0] is True for row in encrypted)
+    assert encrypted
+    assert all(row[0] is True for row in encrypted)
     assert svc.stop() == 0
 
 
@@ -254,5 +259,6 @@ def test_postgres_without_tls_is_refused_by_the_server(
     assert svc.proc.wait(30) == 2
     refusals = [line for line in svc.logs().splitlines() if "pg_hba.conf rejects connection" in line]
     assert len(refusals) == 1, svc.logs()
-    assert "ERROR" in refusals[0] and "no encryption" in refusals[0]
+    assert "ERROR" in refusals[0]
+    assert "no encryption" in refusals[0]
     assert "pg_hba.conf rejects connection" in tls_postgres.server_log()

@@ -9,7 +9,6 @@ import pty
 import select
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -22,18 +21,22 @@ from tests.proxy import TcpProxy
 from tests.support import (
     RABBITMQ_HOST,
     RABBITMQ_PORT,
-    ROOT,
     Service,
     amqp_connection,
+    amqp_params,
     assert_invariant,
     audit_count,
     drain_queue,
+    outside_checkout,
     query,
     queue_state,
     results,
+    tool_command,
+    tool_env,
     wait_for,
 )
 from tools.publish_votes import INVALID_KINDS, MessageFactory
+from tools.publisher import PublishError, publish_all
 from votes import InvalidVote, parse_vote
 
 MakeService = Callable[..., Service]
@@ -43,8 +46,9 @@ def run_tool(
     *args: str, port: int = RABBITMQ_PORT, timeout: float = 120, **kwargs: Any
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tools.publish_votes", f"--host={RABBITMQ_HOST}", f"--port={port}", *args],
-        cwd=ROOT,
+        tool_command(f"--host={RABBITMQ_HOST}", f"--port={port}", *args),
+        cwd=outside_checkout(),
+        env=tool_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -76,13 +80,15 @@ def test_published_votes_are_counted_exactly_as_the_tool_reports(
     )
     assert result.returncode == 0, result.stderr
     s = summary_of(result)
-    assert s["ok"] and s["published"] == s["confirmed"] == 3000
+    assert s["ok"]
+    assert s["published"] == s["confirmed"] == 3000
     assert s["nacked"] == s["returned"] == s["unconfirmed"] == 0
     assert (s["duplicates"], s["replays"], s["invalid"]) == (150, 120, 90)
     assert s["votes"] == 3000 - 150 - 120 - 90
     assert set(s["invalid_by_reason"]) == set(INVALID_KINDS)
     # The summary line is on stderr in --json mode, with every figure.
-    assert "published=3000 confirmed=3000 nacked=0" in result.stderr and "invalid=90" in result.stderr
+    assert "published=3000 confirmed=3000 nacked=0" in result.stderr
+    assert "invalid=90" in result.stderr
 
     wait_for(lambda: svc.metric("messages_received_total") == 3000, timeout=60, what="every message received")
     wait_for(lambda: audit_count(dbname) == s["votes"], timeout=60, what="every vote counted")
@@ -107,7 +113,8 @@ def test_published_votes_are_counted_exactly_as_the_tool_reports(
         "SELECT d.choice <> a.choice, d.vote_timestamp > a.timestamp FROM duplicate_attempts d "
         "JOIN vote_audit a USING (vote_hash)",
     )
-    assert len(attempts) == s["duplicates"] and all(flipped and later for flipped, later in attempts)
+    assert len(attempts) == s["duplicates"]
+    assert all(flipped and later for flipped, later in attempts)
     # Invalid messages: rejected for the reason each kind is named after.
     for reason, n in s["invalid_by_reason"].items():
         assert svc.metric("votes_rejected_total", reason=reason) == n, reason
@@ -137,7 +144,8 @@ def test_each_kind_of_message_is_what_it_claims() -> None:
             reasons[exc.reason] += 1
             continue
         assert vote.law_id in ("law-001", "law-002", "law-003")
-        assert body.decode().endswith('Z"}') and vote.timestamp.tzinfo is not None
+        assert body.decode().endswith('Z"}')
+        assert vote.timestamp.tzinfo is not None
         if vote.vote_hash not in seen:
             assert vote.vote_hash == hashlib.sha256(f"{vote.citizen_id}:{vote.law_id}".encode()).hexdigest()
             seen[vote.vote_hash] = body
@@ -150,10 +158,12 @@ def test_each_kind_of_message_is_what_it_claims() -> None:
             replays += 1
         else:
             duplicates += 1
-            assert vote.choice != original.choice and vote.timestamp > original.timestamp
+            assert vote.choice != original.choice
+            assert vote.timestamp > original.timestamp
             assert (vote.citizen_id, vote.law_id) == (original.citizen_id, original.law_id)
     assert (len(seen), duplicates, replays, sum(reasons.values())) == (1200, 200, 200, 400)
-    assert reasons == factory.invalid and set(reasons) == set(INVALID_KINDS)
+    assert reasons == factory.invalid
+    assert set(reasons) == set(INVALID_KINDS)
     assert factory.votes == len(seen)
     assert sum(oui + non for oui, non in factory.totals.values()) == 1200
 
@@ -162,7 +172,8 @@ def test_two_connections_share_the_messages(queue: str) -> None:
     result = run_tool("--count=2000", "--connections=2", "--json", f"--queue={queue}")
     assert result.returncode == 0, result.stderr
     s = summary_of(result)
-    assert s["connections"] == 2 and s["published"] == s["confirmed"] == 2000
+    assert s["connections"] == 2
+    assert s["published"] == s["confirmed"] == 2000
     assert queue_state(queue)[0] == 2000
     bodies = [json.loads(b) for b in drain_queue(queue)]
     citizens = [int(b["citizen_id"].rsplit("-", 1)[1]) for b in bodies]
@@ -177,7 +188,8 @@ def test_rate_paces_publishing(queue: str) -> None:
     wall = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     s = summary_of(result)
-    assert wall >= 1.5 and s["elapsed_s"] >= 1.5
+    assert wall >= 1.5
+    assert s["elapsed_s"] >= 1.5
     assert s["rate"] <= 130
     assert queue_state(queue)[0] == 200
 
@@ -189,6 +201,25 @@ def test_unpaced_publishing_reaches_thousands_per_second(queue: str) -> None:
     assert s["confirmed"] == 20000
     # About 13,000/s on an idle 2-core machine; the floor leaves room for a busy one.
     assert s["rate"] >= 2000, s["rate"]
+
+
+def test_the_shared_publisher_raises_unless_every_message_is_in_the_queue(queue_names: list[str]) -> None:
+    """tools/publisher.publish_all, which the bench and the tests publish with: never a silent loss."""
+    name = f"agg.test.{uuid.uuid4().hex[:12]}"
+    queue_names.append(name)
+    conn = amqp_connection()
+    try:
+        conn.channel().queue_declare(name, durable=True, arguments={"x-max-length": 10, "x-overflow": "reject-publish"})
+    finally:
+        conn.close()
+    bodies = [f'{{"n": {i}}}'.encode() for i in range(50)]
+    with pytest.raises(PublishError, match="the broker nacked 40 messages"):
+        publish_all(amqp_params(), name, bodies, window=7)
+    assert drain_queue(name) == bodies[:10]  # in order
+    with pytest.raises(PublishError, match=f"50 messages were returned unroutable by queue {name}.absent"):
+        publish_all(amqp_params(), f"{name}.absent", bodies)
+    publish_all(amqp_params(), name, bodies[:10], window=3)
+    assert drain_queue(name) == bodies[:10]
 
 
 def test_nacked_messages_make_the_exit_status_non_zero(queue_names: list[str]) -> None:
@@ -212,18 +243,16 @@ def test_a_lost_connection_is_reported_and_fails(queue: str) -> None:
     proxy = TcpProxy(RABBITMQ_HOST, RABBITMQ_PORT)
     try:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tools.publish_votes",
+            tool_command(
                 f"--host={RABBITMQ_HOST}",
                 f"--port={proxy.port}",
                 "--count=5000",
                 "--rate=500",
                 "--json",
                 f"--queue={queue}",
-            ],
-            cwd=ROOT,
+            ),
+            cwd=outside_checkout(),
+            env=tool_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -236,7 +265,8 @@ def test_a_lost_connection_is_reported_and_fails(queue: str) -> None:
         proxy.close()
     assert proc.returncode == 1, err
     s = json.loads(out)
-    assert not s["ok"] and 100 < s["published"] < 5000
+    assert not s["ok"]
+    assert 100 < s["published"] < 5000
     assert any("connection" in e for e in s["errors"]), s["errors"]
     assert "connection 1:" in err
 
@@ -244,10 +274,7 @@ def test_a_lost_connection_is_reported_and_fails(queue: str) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupting_stops_publishing_and_settles_what_is_in_flight(queue: str, signum: int) -> None:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tools.publish_votes",
+        tool_command(
             f"--host={RABBITMQ_HOST}",
             f"--port={RABBITMQ_PORT}",
             "--count=20000",
@@ -255,8 +282,9 @@ def test_interrupting_stops_publishing_and_settles_what_is_in_flight(queue: str,
             "--connections=2",
             "--json",
             f"--queue={queue}",
-        ],
-        cwd=ROOT,
+        ),
+        cwd=outside_checkout(),
+        env=tool_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -266,9 +294,12 @@ def test_interrupting_stops_publishing_and_settles_what_is_in_flight(queue: str,
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     s = json.loads(out)
-    assert s["interrupted"] and not s["ok"] and 300 < s["published"] < 20000
+    assert s["interrupted"]
+    assert not s["ok"]
+    assert 300 < s["published"] < 20000
     # Stopped at once, with every message in flight confirmed: all of them are in the queue.
-    assert s["confirmed"] == s["published"] and s["unconfirmed"] == 0
+    assert s["confirmed"] == s["published"]
+    assert s["unconfirmed"] == 0
     assert queue_state(queue)[0] == s["published"]
     assert f"interrupted after {s['published']} of 20000 messages" in err
 
@@ -278,7 +309,8 @@ def test_a_missing_queue_stops_it_unless_declared(queue_names: list[str]) -> Non
     queue_names.append(name)
     result = run_tool("--count=10", f"--queue={name}")
     assert result.returncode == 2
-    assert f"queue {name} does not exist" in result.stderr and "--declare" in result.stderr
+    assert f"queue {name} does not exist" in result.stderr
+    assert "--declare" in result.stderr
     result = run_tool("--count=10", "--declare", f"--queue={name}")
     assert result.returncode == 0, result.stderr
     assert queue_state(name)[0] == 10
@@ -296,7 +328,8 @@ def test_a_missing_queue_stops_it_unless_declared(queue_names: list[str]) -> Non
 )
 def test_bad_options_exit_2(args: list[str], message: str) -> None:
     result = run_tool(*args, "--queue=unused")
-    assert result.returncode == 2 and message in result.stderr
+    assert result.returncode == 2
+    assert message in result.stderr
 
 
 def test_unreachable_broker_exits_2(queue: str) -> None:
@@ -306,20 +339,21 @@ def test_unreachable_broker_exits_2(queue: str) -> None:
         result = run_tool("--count=10", f"--queue={queue}", port=proxy.port)
     finally:
         proxy.close()
-    assert result.returncode == 2 and "cannot connect to RabbitMQ" in result.stderr
+    assert result.returncode == 2
+    assert "cannot connect to RabbitMQ" in result.stderr
 
 
 def test_wrong_password_exits_2(queue: str) -> None:
     result = run_tool("--count=10", "--password=wrong", f"--queue={queue}")
-    assert result.returncode == 2 and "RabbitMQ refused" in result.stderr
+    assert result.returncode == 2
+    assert "RabbitMQ refused" in result.stderr
 
 
 def test_environment_variables_set_the_connection(queue: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
-    env.update(RABBITMQ_HOST=RABBITMQ_HOST, RABBITMQ_PORT=str(RABBITMQ_PORT), RABBITMQ_QUEUE=queue)
+    env = tool_env(RABBITMQ_HOST=RABBITMQ_HOST, RABBITMQ_PORT=str(RABBITMQ_PORT), RABBITMQ_QUEUE=queue)
     result = subprocess.run(
-        [sys.executable, "-m", "tools.publish_votes", "--count=25"],
-        cwd=ROOT,
+        tool_command("--count=25"),
+        cwd=outside_checkout(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -334,17 +368,15 @@ def test_progress_bar_on_a_terminal(queue: str) -> None:
     master, slave = pty.openpty()
     try:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tools.publish_votes",
+            tool_command(
                 f"--host={RABBITMQ_HOST}",
                 f"--port={RABBITMQ_PORT}",
                 "--count=400",
                 "--rate=400",
                 f"--queue={queue}",
-            ],
-            cwd=ROOT,
+            ),
+            cwd=outside_checkout(),
+            env=tool_env(),
             stdout=subprocess.PIPE,
             stderr=slave,
             text=True,
@@ -372,14 +404,16 @@ def test_progress_bar_on_a_terminal(queue: str) -> None:
     assert proc.returncode == 0, text
     updates = [u for u in text.split("\r") if u.strip()]
     assert len(updates) >= 3, text  # redrawn in place several times
-    assert "msg/s" in updates[0] and "[" in updates[0]
-    assert "100.0%" in updates[-1] and "400/400 confirmed" in updates[-1]
+    assert "msg/s" in updates[0]
+    assert "[" in updates[0]
+    assert "100.0%" in updates[-1]
+    assert "400/400 confirmed" in updates[-1]
     assert out.startswith("published=400 confirmed=400")
 
 
 def test_help_lists_every_option() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tools.publish_votes", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
+        tool_command("--help"), cwd=outside_checkout(), env=tool_env(), capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0
     for option in ("--count", "--laws", "--rate", "--duplicates", "--replays", "--invalid", "--connections", "--queue"):

@@ -21,7 +21,8 @@ from typing import Any
 
 import psycopg2
 
-from tests.support import free_port, wait_for
+from tests.support import wait_for
+from tools.ports import free_port
 
 
 def _pg_bin() -> Path:

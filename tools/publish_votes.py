@@ -60,12 +60,11 @@ from typing import Any, TextIO
 
 import pika
 import pika.exceptions
-import pika.spec
-from pika.adapters.select_connection import SelectConnection
+
+from tools.publisher import ConfirmedPublisher, Counts
 
 PROG = "publish_votes"
 MP = multiprocessing.get_context("fork")
-PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type="application/json")
 
 VOTE, DUPLICATE, REPLAY, INVALID = 0, 1, 2, 3
 # Each is the error_type (and votes_rejected_total reason) the service gives it.
@@ -300,158 +299,6 @@ class MessageFactory:
 # -- one connection ------------------------------------------------------------------------------
 
 
-class Publisher:
-    """Publishes one connection's messages with asynchronous publisher confirms.
-
-    Up to `window` messages are unconfirmed at once; with a rate, message i goes
-    out at start + i / rate. Counters go to a shared array the parent reads for
-    its progress line.
-    """
-
-    def __init__(
-        self,
-        params: pika.ConnectionParameters,
-        queue: str,
-        factory: MessageFactory,
-        *,
-        rate: float,
-        window: int,
-        counters: Any,
-        slot: int,
-        stop: Any,
-    ) -> None:
-        self._params = params
-        self._queue = queue
-        self._factory = factory
-        self._count = len(factory)
-        self._rate = rate
-        self._window = window
-        self._counters = counters
-        self._base = slot * _SLOTS
-        self._stop = stop
-        self._next = 0
-        self._unconfirmed: deque[int] = deque()  # delivery tags, in publishing order
-        self._connection: Any = None
-        self._channel: Any = None
-        self._timer: Any = None
-        self._started = 0.0
-        self._stopping = False
-        self._stop_deadline = math.inf
-        self._closing = False
-        self.error: str | None = None
-
-    def run(self) -> str | None:
-        self._connection = SelectConnection(
-            self._params,
-            on_open_callback=self._on_open,
-            on_open_error_callback=self._on_open_error,
-            on_close_callback=self._on_closed,
-        )
-        self._connection.ioloop.start()
-        return self.error
-
-    @property
-    def _limit(self) -> int:
-        return self._next if self._stopping else self._count
-
-    def _on_open(self, connection: Any) -> None:
-        connection.channel(on_open_callback=self._on_channel)
-
-    def _on_open_error(self, connection: Any, exc: BaseException) -> None:
-        self.error = f"cannot connect to RabbitMQ: {type(exc).__name__}: {exc}"
-        connection.ioloop.stop()
-
-    def _on_closed(self, connection: Any, reason: BaseException) -> None:
-        if not self._closing and self.error is None:
-            self.error = f"connection closed: {reason}"
-        connection.ioloop.stop()
-
-    def _on_channel(self, channel: Any) -> None:
-        self._channel = channel
-        channel.add_on_close_callback(self._on_channel_closed)
-        channel.add_on_return_callback(self._on_return)
-        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirm_mode)
-
-    def _on_channel_closed(self, _channel: Any, reason: BaseException) -> None:
-        if not self._closing:
-            self.error = self.error or f"channel closed: {reason}"
-            self._close()
-
-    def _on_confirm_mode(self, _frame: Any) -> None:
-        self._started = time.monotonic()
-        self._watch()
-        self._pump()
-
-    def _watch(self) -> None:
-        """Every 0.1 s: has the parent asked to stop, and are we done?"""
-        if self._closing:
-            return
-        if self._stop.is_set() and not self._stopping:
-            self._stopping = True
-            self._stop_deadline = time.monotonic() + 5.0  # for the confirms still due
-        if self._stopping and (not self._unconfirmed or time.monotonic() > self._stop_deadline):
-            self._close()
-            return
-        self._connection.ioloop.call_later(0.1, self._watch)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._pump()
-
-    def _pump(self) -> None:
-        if self._closing:
-            return
-        limit = self._limit
-        due = limit
-        if self._rate > 0:
-            due = min(limit, int((time.monotonic() - self._started) * self._rate) + 1)
-        end = min(due, self._next + self._window - len(self._unconfirmed))
-        publish = self._channel.basic_publish
-        while self._next < end:
-            publish("", self._queue, self._factory.next(), PERSISTENT, mandatory=True)
-            self._next += 1
-            self._unconfirmed.append(self._next)  # delivery tags count publications from 1
-        self._counters[self._base + _PUBLISHED] = self._next
-        if self._next >= limit:
-            if not self._unconfirmed:
-                self._close()
-            return
-        if self._next >= due and self._timer is None:
-            wait = self._started + self._next / self._rate - time.monotonic()
-            self._timer = self._connection.ioloop.call_later(max(wait, 0.0005), self._on_timer)
-
-    def _on_confirm(self, frame: Any) -> None:
-        method = frame.method
-        tag = method.delivery_tag
-        settled = 0
-        if method.multiple:
-            while self._unconfirmed and self._unconfirmed[0] <= tag:
-                self._unconfirmed.popleft()
-                settled += 1
-        elif self._unconfirmed and self._unconfirmed[0] == tag:
-            self._unconfirmed.popleft()
-            settled = 1
-        elif tag in self._unconfirmed:
-            self._unconfirmed.remove(tag)
-            settled = 1
-        slot = _NACKED if isinstance(method, pika.spec.Basic.Nack) else _ACKED
-        self._counters[self._base + slot] += settled
-        self._pump()
-
-    def _on_return(self, _channel: Any, _method: Any, _properties: Any, _body: bytes) -> None:
-        # Unroutable: the broker confirms it all the same, but no queue holds it.
-        self._counters[self._base + _RETURNED] += 1
-
-    def _close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        if self._connection.is_open:
-            self._connection.close()
-        else:
-            self._connection.ioloop.stop()
-
-
 def _connection_main(s: Settings, index: int, counters: Any, stop: Any, results: Any) -> None:
     """One publishing process: its share of the messages on its own connection."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and tells us to stop
@@ -468,17 +315,25 @@ def _connection_main(s: Settings, index: int, counters: Any, stop: Any, results:
         connection=index,
         connections=s.connections,
     )
+    base = index * _SLOTS
+
+    def progress(counts: Counts) -> None:
+        counters[base + _PUBLISHED] = counts.published
+        counters[base + _ACKED] = counts.acked
+        counters[base + _NACKED] = counts.nacked
+        counters[base + _RETURNED] = counts.returned
+
     error: str | None
     try:
-        error = Publisher(
+        error = ConfirmedPublisher(
             s.amqp(f"{PROG}-{s.run_id}-{index + 1}"),
             s.queue,
-            factory,
+            factory.next,
+            len(factory),
             rate=s.rate / s.connections,
             window=s.window,
-            counters=counters,
-            slot=index,
-            stop=stop,
+            should_stop=stop.is_set,
+            on_progress=progress,
         ).run()
     except Exception as exc:  # reported to the parent, which prints it and exits 1
         error = f"{type(exc).__name__}: {exc}"
