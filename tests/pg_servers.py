@@ -26,7 +26,8 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from tests.support import free_port, wait_for
+from tests.support import wait_for
+from tools.ports import free_port
 
 _PREFIX = "agg-pg-"
 _LOCALES = Path(tempfile.gettempdir()) / "agg-test-locales"

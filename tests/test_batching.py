@@ -130,13 +130,15 @@ def test_sequencer_tracks_the_oldest_unsettled_vote_and_survives_a_failing_settl
     assert sequencer.oldest_received_at() is None
     sequencer.taken(first)
     sequencer.taken(second)
-    assert sequencer.oldest_received_at() == 100.0 and sequencer.unsettled == 2
+    assert sequencer.oldest_received_at() == 100.0
+    assert sequencer.unsettled == 2
     sequencer.done(second, second.deliveries, [])
     assert sequencer.oldest_received_at() == 100.0  # still held behind batch 0
     sequencer.done(first, first.deliveries, [])
     # Batch 0's settle raised: batch 1 is settled all the same, and nothing is held.
     assert settled == [2]
-    assert sequencer.oldest_received_at() is None and sequencer.unsettled == 0
+    assert sequencer.oldest_received_at() is None
+    assert sequencer.unsettled == 0
 
 
 # -- the service ---------------------------------------------------------------------

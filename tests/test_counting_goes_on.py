@@ -245,7 +245,8 @@ def test_a_stuck_writer_fails_liveness_and_stops_feeding_the_watchdog(
         wait_for(lambda: svc.metric("oldest_unacked_delivery_age_seconds") > 1, timeout=10, what="a vote held")
         wait_for(lambda: http_status(svc, "/healthz")[0] == 503, timeout=10, what="/healthz failing")
         _status, reason = http_status(svc, "/healthz")
-        assert "waited" in reason and "STALL_TIMEOUT_SECONDS" in reason
+        assert "waited" in reason
+        assert "STALL_TIMEOUT_SECONDS" in reason
         assert http_status(svc, "/readyz")[0] == 503
         assert svc.metric("oldest_unacked_delivery_age_seconds") > 3
         # No more pings: systemd's WatchdogSec= would now restart the service.
@@ -288,7 +289,8 @@ def test_a_broker_dropping_the_handshake_is_retried_not_a_configuration_error(
         svc = make_service({"RABBITMQ_PORT": str(port), "RABBITMQ_RECONNECT_MAX_DELAY_SECONDS": "1"})
         svc.start(wait_consuming=False)
         wait_for(lambda: len(accepted) >= 3, timeout=20, what="three connection attempts")
-        assert svc.proc is not None and svc.proc.poll() is None, svc.logs()
+        assert svc.proc is not None
+        assert svc.proc.poll() is None, svc.logs()
         assert "failed during the handshake" in svc.logs()
         assert svc.stop() == 0
     finally:

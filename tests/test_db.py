@@ -78,7 +78,9 @@ def test_a_deadlock_is_a_conflict_that_leaves_nothing_behind(dbname: str) -> Non
         other.rollback()
         writer.join(30)
         assert not writer.is_alive()
-        assert raised and isinstance(raised[0], db.TransactionConflict) and "deadlock" in str(raised[0])
+        assert raised
+        assert isinstance(raised[0], db.TransactionConflict)
+        assert "deadlock" in str(raised[0])
         assert query(dbname, "SELECT count(*) FROM vote_audit") == [(0,)]
         assert _service_backends(dbname) == backends  # the connection was kept
         assert database.write_batch([vote]).counted == {("law-x", "oui"): 1}
@@ -225,7 +227,8 @@ def test_close_returns_at_once_while_a_query_hangs(dbname: str) -> None:
         proxy.close()
     assert closing < 1.0, f"close() took {closing:.2f}s"
     assert not thread.is_alive()
-    assert raised and isinstance(raised[0], db.DatabaseUnavailable)
+    assert raised
+    assert isinstance(raised[0], db.DatabaseUnavailable)
 
 
 def test_interrupt_ends_a_hung_write_at_once(dbname: str) -> None:
@@ -241,7 +244,8 @@ def test_interrupt_ends_a_hung_write_at_once(dbname: str) -> None:
         database.interrupt()
         thread.join(2)
         assert not thread.is_alive()
-        assert raised and isinstance(raised[0], db.DatabaseUnavailable)
+        assert raised
+        assert isinstance(raised[0], db.DatabaseUnavailable)
     finally:
         database.close()
         proxy.close()

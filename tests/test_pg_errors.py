@@ -17,7 +17,8 @@ import db
 from config import Config
 from tests import pg_servers
 from tests.pg_servers import PgServer
-from tests.support import Service, free_port, make_votes, publish, queue_state, wait_for
+from tests.support import Service, make_votes, publish, queue_state, wait_for
+from tools.ports import free_port
 
 pytestmark = pytest.mark.skipif(pg_servers.unavailable() is not None, reason=str(pg_servers.unavailable()))
 

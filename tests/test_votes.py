@@ -801,8 +801,12 @@ def _check_outcome(data: bytes, max_bytes: int) -> str:
     try:
         parsed = parse_message(data, max_bytes=max_bytes)
     except InvalidVote as exc:
-        assert exc.reason in REASONS, (data, exc.reason)
-        return exc.reason
+        reason = exc.reason
+    else:
+        reason = "vote"
+    if reason != "vote":
+        assert reason in REASONS, (data, reason)
+        return reason
     vote = parsed.vote
     assert isinstance(vote, Vote)
     assert parse_vote(data, max_bytes=max_bytes) == vote
