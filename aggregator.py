@@ -35,7 +35,7 @@ import results
 from config import HELP, Config, ConfigError, load_config, variables
 from metrics import Metrics
 from systemd import Notifier
-from votes import InvalidVote, Vote, parse_vote
+from votes import InvalidVote, Vote, parse_message
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ EXIT_CONFIG = 2
 _POLL_S = 0.05
 # With no batch to write for this long, the flush thread checks that PostgreSQL answers.
 _IDLE_CHECK_S = 10.0
+# The connection loop turns every _POLL_S; one that has not turned for this long is stuck
+# (connecting, which it also counts as turning, is bounded by pika's socket timeout).
+_LOOP_STALL_S = 60.0
 VERSION = "1.0.0"
 
 
@@ -121,6 +124,10 @@ class Buffer:
             self._items = kept
             return dropped
 
+    def oldest_received_at(self) -> float | None:
+        with self._cond:
+            return self._items[0].received_at if self._items else None
+
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
@@ -144,6 +151,10 @@ class _Summary:
     laws: set[str] = field(default_factory=set)
 
 
+class ConsumerCancelled(Exception):
+    """RabbitMQ cancelled our consumer (queue deleted, or the node holding it went away)."""
+
+
 class AckSequencer:
     """Settles batches in the order they were taken, whatever order they commit in.
 
@@ -159,6 +170,14 @@ class AckSequencer:
         self._lock = threading.Lock()
         self._next = 0
         self._done: dict[int, tuple[list[Delivery], list[Delivery]]] = {}
+        # seq -> when the batch's oldest vote arrived, for every batch taken and not yet settled.
+        self._held: dict[int, float] = {}
+
+    def taken(self, batch: Batch) -> None:
+        """Register a batch as soon as it leaves the buffer, so its age stays visible."""
+        if batch.deliveries:
+            with self._lock:
+                self._held[batch.seq] = batch.deliveries[0].received_at
 
     def done(self, batch: Batch, committed: list[Delivery], rejected: list[Delivery]) -> None:
         with self._lock:
@@ -166,8 +185,26 @@ class AckSequencer:
             # Settling only queues callbacks for the connection thread (cheap); it
             # happens under the lock so that they are queued in batch order.
             while self._next in self._done:
-                self._settle(*self._done.pop(self._next))
+                settled = self._done.pop(self._next)
+                self._held.pop(self._next, None)
                 self._next += 1
+                try:
+                    self._settle(*settled)
+                except Exception:
+                    # Never let one batch's settling stop the sequence: the ones
+                    # behind it would wait forever. Unsent acks are redelivered.
+                    logger.exception("could not settle a batch; RabbitMQ redelivers its votes")
+
+    def oldest_received_at(self) -> float | None:
+        """Arrival time of the oldest vote taken from the buffer and not yet settled."""
+        with self._lock:
+            return min(self._held.values(), default=None)
+
+    @property
+    def unsettled(self) -> int:
+        """Batches taken and not yet settled."""
+        with self._lock:
+            return len(self._held)
 
     @property
     def waiting(self) -> int:
@@ -210,19 +247,51 @@ class Aggregator:
         self._rejected = 0
         self._database_error: str | None = None  # why the last database operation failed, if it did
         self._last_database_check = time.monotonic()
+        self._loop_turned_at = time.monotonic()  # the connection thread's last turn
+        self._consuming = False  # a consumer is registered with RabbitMQ
+        self._cancelled = False  # RabbitMQ cancelled it; set on the connection thread
+        self._fatal: str | None = None  # why the service must stop and exit 1
         metrics.buffer_depth.set_function(lambda: len(self._buffer))
+        metrics.oldest_unacked_age.set_function(self.oldest_unacked_age)
 
     # -- control (any thread, signal handlers included) -----------------------
 
     def readiness(self) -> tuple[bool, str]:
-        """For /readyz: consuming from RabbitMQ and PostgreSQL answering."""
+        """For /readyz: consuming from RabbitMQ, PostgreSQL answering, and counting."""
         channel = self._channel
-        if channel is None or not channel.is_open:
-            return False, "RabbitMQ channel is not open"
+        if self._stop.is_set():
+            return False, "stopping"
+        if channel is None or not channel.is_open or not self._consuming:
+            return False, "not consuming from RabbitMQ"
         error = self._database_error
         if error is not None:
             return False, f"PostgreSQL is failing: {error}"
-        return True, "ready"
+        return self.liveness()
+
+    def liveness(self) -> tuple[bool, str]:
+        """For /healthz and systemd's watchdog: the service is still counting.
+
+        Alive means the connection loop turns and no vote is held unacked for
+        longer than STALL_TIMEOUT_SECONDS while PostgreSQL answers. While
+        PostgreSQL is down, votes wait by design and a restart would not help.
+        """
+        silent = time.monotonic() - self._loop_turned_at
+        if silent > _LOOP_STALL_S:
+            return False, f"the RabbitMQ connection loop has not turned for {silent:.0f}s"
+        if self._fatal is not None:
+            return False, self._fatal
+        age = self.oldest_unacked_age()
+        if age > self._config.stall_timeout_s and self._database_error is None:
+            return False, (
+                f"the oldest vote held has waited {age:.0f}s for its ack "
+                f"(STALL_TIMEOUT_SECONDS={self._config.stall_timeout_s:g}) while PostgreSQL answers"
+            )
+        return True, "ok"
+
+    def oldest_unacked_age(self) -> float:
+        """Seconds since the oldest delivery the service holds (buffered or being written) arrived."""
+        oldest = [t for t in (self._sequencer.oldest_received_at(), self._buffer.oldest_received_at()) if t is not None]
+        return max(time.monotonic() - min(oldest), 0.0) if oldest else 0.0
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -260,15 +329,26 @@ class Aggregator:
                 connected_once = True
                 if not self._consume(connection):
                     code = EXIT_FAILURE
+            except ConsumerCancelled as exc:
+                self._metrics.record_error("consumer_cancelled")
+                logger.warning("%s; consuming again", exc)
             except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
-                if not connected_once:
+                self._metrics.record_error("rabbitmq_connection")
+                if not connected_once and refused_by_broker(exc):
                     # Wrong credentials or vhost: retrying will not help, and the
                     # operator needs to see it at once.
                     logger.error("RabbitMQ refused %s: %s", self._config.rabbitmq_url_for_logs(), exc)
                     self.request_stop()
                     code = EXIT_CONFIG
                     break
-                logger.error("RabbitMQ refused the connection (%s); retrying in %.1fs", exc, delay)
+                # pika guesses "authentication" whenever the connection drops
+                # during the handshake, also when a node is merely stopping.
+                logger.error(
+                    "RabbitMQ connection to %s failed during the handshake (%s); retrying in %.1fs",
+                    self._config.rabbitmq_url_for_logs(),
+                    describe_error(exc),
+                    delay,
+                )
             except ssl.SSLCertVerificationError as exc:
                 self._metrics.record_error("rabbitmq_connection")
                 if not connected_once:
@@ -307,6 +387,11 @@ class Aggregator:
         # redelivers those votes and the database absorbs them.
         if not self._finish_flushing(None) and code == EXIT_OK:
             code = EXIT_FAILURE
+        unsettled = self._sequencer.unsettled
+        if unsettled:
+            logger.error("%d batches were not settled: RabbitMQ redelivers their votes", unsettled)
+        if (unsettled or self._fatal is not None) and code == EXIT_OK:
+            code = EXIT_FAILURE
         return code
 
     def _wait(self, seconds: float) -> None:
@@ -315,12 +400,23 @@ class Aggregator:
         while not self._stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
             self._watchdog()
             self._stop.wait(min(remaining, 1.0))
+        self._watchdog()
 
     def _watchdog(self) -> None:
+        """Called on every turn of the connection loop: records the turn and pings systemd if alive."""
+        now = self._loop_turned_at = time.monotonic()
         interval = self._notifier.watchdog_interval_s
-        if interval is not None and time.monotonic() >= self._next_watchdog:
+        if interval is None or now < self._next_watchdog:
+            return
+        alive, reason = self.liveness()
+        if alive:
             self._notifier.notify("WATCHDOG=1")
-            self._next_watchdog = time.monotonic() + interval
+        else:
+            # No ping: systemd's WatchdogSec= kills and restarts the service, and
+            # RabbitMQ redelivers whatever it held.
+            logger.error("not counting (%s): systemd watchdog no longer fed", reason)
+            self._notifier.notify(f"STATUS=not counting: {reason}")
+        self._next_watchdog = now + interval
 
     def _open_queue(self, connection: BlockingConnection) -> BlockingChannel:
         """A channel on RABBITMQ_QUEUE: an existing queue is used as it is, a missing one declared durable."""
@@ -352,8 +448,11 @@ class Aggregator:
     def _consume(self, connection: BlockingConnection) -> bool:
         channel = self._open_queue(connection)
         channel.basic_qos(prefetch_count=self._config.rabbitmq_prefetch_count)
+        self._cancelled = False
+        channel.add_on_cancel_callback(self._on_cancelled)
         consumer_tag = channel.basic_consume(self._config.rabbitmq_queue, on_message_callback=self._on_message)
         self._channel = channel
+        self._consuming = True
         self._consumed_since_connect = True
         self._metrics.rabbitmq_connected.set(1)
         status = f"STATUS=consuming {self._config.rabbitmq_queue}"
@@ -371,10 +470,16 @@ class Aggregator:
             self._config.batch_size,
             self._config.batch_timeout_s,
         )
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._cancelled:
             connection.process_data_events(time_limit=_POLL_S)
             self._watchdog()
             self._report_received()
+        if self._cancelled and not self._stop.is_set():
+            # The channel stays open after a cancel, but nothing arrives on it any
+            # more. Closing it hands its unacked votes back to RabbitMQ; a new
+            # channel declares the queue again if it is gone, as at start-up.
+            self._report_received()
+            raise ConsumerCancelled(f"RabbitMQ cancelled the consumer of {self._config.rabbitmq_queue}")
 
         logger.info("stopping: no new messages; writing %d buffered votes", len(self._buffer))
         # Undelivered prefetched messages are nacked by pika and stay in the queue.
@@ -390,6 +495,10 @@ class Aggregator:
         _close_quietly(channel.close)
         _close_quietly(connection.close)
         return clean and acks_sent.is_set()
+
+    def _on_cancelled(self, _method: object) -> None:
+        self._consuming = False
+        self._cancelled = True
 
     def _finish_flushing(self, connection: BlockingConnection | None) -> bool:
         """Let the flush threads write what is buffered, within the shutdown budget."""
@@ -417,6 +526,7 @@ class Aggregator:
 
     def _forget_channel(self) -> None:
         self._metrics.rabbitmq_connected.set(0)
+        self._consuming = False
         channel, self._channel = self._channel, None
         if channel is not None:
             dropped = self._buffer.drop_channel(channel)
@@ -429,7 +539,7 @@ class Aggregator:
         tag = method.delivery_tag
         self._received += 1  # only this thread writes it: no lock on the hot path
         try:
-            vote = parse_vote(
+            parsed = parse_message(
                 body, max_bytes=self._config.max_message_bytes, law_id_pattern=self._config.law_id_pattern
             )
         except InvalidVote as exc:
@@ -439,7 +549,15 @@ class Aggregator:
             logger.exception("validation failed unexpectedly (delivery tag %d)", tag)
             self._reject_invalid(channel, tag, len(body), InvalidVote("unexpected", "validation raised an error"))
             return
-        self._buffer.add(Delivery(vote, tag, channel, time.monotonic()))
+        if parsed.extra_fields:
+            self._note_extra_fields(parsed.extra_fields)
+        self._buffer.add(Delivery(parsed.vote, tag, channel, time.monotonic()))
+
+    def _note_extra_fields(self, names: tuple[str, ...]) -> None:
+        # A producer that adds a field during a rolling upgrade must not send
+        # every vote to the dead-letter queue: the vote counts, the field is noted.
+        for name in self._metrics.record_unknown_fields(names):
+            logger.warning("votes carry a field this service ignores: %r (counted in vote_unknown_fields_total)", name)
 
     def _report_received(self) -> None:
         # messages_received_total is fed once per loop, not once per message: the
@@ -461,10 +579,12 @@ class Aggregator:
 
     def _flush_loop(self) -> None:
         while True:
+            batch: Batch | None = None
             try:
                 draining = self._draining.is_set()
                 batch = self._buffer.take(wait_s=0.2, drain=draining)
                 if batch is not None:
+                    self._sequencer.taken(batch)
                     self._write(batch)
                 elif draining:
                     return
@@ -477,10 +597,22 @@ class Aggregator:
                 # Never die: a dead flush thread would stall every vote behind it.
                 logger.exception("unexpected error in the flush thread")
                 self._metrics.record_error("unexpected")
+                if batch is not None:
+                    # _write settles every batch it is given; getting here means a
+                    # batch may be left unsettled, and every later ack waits behind
+                    # it. Stop (exit 1) so that RabbitMQ redelivers, rather than
+                    # stay up without counting.
+                    self._fail("a batch could not be settled after an unexpected error")
                 time.sleep(1.0)
 
+    def _fail(self, reason: str) -> None:
+        if self._fatal is None:
+            self._fatal = reason
+            logger.error("%s; stopping (exit code 1)", reason)
+        self.request_stop()
+
     def _write(self, batch: Batch) -> None:
-        """Write one batch until it commits, then have it acked. Never drops it."""
+        """Write one batch until it commits, then have it settled. Never drops it."""
         started = time.monotonic()
         delay = self._config.retry_delay_s
         deliveries = batch.deliveries
@@ -488,11 +620,19 @@ class Aggregator:
             try:
                 committed, rejected = self._write_isolating(deliveries)
                 break
+            except db.TransactionConflict as exc:
+                # Contention, not an outage: PostgreSQL answers, so database_up
+                # and /readyz stay as they are.
+                self._record_failed_attempt("database_conflict")
+                logger.warning(
+                    "batch of %d votes still conflicting after %d retries (%s); retrying in %.1fs",
+                    len(deliveries),
+                    self._config.max_retry_attempts,
+                    exc,
+                    delay,
+                )
             except db.RetryableError as exc:
-                with self._summary_lock:
-                    self._summary.errors += 1
-                self._database_failed(exc)
-                self._metrics.record_error("database_unavailable")
+                self._record_failed_attempt("database_unavailable", exc)
                 logger.error(
                     "batch of %d votes not written after %d retries (%s); keeping it and retrying in %.1fs",
                     len(deliveries),
@@ -501,10 +641,7 @@ class Aggregator:
                     delay,
                 )
             except db.DatabaseError as exc:
-                with self._summary_lock:
-                    self._summary.errors += 1
-                self._database_failed(exc)
-                self._metrics.record_error("database_error")
+                self._record_failed_attempt("database_error", exc)
                 logger.error(
                     "batch of %d votes failed (%s); keeping it and retrying in %.1fs", len(deliveries), exc, delay
                 )
@@ -530,34 +667,76 @@ class Aggregator:
             extra={"batch_size": len(deliveries), "duration_s": round(duration, 4), "rejected": len(rejected)},
         )
 
-    def _write_isolating(self, batch: list[Delivery]) -> tuple[list[Delivery], list[Delivery]]:
-        """Write the batch; if PostgreSQL refuses its data, split it until the refused votes are alone.
+    def _record_failed_attempt(self, error_type: str, exc: Exception | None = None) -> None:
+        with self._summary_lock:
+            self._summary.errors += 1
+        if exc is not None:
+            self._database_failed(exc)
+        self._metrics.record_error(error_type)
 
-        Returns (committed, rejected). Raises RetryableError if the database went away.
+    def _write_isolating(self, batch: list[Delivery], *, whole: bool = True) -> tuple[list[Delivery], list[Delivery]]:
+        """Write the batch; split it until each vote that cannot be written is alone, and reject those.
+
+        A vote is rejected when PostgreSQL refuses its data, or when writing it
+        raises anything that is not database trouble (a bug, a value the driver
+        cannot read back): retrying it would fail the same way, and leaving its
+        batch unsettled would hold back every later ack. Returns (committed,
+        rejected). Raises DatabaseError (database trouble) for the caller to retry.
         """
+        refused: Exception | None = None
         try:
             outcome = self._db.write_batch([d.vote for d in batch])
         except db.DatabaseRejected as exc:
-            if len(batch) == 1:
-                self._metrics.record_rejected("database_rejected")
-                logger.error(
-                    "PostgreSQL refused vote %s (delivery tag %d): %s; rejecting it",
-                    batch[0].vote.vote_hash,
-                    batch[0].tag,
-                    exc,
+            refused = exc
+        except db.DatabaseError:
+            raise
+        except Exception as exc:
+            refused = exc
+        else:
+            self._record_outcome(outcome, size=len(batch))
+            return list(batch), []
+        # Split outside the except clauses, so that no traceback chains the halves' errors.
+        unexpected = not isinstance(refused, db.DatabaseRejected)
+        if len(batch) > 1:
+            if unexpected and whole:
+                logger.warning(
+                    "writing a batch of %d votes raised %s; splitting it to find the vote",
+                    len(batch),
+                    describe_error(refused),
                 )
-                return [], list(batch)
-            middle = len(batch) // 2
-            first = self._write_isolating(batch[:middle])
-            second = self._write_isolating(batch[middle:])
-            return first[0] + second[0], first[1] + second[1]
-        self._metrics.record_batch(outcome, size=len(batch))
-        with self._summary_lock:
-            self._summary.new += outcome.new_votes
-            self._summary.redelivered += outcome.redeliveries
-            self._summary.duplicates += outcome.duplicate_attempts
-            self._summary.laws.update(law for law, _choice in outcome.counted)
-        return list(batch), []
+            return self._write_halves(batch)
+        vote, tag = batch[0].vote.vote_hash, batch[0].tag
+        if unexpected:
+            self._metrics.record_rejected("unexpected")
+            logger.error(
+                "writing vote %s (delivery tag %d) raised an unexpected error; rejecting it to the dead-letter queue",
+                vote,
+                tag,
+                exc_info=refused,
+            )
+        else:
+            self._metrics.record_rejected("database_rejected")
+            logger.error("PostgreSQL refused vote %s (delivery tag %d): %s; rejecting it", vote, tag, refused)
+        return [], list(batch)
+
+    def _write_halves(self, batch: list[Delivery]) -> tuple[list[Delivery], list[Delivery]]:
+        middle = len(batch) // 2
+        first = self._write_isolating(batch[:middle], whole=False)
+        second = self._write_isolating(batch[middle:], whole=False)
+        return first[0] + second[0], first[1] + second[1]
+
+    def _record_outcome(self, outcome: db.BatchOutcome, *, size: int) -> None:
+        """Metrics and summary of a committed batch. The batch is committed whatever happens here."""
+        try:
+            self._metrics.record_batch(outcome, size=size)
+            with self._summary_lock:
+                self._summary.new += outcome.new_votes
+                self._summary.redelivered += outcome.redeliveries
+                self._summary.duplicates += outcome.duplicate_attempts
+                self._summary.laws.update(law for law, _choice in outcome.counted)
+        except Exception:
+            self._metrics.record_error("unexpected")
+            logger.exception("could not record the metrics of a committed batch")
 
     def _log_summary(self) -> None:
         """One INFO line per LOG_SUMMARY_INTERVAL_SECONDS: at 10k votes/s a line per batch is too much."""
@@ -681,6 +860,17 @@ def amqp_parameters(c: Config) -> pika.ConnectionParameters:
 def _reject(channel: BlockingChannel, tag: int) -> None:
     if channel.is_open:
         channel.basic_reject(tag, requeue=False)
+
+
+def refused_by_broker(exc: BaseException) -> bool:
+    """True when RabbitMQ itself refused the login (403) or the vhost (530).
+
+    pika raises ProbableAuthenticationError / ProbableAccessDeniedError for any
+    connection lost during the handshake; only a broker's explicit Connection.Close
+    with one of these reply codes is certain, and retrying cannot fix it.
+    """
+    text = " ".join(str(arg) for arg in exc.args)
+    return text.startswith("ConnectionClosedByBroker: (403)") or text.startswith("ConnectionClosedByBroker: (530)")
 
 
 def describe_error(exc: BaseException) -> str:
@@ -863,9 +1053,16 @@ def serve(config: Config) -> int:
             return False, "starting: waiting for PostgreSQL"
         return aggregator.readiness()
 
+    def liveness() -> tuple[bool, str]:
+        if aggregator is None:
+            return True, "starting"
+        return aggregator.liveness()
+
     metrics = Metrics(max_laws=config.metrics_max_laws, version=VERSION)
     try:
-        metrics.serve(port=config.prometheus_port, addr=config.prometheus_bind_address, readiness=readiness)
+        metrics.serve(
+            port=config.prometheus_port, addr=config.prometheus_bind_address, readiness=readiness, liveness=liveness
+        )
     except OSError as exc:
         logger.error(
             "cannot serve metrics on %s:%d (PROMETHEUS_BIND_ADDRESS, PROMETHEUS_PORT): %s",

@@ -71,6 +71,7 @@ class Config:
     law_id_pattern: re.Pattern[str] = DEFAULT_LAW_ID_PATTERN
     metrics_max_laws: int = 1000
     shutdown_timeout_s: float = 15.0
+    stall_timeout_s: float = 120.0
 
     prometheus_port: int = 8001
     prometheus_bind_address: str = "0.0.0.0"
@@ -246,6 +247,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
     "LAW_ID_PATTERN": ("law_id_pattern", _pattern, None),
     "METRICS_MAX_LAWS": ("metrics_max_laws", _parse_int, _at_least(1)),
     "SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_s", _parse_float, _positive),
+    "STALL_TIMEOUT_SECONDS": ("stall_timeout_s", _parse_float, _positive),
     "PROMETHEUS_PORT": ("prometheus_port", _parse_int, _port),
     "PROMETHEUS_BIND_ADDRESS": ("prometheus_bind_address", _parse_str, None),
     "LOG_LEVEL": ("log_level", _log_level, None),
@@ -296,6 +298,8 @@ HELP: dict[str, str] = {
     "LAW_ID_PATTERN": "regular expression a whole law_id must match",
     "METRICS_MAX_LAWS": "distinct law_id label values in the metrics",
     "SHUTDOWN_TIMEOUT_SECONDS": "time budget of a graceful stop",
+    "STALL_TIMEOUT_SECONDS": "/healthz fails and systemd's watchdog is no longer fed when a vote has waited this "
+    "long for its ack while PostgreSQL answers",
     "PROMETHEUS_PORT": "port of /metrics, /healthz and /readyz",
     "PROMETHEUS_BIND_ADDRESS": "address that port listens on",
     "LOG_LEVEL": "DEBUG, INFO, WARNING, ERROR or CRITICAL",

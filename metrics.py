@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.process_collector import ProcessCollector
 
 from db import BatchOutcome
+from votes import REASONS
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +27,22 @@ OTHER_LAWS = "_other"
 
 BATCH_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-# (ready, reason) for /readyz.
+# (ok, reason) for /readyz and /healthz.
 Readiness = Callable[[], tuple[bool, str]]
+# Every error_type the service records besides the validation REASONS. Each series
+# exists from the start at 0, so rate() and increase() see the first error.
+ERROR_TYPES = (
+    "database_rejected",
+    "database_unavailable",
+    "database_error",
+    "database_conflict",
+    "rabbitmq_connection",
+    "consumer_cancelled",
+    "unexpected",
+)
+# Distinct field names in vote_unknown_fields_total; later names go under OTHER_FIELDS.
+MAX_UNKNOWN_FIELDS = 50
+OTHER_FIELDS = "_other"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +108,24 @@ class Metrics:
         self.votes_rejected = Counter(
             "votes_rejected", "Messages rejected without requeue, by reason", ["reason"], registry=r
         )
+        for error_type in (*REASONS, *ERROR_TYPES):
+            self.aggregation_errors.labels(error_type)
+        for reason in (*REASONS, "database_rejected", "unexpected"):
+            self.votes_rejected.labels(reason)
         self.buffer_depth = Gauge("vote_buffer_depth", "Valid votes received and not yet written", registry=r)
+        self.oldest_unacked_age = Gauge(
+            "oldest_unacked_delivery_age_seconds",
+            "Age of the oldest vote the service holds without having acked it (buffered or being written)",
+            registry=r,
+        )
+        self.unknown_fields = Counter(
+            "vote_unknown_fields",
+            "Votes carrying a field beyond the five, by field name (ignored; capped at "
+            f"{MAX_UNKNOWN_FIELDS} names, then {OTHER_FIELDS!r})",
+            ["field"],
+            registry=r,
+        )
+        self._unknown_field_names: set[str] = set()
         self.last_flush = Gauge(
             "last_successful_flush_timestamp_seconds", "Unix time of the last committed batch", registry=r
         )
@@ -158,21 +190,33 @@ class Metrics:
     def record_error(self, error_type: str, count: int = 1) -> None:
         self.aggregation_errors.labels(error_type).inc(count)
 
+    def record_unknown_fields(self, names: Iterable[str]) -> list[str]:
+        """Count votes' extra fields by name; returns the names seen for the first time (to log once)."""
+        first_seen = []
+        for name in names:
+            if name not in self._unknown_field_names:
+                if len(self._unknown_field_names) >= MAX_UNKNOWN_FIELDS:
+                    self.unknown_fields.labels(OTHER_FIELDS).inc()
+                    continue
+                self._unknown_field_names.add(name)
+                first_seen.append(name)
+            self.unknown_fields.labels(name).inc()
+        return first_seen
+
     def record_rejected(self, reason: str) -> None:
         self.aggregation_errors.labels(reason).inc()
         self.votes_rejected.labels(reason).inc()
 
-    def serve(self, *, port: int, addr: str, readiness: Readiness) -> WSGIServer:
-        """/metrics, /healthz (the process answers) and /readyz (it can do its job) on one port."""
+    def serve(self, *, port: int, addr: str, readiness: Readiness, liveness: Readiness) -> WSGIServer:
+        """/metrics, /healthz (it is still counting) and /readyz (it can take votes now) on one port."""
         metrics_app = make_wsgi_app(self.registry)
+        checks = {"/healthz": liveness, "/readyz": readiness}
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            path = environ.get("PATH_INFO", "/")
-            if path == "/healthz":
-                return _text(start_response, "200 OK", "ok\n")
-            if path == "/readyz":
-                ready, reason = readiness()
-                return _text(start_response, "200 OK" if ready else "503 Service Unavailable", reason + "\n")
+            check = checks.get(environ.get("PATH_INFO", "/"))
+            if check is not None:
+                ok, reason = check()
+                return _text(start_response, "200 OK" if ok else "503 Service Unavailable", reason + "\n")
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
         server = make_server(addr, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)

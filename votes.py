@@ -1,7 +1,10 @@
 """Parsing and validation of vote messages: pure functions, no I/O.
 
-Everything that could make PostgreSQL refuse a row, or make a metric label set
-grow without bound, is refused here, before the vote is buffered.
+Everything that could make PostgreSQL refuse a row, or hand back a value other
+than the one stored, is refused here, before the vote is buffered. Fields beyond
+the five are ignored (a producer may add one during a rolling upgrade); their
+names come back bounded and printable, so the caller can use them as metric
+label values and log text.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 FIELDS = frozenset({"vote_hash", "citizen_id", "law_id", "choice", "timestamp"})
@@ -18,6 +21,11 @@ CHOICES = ("oui", "non")
 VOTE_HASH_MAX = 64
 CITIZEN_ID_MAX = 100
 LAW_ID_MAX = 50
+TIMESTAMP_MAX = 40
+# Names of ignored fields become metric label values and log text: at most this
+# many per message, each at most this long once escaped.
+EXTRA_FIELDS_MAX = 10
+EXTRA_FIELD_NAME_MAX = 64
 
 # Bounded set of rejection reasons: each is an `error_type` label value.
 REASONS = (
@@ -27,7 +35,6 @@ REASONS = (
     "not_an_object",
     "duplicate_key",
     "missing_field",
-    "unexpected_field",
     "wrong_type",
     "invalid_vote_hash",
     "invalid_citizen_id",
@@ -40,6 +47,17 @@ _HEX = re.compile(r"[0-9a-fA-F]+")
 # Laws are referenced by short identifiers; anything else is refused rather than
 # becoming a database row and a Prometheus label. LAW_ID_PATTERN replaces it.
 DEFAULT_LAW_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]*")
+
+# RFC 3339 date-time (section 5.6), with the space separator its note allows and
+# the zone optional. [0-9], not \d: \d also matches other scripts' digits, which
+# int() would then happily read.
+_RFC3339 = re.compile(
+    r"(?P<year>[0-9]{4})-(?P<month>[0-9]{2})-(?P<day>[0-9]{2})"
+    r"[Tt ]"
+    r"(?P<hour>[0-9]{2}):(?P<minute>[0-9]{2}):(?P<second>[0-9]{2})"
+    r"(?:\.(?P<fraction>[0-9]{1,9}))?"
+    r"(?:(?P<utc>[Zz])|(?P<sign>[+-])(?P<offset_hour>[0-9]{2}):(?P<offset_minute>[0-9]{2}))?"
+)
 
 
 class InvalidVote(ValueError):
@@ -67,6 +85,18 @@ class Vote:
             and self.choice == other.choice
             and self.timestamp == other.timestamp
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedVote:
+    """A valid vote and the names of the fields it carried beyond the five.
+
+    `extra_fields` is sorted, without repeats, at most EXTRA_FIELDS_MAX names of
+    at most EXTRA_FIELD_NAME_MAX characters each, escaped by `_field_name`.
+    """
+
+    vote: Vote
+    extra_fields: tuple[str, ...]
 
 
 def _reject_constant(name: str) -> Any:
@@ -102,24 +132,91 @@ def _printable_id(value: str, key: str, maximum: int) -> str:
     return value
 
 
+def _field_name(key: str) -> str:
+    """`key` made safe as a label value and log text: escaped, at most EXTRA_FIELD_NAME_MAX characters.
+
+    Non-printable characters (controls, NUL, lone surrogates, format and
+    separator characters such as U+200B or U+2028) are escaped as Python writes
+    them (\\x00, \\u200b, \\U000e0001) rather than dropped, so "admin\\u200b" does
+    not pass for "admin"; a backslash becomes \\\\ so no name can imitate an
+    escape. A lone surrogate left in would also make the /metrics page
+    unencodable. The cut falls between escapes, never inside one.
+    """
+    pieces: list[str] = []
+    length = 0
+    # Each character yields at least one, so the first EXTRA_FIELD_NAME_MAX are enough.
+    for char in key[:EXTRA_FIELD_NAME_MAX]:
+        code = ord(char)
+        if char == "\\":
+            piece = "\\\\"
+        elif char.isprintable():
+            piece = char
+        elif code < 0x100:
+            piece = f"\\x{code:02x}"
+        elif code < 0x10000:
+            piece = f"\\u{code:04x}"
+        else:
+            piece = f"\\U{code:08x}"
+        length += len(piece)
+        if length > EXTRA_FIELD_NAME_MAX:
+            break
+        pieces.append(piece)
+    return "".join(pieces)
+
+
 def parse_timestamp(value: str) -> datetime:
-    """ISO 8601 timestamp; one without a zone is read as UTC."""
-    if len(value) > 40:
-        raise InvalidVote("invalid_timestamp", "timestamp is too long")
+    """An RFC 3339 date-time as an aware datetime in UTC, or InvalidVote("invalid_timestamp").
+
+    Accepted: `YYYY-MM-DDTHH:MM:SS`, with `T`, `t` or one space between date and
+    time, an optional `.` and 1 to 9 fractional digits, then `Z`, `z`, a
+    `+HH:MM`/`-HH:MM` offset up to 23:59, or nothing: **no zone is read as UTC**.
+    Digits beyond the sixth are truncated, never rounded: datetime and
+    PostgreSQL hold microseconds, truncation gives one instant per text without
+    ever carrying into the next second, day or year, and redeliveries are
+    compared with the stored vote for equality. Leap seconds (`:60`) are refused:
+    datetime cannot hold them.
+
+    The UTC instant must fall in years 1 to 9999: PostgreSQL, whose sessions run
+    with TimeZone=UTC, then hands back exactly this instant (it would otherwise
+    show a BC or 5-digit year that datetime cannot read back).
+    """
+    if len(value) > TIMESTAMP_MAX:
+        raise InvalidVote("invalid_timestamp", f"timestamp is longer than {TIMESTAMP_MAX} characters")
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise InvalidVote("invalid_timestamp", "timestamp is not an RFC 3339 date-time")
+    if match["second"] == "60":
+        raise InvalidVote("invalid_timestamp", "leap seconds cannot be represented")
+    fraction = match["fraction"] or ""
     try:
-        parsed = datetime.fromisoformat(value)
+        local = datetime(
+            int(match["year"]),
+            int(match["month"]),
+            int(match["day"]),
+            int(match["hour"]),
+            int(match["minute"]),
+            int(match["second"]),
+            int(fraction[:6].ljust(6, "0")),
+            tzinfo=UTC,
+        )
     except ValueError:
-        raise InvalidVote("invalid_timestamp", "timestamp is not ISO 8601") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
+        raise InvalidVote("invalid_timestamp", "a date or time field is out of range") from None
+    if match["sign"] is None:
+        return local
+    offset_hours, offset_minutes = int(match["offset_hour"]), int(match["offset_minute"])
+    if offset_hours > 23 or offset_minutes > 59:
+        raise InvalidVote("invalid_timestamp", "zone offset is out of range")
+    offset = timedelta(hours=offset_hours, minutes=offset_minutes)
     try:
-        return parsed.astimezone(UTC)
+        return local + offset if match["sign"] == "-" else local - offset
     except OverflowError:
-        raise InvalidVote("invalid_timestamp", "timestamp is out of range") from None
+        raise InvalidVote("invalid_timestamp", "timestamp is before year 1 or after year 9999 in UTC") from None
 
 
-def parse_vote(body: bytes, *, max_bytes: int, law_id_pattern: re.Pattern[str] = DEFAULT_LAW_ID_PATTERN) -> Vote:
-    """Turn one message body into a Vote, or raise InvalidVote saying why not."""
+def parse_message(
+    body: bytes, *, max_bytes: int, law_id_pattern: re.Pattern[str] = DEFAULT_LAW_ID_PATTERN
+) -> ParsedVote:
+    """Turn one message body into a ParsedVote, or raise InvalidVote saying why not."""
     if len(body) > max_bytes:
         raise InvalidVote("too_large", f"body is {len(body)} bytes, limit {max_bytes}")
     try:
@@ -134,14 +231,9 @@ def parse_vote(body: bytes, *, max_bytes: int, law_id_pattern: re.Pattern[str] =
         raise InvalidVote("invalid_json", "body is not valid JSON") from None
     if type(obj) is not dict:
         raise InvalidVote("not_an_object", f"body is a JSON {type(obj).__name__}, not an object")
-    keys = obj.keys()
-    if keys != FIELDS:
-        missing = FIELDS - keys
-        if missing:
-            raise InvalidVote("missing_field", f"missing {', '.join(sorted(missing))}")
-        extra = sorted(keys - FIELDS)
-        shown = ", ".join(repr(k[:40]) for k in extra[:5])
-        raise InvalidVote("unexpected_field", f"unexpected {shown}")
+    missing = FIELDS - obj.keys()
+    if missing:
+        raise InvalidVote("missing_field", f"missing {', '.join(sorted(missing))}")
 
     vote_hash = _text(obj, "vote_hash")
     citizen_id = _text(obj, "citizen_id")
@@ -156,7 +248,7 @@ def parse_vote(body: bytes, *, max_bytes: int, law_id_pattern: re.Pattern[str] =
         raise InvalidVote("invalid_law_id", f"law_id must be 1-{LAW_ID_MAX} characters matching LAW_ID_PATTERN")
     if choice not in CHOICES:
         raise InvalidVote("invalid_choice", "choice must be 'oui' or 'non'")
-    return Vote(
+    vote = Vote(
         # A hex digest names the same vote in either case; store one spelling.
         vote_hash=vote_hash.lower(),
         citizen_id=citizen_id,
@@ -164,3 +256,11 @@ def parse_vote(body: bytes, *, max_bytes: int, law_id_pattern: re.Pattern[str] =
         choice=choice,
         timestamp=parse_timestamp(timestamp),
     )
+    # Only their names are kept: the values are never looked at, whatever their type.
+    extra = tuple(sorted({_field_name(key) for key in obj.keys() - FIELDS})[:EXTRA_FIELDS_MAX])
+    return ParsedVote(vote=vote, extra_fields=extra)
+
+
+def parse_vote(body: bytes, *, max_bytes: int, law_id_pattern: re.Pattern[str] = DEFAULT_LAW_ID_PATTERN) -> Vote:
+    """The Vote of parse_message, for callers that ignore extra fields."""
+    return parse_message(body, max_bytes=max_bytes, law_id_pattern=law_id_pattern).vote

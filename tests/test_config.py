@@ -65,6 +65,7 @@ NON_DEFAULTS: dict[str, tuple[str, str, object]] = {
     "LAW_ID_PATTERN": ("law-[0-9]{3}", "law_id_pattern", re.compile("law-[0-9]{3}")),
     "METRICS_MAX_LAWS": ("50", "metrics_max_laws", 50),
     "SHUTDOWN_TIMEOUT_SECONDS": ("30", "shutdown_timeout_s", 30.0),
+    "STALL_TIMEOUT_SECONDS": ("45", "stall_timeout_s", 45.0),
     "PROMETHEUS_PORT": ("9100", "prometheus_port", 9100),
     "PROMETHEUS_BIND_ADDRESS": ("127.0.0.1", "prometheus_bind_address", "127.0.0.1"),
     "LOG_LEVEL": ("WARNING", "log_level", "WARNING"),
@@ -211,6 +212,7 @@ def test_passwords_are_kept_verbatim() -> None:
         ("POSTGRES_CONNECT_TIMEOUT_SECONDS", "0", "0"),
         ("MAX_MESSAGE_BYTES", "100", "100"),
         ("SHUTDOWN_TIMEOUT_SECONDS", "-3", "-3"),
+        ("STALL_TIMEOUT_SECONDS", "0", "0"),
     ],
 )
 def test_bad_value_raises_config_error_naming_variable_and_value(name: str, raw: str, shown: str) -> None:

@@ -318,7 +318,7 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "nan": (b'{"vote_hash": NaN}', "invalid_json"),
     "infinity": (json.dumps(_vote_json()).replace('"oui"', "Infinity").encode(), "invalid_json"),
     "duplicate_key": (b'{"choice": "oui", "choice": "non"}', "duplicate_key"),
-    "extra_key": (json.dumps(_vote_json(admin=True)).encode(), "unexpected_field"),
+    "extra_key_bad_value": (json.dumps(_vote_json(admin=True, choice="peut-etre")).encode(), "invalid_choice"),
     "wrong_type": (json.dumps(_vote_json(choice=["oui"])).encode(), "wrong_type"),
     "sql_law": (json.dumps(_vote_json(law_id="x'); DROP TABLE vote_audit;--")).encode(), "invalid_law_id"),
     "sql_citizen": (

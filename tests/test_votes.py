@@ -1,9 +1,10 @@
-"""Unit tests of votes.parse_vote: what becomes a Vote and why everything else is refused."""
+"""Unit tests of votes.parse_message and parse_vote: what becomes a Vote and why everything else is refused."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -11,7 +12,18 @@ from typing import Any
 
 import pytest
 
-from votes import CHOICES, REASONS, InvalidVote, Vote, parse_vote
+from votes import (
+    CHOICES,
+    EXTRA_FIELD_NAME_MAX,
+    EXTRA_FIELDS_MAX,
+    FIELDS,
+    REASONS,
+    InvalidVote,
+    ParsedVote,
+    Vote,
+    parse_message,
+    parse_vote,
+)
 
 MAX_BYTES = 4096
 GOOD_HASH = "a3f5c8e1" * 8  # 64 hex characters
@@ -41,6 +53,17 @@ def good_body(**changes: Any) -> bytes:
 
 def parse(data: bytes, *, max_bytes: int = MAX_BYTES) -> Vote:
     return parse_vote(data, max_bytes=max_bytes)
+
+
+def extras(**fields: Any) -> tuple[str, ...]:
+    """The extra field names parse_message reports for a good vote carrying `fields`."""
+    parsed = parse_message(good_body(**fields), max_bytes=MAX_BYTES)
+    assert parsed.vote == parse(good_body()), "an extra field changed the vote"
+    return parsed.extra_fields
+
+
+def instant(timestamp: str) -> datetime:
+    return parse(good_body(timestamp=timestamp)).timestamp
 
 
 def reason_for(data: bytes, *, max_bytes: int = MAX_BYTES) -> str:
@@ -121,6 +144,96 @@ def test_fractional_seconds_are_kept() -> None:
     vote = parse(good_body(timestamp="2025-11-14T12:00:00.250000Z"))
 
     assert vote.timestamp == GOOD_INSTANT + timedelta(milliseconds=250)
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "expected"),
+    [
+        ("2025-11-14T12:00:00Z", GOOD_INSTANT),
+        ("2025-11-14t12:00:00z", GOOD_INSTANT),
+        ("2025-11-14 12:00:00Z", GOOD_INSTANT),
+        ("2025-11-14T12:00:00", GOOD_INSTANT),
+        ("2025-11-14 12:00:00", GOOD_INSTANT),
+        ("2025-11-14T12:00:00+00:00", GOOD_INSTANT),
+        ("2025-11-14T12:00:00-00:00", GOOD_INSTANT),
+        ("2025-11-14T13:00:00+01:00", GOOD_INSTANT),
+        ("2025-11-14T06:30:00-05:30", GOOD_INSTANT),
+        ("2025-11-14T17:45:00+05:45", GOOD_INSTANT),
+        ("2025-11-15T11:59:00+23:59", GOOD_INSTANT),
+        ("2025-11-13T12:01:00-23:59", GOOD_INSTANT),
+        ("2025-11-14T12:00:00.5Z", GOOD_INSTANT + timedelta(microseconds=500_000)),
+        ("2025-11-14T12:00:00.12Z", GOOD_INSTANT + timedelta(microseconds=120_000)),
+        ("2025-11-14T12:00:00.123Z", GOOD_INSTANT + timedelta(microseconds=123_000)),
+        ("2025-11-14T12:00:00.000001Z", GOOD_INSTANT + timedelta(microseconds=1)),
+        ("2025-11-14T12:00:00.123456", GOOD_INSTANT + timedelta(microseconds=123_456)),
+        ("2025-11-14 13:00:00.123456789+01:00", GOOD_INSTANT + timedelta(microseconds=123_456)),
+        ("2024-02-29T00:00:00Z", datetime(2024, 2, 29, tzinfo=UTC)),
+        ("2000-02-29T23:59:59Z", datetime(2000, 2, 29, 23, 59, 59, tzinfo=UTC)),
+        ("2025-12-31T23:59:59Z", datetime(2025, 12, 31, 23, 59, 59, tzinfo=UTC)),
+    ],
+)
+def test_rfc3339_forms_are_accepted(timestamp: str, expected: datetime) -> None:
+    parsed = instant(timestamp)
+
+    assert parsed == expected
+    assert parsed.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(
+    ("fraction", "microseconds"),
+    [
+        ("1234567", 123_456),
+        ("12345678", 123_456),
+        ("123456789", 123_456),
+        ("0000009", 0),
+        ("000000999", 0),
+        ("9999999", 999_999),
+        ("999999999", 999_999),
+    ],
+)
+def test_seventh_to_ninth_fractional_digits_are_truncated(fraction: str, microseconds: int) -> None:
+    # Truncated, not rounded: .9999999 stays in its second instead of carrying into the next.
+    assert instant(f"2025-11-14T12:00:00.{fraction}Z") == GOOD_INSTANT + timedelta(microseconds=microseconds)
+
+
+def test_truncation_never_carries_into_the_next_year() -> None:
+    assert instant("2025-12-31T23:59:59.9999999Z") == datetime(2025, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "expected"),
+    [
+        ("0001-01-01T00:00:00Z", datetime(1, 1, 1, tzinfo=UTC)),
+        ("0001-01-01T00:00:00", datetime(1, 1, 1, tzinfo=UTC)),
+        ("0001-01-01T01:00:00+01:00", datetime(1, 1, 1, tzinfo=UTC)),
+        ("0001-01-01T00:00:00-00:01", datetime(1, 1, 1, 0, 1, tzinfo=UTC)),
+        ("9999-12-31T23:59:59.999999Z", datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)),
+        ("9999-12-31T23:59:59.999999999Z", datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)),
+        ("9999-12-31T22:59:59.999999-01:00", datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)),
+        ("9999-12-31T23:59:59+23:59", datetime(9999, 12, 31, 0, 0, 59, tzinfo=UTC)),
+    ],
+)
+def test_range_boundaries_in_utc_are_accepted(timestamp: str, expected: datetime) -> None:
+    assert instant(timestamp) == expected
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        "2025-11-14T12:00:00Z",
+        "2025-11-14 13:00:00.123456789+01:00",
+        "2025-11-14t06:59:59.9999999-05:00",
+        "2025-11-14T12:00:00",
+        "9999-12-31T23:59:59.999999999Z",
+    ],
+)
+def test_same_text_gives_the_same_instant_every_time(timestamp: str) -> None:
+    first = parse(good_body(timestamp=timestamp))
+    again = parse(good_body(timestamp=timestamp))
+
+    assert first.timestamp == again.timestamp
+    assert first == again
+    assert first.same_content(again)
 
 
 @pytest.mark.parametrize("vote_hash", ["0", "deadbeef", "ABCDEF12", "f" * 64])
@@ -257,11 +370,134 @@ def test_empty_object_is_missing_field() -> None:
     assert reason_for(b"{}") == "missing_field"
 
 
-def test_extra_field_is_refused() -> None:
+# --- extra fields: ignored, their names reported -------------------------------------------------
+
+
+def test_extra_field_is_ignored_and_named() -> None:
+    parsed = parse_message(body(vote_dict(comment="hello")), max_bytes=MAX_BYTES)
+
+    assert parsed == ParsedVote(vote=parse(good_body()), extra_fields=("comment",))
+    assert parse(body(vote_dict(comment="hello"))) == parse(good_body())
+
+
+def test_vote_without_extra_fields_names_none() -> None:
+    assert parse_message(good_body(), max_bytes=MAX_BYTES).extra_fields == ()
+
+
+def test_parsed_vote_is_frozen() -> None:
+    parsed = parse_message(good_body(), max_bytes=MAX_BYTES)
+
+    with pytest.raises(AttributeError):
+        parsed.extra_fields = ("x",)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("value", [None, 1, 1.5, True, "", [1, [2]], {"nested": {"deeper": []}}, "x" * 1000])
+def test_extra_field_of_any_type_is_ignored(value: object) -> None:
+    assert extras(producer_version=value) == ("producer_version",)
+
+
+def test_extra_field_names_are_sorted() -> None:
+    assert extras(zeta=1, alpha=2, Mid=3, _under=4) == ("Mid", "_under", "alpha", "zeta")
+
+
+def test_at_most_ten_extra_field_names_the_first_in_order() -> None:
+    names = [f"field_{n:02d}" for n in range(25)]
+
+    reported = extras(**dict.fromkeys(reversed(names), 0))
+
+    assert EXTRA_FIELDS_MAX == 10
+    assert reported == tuple(names[:10])
+
+
+def test_long_extra_field_name_is_cut_to_64_characters() -> None:
+    assert EXTRA_FIELD_NAME_MAX == 64
+    assert extras(**{"n" * 3_000: 1}) == ("n" * 64,)
+    assert extras(**{"n" * 64: 1}) == ("n" * 64,)
+
+
+def test_names_equal_once_cut_are_reported_once() -> None:
+    assert extras(**{"p" * 64 + "a": 1, "p" * 64 + "b": 2}) == ("p" * 64,)
+
+
+@pytest.mark.parametrize(
+    ("key", "name"),
+    [
+        ("a\u0000b", "a\\x00b"),
+        ("line\nbreak", "line\\x0abreak"),
+        ("tab\tstop", "tab\\x09stop"),
+        ("del\x7f", "del\\x7f"),
+        ("\x85nel", "\\x85nel"),
+        ("lone\ud800", "lone\\ud800"),
+        ("admin\u200b", "admin\\u200b"),
+        ("\u2028sep", "\\u2028sep"),
+        ("\u00a0nbsp", "\\xa0nbsp"),
+        ("tag\U000e0041", "tag\\U000e0041"),
+        ("back\\slash", "back\\\\slash"),
+        ("été_2025", "été_2025"),
+        ("with space", "with space"),
+        ("", ""),
+    ],
+)
+def test_non_printable_characters_in_names_are_escaped(key: str, name: str) -> None:
+    # Escaped, not dropped: "admin\u200b" must not pass for "admin". Escaping the
+    # backslash too keeps every name distinct from an escape.
+    (reported,) = extras(**{key: 1})
+
+    assert reported == name
+    assert reported.isprintable()
+    reported.encode("utf-8")  # a lone surrogate would break the /metrics page
+
+
+def test_escaped_name_is_cut_between_escapes() -> None:
+    assert extras(**{"a" * 62 + "\u0000": 1}) == ("a" * 62,)
+    assert extras(**{"a" * 60 + "\u0000": 1}) == ("a" * 60 + "\\x00",)
+    assert extras(**{"\u0000" * 64: 1}) == ("\\x00" * 16,)
+
+
+def test_differently_cased_field_is_an_extra_not_the_field() -> None:
+    assert extras(Choice="non", CHOICE="non") == ("CHOICE", "Choice")
+    assert parse(body(vote_dict(Choice="non"))).choice == "oui"
+
+
+def test_missing_field_is_refused_even_with_extra_fields() -> None:
+    obj = vote_dict(choix="oui")
+    del obj["choice"]
+
+    assert reason_for(body(obj)) == "missing_field"
+
+
+@pytest.mark.parametrize("key", sorted(FIELDS))
+def test_duplicate_of_a_known_field_is_refused_even_with_extra_fields(key: str) -> None:
+    data = body(vote_dict(extra=1))[:-1] + b", " + json.dumps(key).encode() + b": " + json.dumps(GOOD[key]).encode()
+    data += b"}"
+
+    assert reason_for(data) == "duplicate_key"
+
+
+def test_duplicate_extra_field_is_refused() -> None:
+    # Duplicate keys are refused wherever they are, as before: which copy would count is unknowable.
+    assert reason_for(good_body()[:-1] + b', "x": 1, "x": 1}') == "duplicate_key"
+    assert reason_for(good_body()[:-1] + b', "x": {"y": 1, "y": 2}}') == "duplicate_key"
+
+
+def test_extra_field_with_non_standard_constant_is_invalid_json() -> None:
+    assert reason_for(good_body()[:-1] + b', "x": NaN}') == "invalid_json"
+
+
+def test_bad_known_field_is_refused_even_with_extra_fields() -> None:
+    assert reason_for(good_body(choice="maybe", extra=1)) == "invalid_choice"
+    assert reason_for(good_body(timestamp=1, extra=1)) == "wrong_type"
+
+
+def test_law_id_pattern_is_applied_by_parse_message() -> None:
+    only_digits = re.compile(r"[0-9]+")
+
     with pytest.raises(InvalidVote) as excinfo:
-        parse(body(vote_dict(comment="hello")))
-    assert excinfo.value.reason == "unexpected_field"
-    assert "comment" in str(excinfo.value)
+        parse_message(good_body(extra=1), max_bytes=MAX_BYTES, law_id_pattern=only_digits)
+    assert excinfo.value.reason == "invalid_law_id"
+    parsed = parse_message(good_body(law_id="42", extra=1), max_bytes=MAX_BYTES, law_id_pattern=only_digits)
+    assert parsed.vote.law_id == "42"
+    assert parsed.extra_fields == ("extra",)
 
 
 @pytest.mark.parametrize(
@@ -362,14 +598,72 @@ def test_invalid_law_id(law_id: str) -> None:
     [
         "yesterday",
         "",
+        # not RFC 3339 date-times, though ISO 8601 or datetime.fromisoformat accept them
+        "2025-11-14",
+        "2025-11-14Z",
+        "2025-W46-5",
+        "2025-W46-5T12:00:00Z",
+        "2025-318",
+        "2025-318T12:00:00Z",
+        "20251114T120000Z",
+        "20251114",
+        "2025-11-14T120000Z",
+        "2025-11-14T12:00Z",
+        "2025-11-14T12Z",
+        "2025-11-14T12:00:00+01",
+        "2025-11-14T12:00:00+0100",
+        "2025-11-14T12:00:00+01:00:00",
+        "2025-11-14T12:00:00+01:00:00.5",
+        "2025-11-14T12:00:00,5Z",
+        "2025-11-14T12:00:00.Z",
+        "2025-11-14T12:00:00.1234567890Z",
+        "2025-11-14T12:00:00 Z",
+        "2025-11-14T12:00:00UTC",
+        "2025-11-14T12:00:00+01:00[Europe/Paris]",
+        "2025-11-14T12:00:00ZZ",
+        "2025-11-14T12:00:00Z\n",
+        " 2025-11-14T12:00:00Z",
+        "2025-11-14  12:00:00Z",
+        "2025-11-14_12:00:00Z",
+        "2025-11-14\t12:00:00Z",
+        "2025-11-14T1:00:00Z",
+        "25-11-14T12:00:00Z",
+        "+2025-11-14T12:00:00Z",
+        "-0001-11-14T12:00:00Z",
+        "12025-11-14T12:00:00Z",
+        "\uff12\uff10\uff12\uff15-11-14T12:00:00Z",
+        "\u0662\u0660\u0662\u0665-11-14T12:00:00Z",
+        # out-of-range fields
+        "0000-01-01T00:00:00Z",
+        "2025-00-14T12:00:00Z",
         "2025-13-01T00:00:00Z",
+        "2025-11-00T12:00:00Z",
+        "2025-11-31T12:00:00Z",
+        "2025-02-29T00:00:00Z",
+        "1900-02-29T00:00:00Z",
         "2025-02-30T00:00:00Z",
+        "2025-11-14T24:00:00Z",
         "2025-11-14T25:00:00Z",
-        "2025-11-14T12:00:00" + "0" * 81,
-        "x" * 100,
+        "2025-11-14T12:60:00Z",
+        "2025-11-14T12:00:61Z",
+        "2016-12-31T23:59:60Z",
         "2025-11-14T12:00:00+24:00",
+        "2025-11-14T12:00:00-24:00",
+        "2025-11-14T12:00:00+01:60",
+        "2025-11-14T12:00:00+99:99",
+        # longer than 40 characters
+        "2025-11-14T12:00:00" + "0" * 81,
+        "2025-11-14T12:00:00." + "0" * 20 + "Z",
+        "x" * 100,
+        # before year 1 or after year 9999 once in UTC
         "0001-01-01T00:00:00+01:00",
+        "0001-01-01T00:00:00+00:01",
+        "0001-01-01T00:00:00.999999+00:01",
+        "0001-01-01T23:58:59+23:59",
         "9999-12-31T23:59:59-01:00",
+        "9999-12-31T23:30:00-01:00",
+        "9999-12-31T23:59:00-00:01",
+        "9999-12-31T00:01:00-23:59",
     ],
 )
 def test_invalid_timestamp(timestamp: str) -> None:
@@ -384,7 +678,6 @@ def test_every_reason_is_reachable() -> None:
         "not_an_object": (b"[]", MAX_BYTES),
         "duplicate_key": (b'{"a": 1, "a": 2}', MAX_BYTES),
         "missing_field": (b"{}", MAX_BYTES),
-        "unexpected_field": (good_body(extra=1), MAX_BYTES),
         "wrong_type": (good_body(choice=1), MAX_BYTES),
         "invalid_vote_hash": (good_body(vote_hash="g"), MAX_BYTES),
         "invalid_citizen_id": (good_body(citizen_id=""), MAX_BYTES),
@@ -504,13 +797,22 @@ def _random_value(rng: random.Random) -> object:
 
 
 def _check_outcome(data: bytes, max_bytes: int) -> str:
-    """parse_vote's outcome for `data`: 'vote' or the reason; any other exception fails the test."""
+    """parse_message's outcome for `data`: 'vote' or the reason; any other exception fails the test."""
     try:
-        vote = parse_vote(data, max_bytes=max_bytes)
+        parsed = parse_message(data, max_bytes=max_bytes)
     except InvalidVote as exc:
         assert exc.reason in REASONS, (data, exc.reason)
         return exc.reason
+    vote = parsed.vote
     assert isinstance(vote, Vote)
+    assert parse_vote(data, max_bytes=max_bytes) == vote
+    names = parsed.extra_fields
+    assert len(names) <= EXTRA_FIELDS_MAX
+    assert list(names) == sorted(set(names))
+    for name in names:
+        assert len(name) <= EXTRA_FIELD_NAME_MAX
+        assert name.isprintable()
+        name.encode("utf-8")
     assert vote.choice in CHOICES
     assert 1 <= len(vote.vote_hash) <= 64
     assert vote.vote_hash == vote.vote_hash.lower()
@@ -553,3 +855,42 @@ def test_random_field_values_never_raise_anything_but_invalid_vote() -> None:
         data = body(obj, ensure_ascii=rng.random() < 0.5) if rng.random() < 0.9 else body([obj])
         outcomes.add(_check_outcome(data, MAX_BYTES))
     assert {"wrong_type", "invalid_vote_hash", "invalid_choice"} <= outcomes
+
+
+def _random_key(rng: random.Random) -> str:
+    alphabet = rng.choice(["abcdefghij_", "\x00\n\\\x7f\u200b\ud800\udfff\u2028é\U0001f600a"])
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 90)))
+
+
+def test_random_extra_fields_give_bounded_printable_names() -> None:
+    rng = random.Random(7)
+    outcomes: set[str] = set()
+    widest = 0
+    for _ in range(500):
+        obj = vote_dict()
+        for _ in range(rng.randint(1, 30)):
+            obj.setdefault(_random_key(rng), _random_value(rng))
+        # Raw (not \u-escaped) lone surrogates are invalid UTF-8: refused before any name is read.
+        outcomes.add(_check_outcome(body(obj, ensure_ascii=False), 1_000_000))
+        parsed = parse_message(body(obj), max_bytes=1_000_000)
+        assert parsed.vote == parse(good_body())
+        widest = max(widest, len(parsed.extra_fields))
+    assert outcomes == {"vote", "invalid_encoding"}
+    assert widest == EXTRA_FIELDS_MAX
+
+
+def test_random_timestamps_are_refused_or_in_range() -> None:
+    rng = random.Random(3339)
+    outcomes: set[str] = set()
+    for _ in range(2000):
+        text = "".join(
+            rng.choice(["0", "1", "2", "9", "-", ":", "T", " ", "Z", "+", ".", "60", "24", "9999", "0001"])
+            for _ in range(rng.randint(10, 30))
+        )
+        outcomes.add(_check_outcome(good_body(timestamp=text), MAX_BYTES))
+    stamps = [
+        "{:04d}-{:02d}-{:02d}T{:02d}:{:02d}:{:02d}".format(*(rng.randint(0, 99) for _ in range(6))) for _ in range(2000)
+    ]
+    for stamp in stamps:
+        outcomes.add(_check_outcome(good_body(timestamp=stamp + rng.choice(["", "Z", "+23:59", "-23:59"])), MAX_BYTES))
+    assert outcomes == {"vote", "invalid_timestamp"}
