@@ -3,7 +3,7 @@
 #   docker run --rm -e RABBITMQ_HOST=rabbitmq -e POSTGRES_HOST=postgres -p 8001:8001 vote-aggregator
 #   docker run --rm -e ... vote-aggregator --check      # any aggregator.py option works the same
 #   docker stop -t 30 <container>                      # above SHUTDOWN_TIMEOUT_SECONDS (15 s)
-# The README's "Deploying" section has the rest (compose, TLS).
+# docs/deploying.md has the rest (compose, TLS).
 FROM python:3.11.14-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -27,8 +27,9 @@ EXPOSE 8001
 # The service drains on SIGTERM within SHUTDOWN_TIMEOUT_SECONDS (15 s by default): stop it with
 # `docker stop -t 30` (compose: stop_grace_period: 30s), or the votes in flight are redelivered.
 STOPSIGNAL SIGTERM
-# /healthz answers while the process serves HTTP; /readyz would also turn unhealthy during a
-# database outage, which the service rides out by itself.
+# /healthz fails (503) when the service has stopped counting: its connection loop stuck, or a vote
+# held unacked past STALL_TIMEOUT_SECONDS while PostgreSQL answers. /readyz would also turn
+# unhealthy during a database outage, which the service rides out by itself.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PROMETHEUS_PORT', '8001'), timeout=2)"]
 

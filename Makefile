@@ -33,7 +33,7 @@ test: $(VENV)/.dev check-services test-tools lint
 test-tools:
 	@scripts/install_test_tools.sh
 
-## Throughput, latency and memory against the bare-consumer limit (prints one table; see README).
+## Throughput, latency and memory against the bare-consumer limit (prints one table; see docs/performance.md).
 ## A shorter run: make bench BENCH_ARGS="--votes 5000 --naive-votes 500 --latency-seconds 2"
 BENCH_ARGS ?=
 bench: $(VENV)/.runtime check-services

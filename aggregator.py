@@ -124,22 +124,8 @@ def serve(config: Config) -> int:
 
     metrics = Metrics(max_laws=config.metrics_max_laws, version=VERSION)
     health = Health(stall_timeout_s=config.stall_timeout_s, notifier=notifier)
-    try:
-        metrics.serve(
-            port=config.prometheus_port,
-            addr=config.prometheus_bind_address,
-            readiness=health.readiness,
-            liveness=health.liveness,
-        )
-    except OSError as exc:
-        logger.error(
-            "cannot serve metrics on %s:%d (PROMETHEUS_BIND_ADDRESS, PROMETHEUS_PORT): %s",
-            config.prometheus_bind_address,
-            config.prometheus_port,
-            exc,
-        )
+    if not _serve_http(config, metrics, health):
         return EXIT_CONFIG
-
     notifier.notify("STATUS=connecting to PostgreSQL")
     try:
         database = _open_database(config, stop)
@@ -169,6 +155,26 @@ def serve(config: Config) -> int:
         database.close()
     logger.info("stopped (exit code %d)", code)
     return code
+
+
+def _serve_http(config: Config, metrics: Metrics, health: Health) -> bool:
+    """/metrics, /healthz and /readyz; False (logged) when the port cannot be had."""
+    try:
+        metrics.serve(
+            port=config.prometheus_port,
+            addr=config.prometheus_bind_address,
+            readiness=health.readiness,
+            liveness=health.liveness,
+        )
+    except OSError as exc:
+        logger.error(
+            "cannot serve metrics on %s:%d (PROMETHEUS_BIND_ADDRESS, PROMETHEUS_PORT): %s",
+            config.prometheus_bind_address,
+            config.prometheus_port,
+            exc,
+        )
+        return False
+    return True
 
 
 def _open_database(config: Config, stop: threading.Event) -> db.Database | None:

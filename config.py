@@ -2,7 +2,7 @@
 
 Nothing else in the service reads the environment. Every variable the seed
 description names keeps its name and default; the ones added since are listed
-in the README and in `.env.example`.
+in docs/configuration.md (generated from this file) and in `.env.example`.
 """
 
 from __future__ import annotations

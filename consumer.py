@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from typing import cast
 
 import pika
 import pika.exceptions
@@ -318,7 +319,9 @@ class Consumer:
         self, channel: BlockingChannel, method: Basic.Deliver, _properties: BasicProperties, body: bytes
     ) -> None:
         assert self._pipeline is not None
-        tag = method.delivery_tag
+        # A Basic.Deliver from the broker always carries its tag (the stubs allow None for
+        # frames built by hand).
+        tag = cast(int, method.delivery_tag)
         self._received += 1  # only this thread writes it: no lock on the hot path
         try:
             parsed = parse_message(

@@ -610,15 +610,22 @@ def _write_batch(cur: psycopg2.extensions.cursor, votes: Sequence[Vote]) -> Batc
             candidates[vote.vote_hash] = vote
     if not candidates:
         return outcome
+    conflicting = _count_new(cur, list(candidates.values()), outcome)
+    if conflicting or copies:
+        _judge_the_rest(cur, candidates, conflicting, copies, outcome)
+    return outcome
 
+
+def _count_new(cur: psycopg2.extensions.cursor, candidates: list[Vote], outcome: BatchOutcome) -> list[str]:
+    """Insert and count the votes whose hash is new; returns the hashes already stored."""
     cur.execute(
         _COUNT_BATCH,
         (
-            [v.vote_hash for v in candidates.values()],
-            [v.citizen_id for v in candidates.values()],
-            [v.law_id for v in candidates.values()],
-            [v.choice for v in candidates.values()],
-            [v.timestamp for v in candidates.values()],
+            [v.vote_hash for v in candidates],
+            [v.citizen_id for v in candidates],
+            [v.law_id for v in candidates],
+            [v.choice for v in candidates],
+            [v.timestamp for v in candidates],
         ),
     )
     conflicting: list[str] = []
@@ -631,9 +638,17 @@ def _write_batch(cur: psycopg2.extensions.cursor, votes: Sequence[Vote]) -> Batc
             outcome.counted[(key, "oui")] = oui
         if non:
             outcome.counted[(key, "non")] = non
+    return conflicting
 
-    if not conflicting and not copies:
-        return outcome
+
+def _judge_the_rest(
+    cur: psycopg2.extensions.cursor,
+    candidates: dict[str, Vote],
+    conflicting: list[str],
+    copies: list[Vote],
+    outcome: BatchOutcome,
+) -> None:
+    """Tell redeliveries (same content as stored) from duplicate attempts, and record the attempts."""
     already_stored = set(conflicting)
     stored = {h: v for h, v in candidates.items() if h not in already_stored}
     if conflicting:
@@ -657,4 +672,3 @@ def _write_batch(cur: psycopg2.extensions.cursor, votes: Sequence[Vote]) -> Batc
         outcome.duplicate_attempts = len(recorded)
         # An attempt already on record (a redelivered attempt) is not a new one.
         outcome.redeliveries += len(attempts) - len(recorded)
-    return outcome

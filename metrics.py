@@ -62,8 +62,17 @@ class Metrics:
         self._max_laws = max_laws
         self._series: dict[str, _LawSeries] = {}
         self._totals_lock = threading.RLock()
-        r = self.registry
-        # -- the seed's five ----------------------------------------------------
+        self._unknown_field_names: set[str] = set()
+        self._define_seed_metrics(self.registry)
+        self._define_counting_metrics(self.registry)
+        self._define_health_metrics(self.registry)
+        Info("vote_aggregator_build", "Version of the service and of Python", registry=self.registry).info(
+            {"version": version, "python": platform.python_version()}
+        )
+        ProcessCollector(registry=self.registry)
+
+    def _define_seed_metrics(self, r: CollectorRegistry) -> None:
+        """The seed's five, unchanged in name, type and labels."""
         self.votes_aggregated = Counter(
             "votes_aggregated", "Votes newly counted, by law and choice", ["law_id", "choice"], registry=r
         )
@@ -82,7 +91,11 @@ class Metrics:
         self.aggregation_errors = Counter(
             "aggregation_errors", "Messages rejected and failures, by type", ["error_type"], registry=r
         )
-        # -- added: what the seed's five cannot show -----------------------------
+        for error_type in (*REASONS, *ERROR_TYPES):
+            self.aggregation_errors.labels(error_type)
+
+    def _define_counting_metrics(self, r: CollectorRegistry) -> None:
+        """What the seed's five cannot show about the votes themselves."""
         self.votes_redelivered = Counter(
             "votes_redelivered",
             "Messages for votes already counted with the same content (absorbed, not counted again)",
@@ -108,16 +121,8 @@ class Metrics:
         self.votes_rejected = Counter(
             "votes_rejected", "Messages rejected without requeue, by reason", ["reason"], registry=r
         )
-        for error_type in (*REASONS, *ERROR_TYPES):
-            self.aggregation_errors.labels(error_type)
         for reason in (*REASONS, "database_rejected", "unexpected"):
             self.votes_rejected.labels(reason)
-        self.buffer_depth = Gauge("vote_buffer_depth", "Valid votes received and not yet written", registry=r)
-        self.oldest_unacked_age = Gauge(
-            "oldest_unacked_delivery_age_seconds",
-            "Age of the oldest vote the service holds without having acked it (buffered or being written)",
-            registry=r,
-        )
         self.unknown_fields = Counter(
             "vote_unknown_fields",
             "Votes carrying a field beyond the five, by field name (ignored; capped at "
@@ -125,7 +130,15 @@ class Metrics:
             ["field"],
             registry=r,
         )
-        self._unknown_field_names: set[str] = set()
+
+    def _define_health_metrics(self, r: CollectorRegistry) -> None:
+        """Whether the service is counting: buffer, stalls, flushes, connections."""
+        self.buffer_depth = Gauge("vote_buffer_depth", "Valid votes received and not yet written", registry=r)
+        self.oldest_unacked_age = Gauge(
+            "oldest_unacked_delivery_age_seconds",
+            "Age of the oldest vote the service holds without having acked it (buffered or being written)",
+            registry=r,
+        )
         self.last_flush = Gauge(
             "last_successful_flush_timestamp_seconds", "Unix time of the last committed batch", registry=r
         )
@@ -136,10 +149,6 @@ class Metrics:
         self.rabbitmq_connected = Gauge(
             "rabbitmq_connected", "1 while the service is consuming from RabbitMQ", registry=r
         )
-        Info("vote_aggregator_build", "Version of the service and of Python", registry=r).info(
-            {"version": version, "python": platform.python_version()}
-        )
-        ProcessCollector(registry=r)
 
     def _law_series(self, law_id: str) -> _LawSeries | None:
         """The series of a law, or None once METRICS_MAX_LAWS laws have theirs.

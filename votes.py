@@ -21,6 +21,8 @@ CHOICES = ("oui", "non")
 VOTE_HASH_MAX = 64
 CITIZEN_ID_MAX = 100
 LAW_ID_MAX = 50
+# Deepest JSON nesting accepted (a vote has one level; extra fields may nest a little).
+MAX_NESTING = 32
 TIMESTAMP_MAX = 40
 # Names of ignored fields become metric label values and log text: at most this
 # many per message, each at most this long once escaped.
@@ -213,6 +215,36 @@ def parse_timestamp(value: str) -> datetime:
         raise InvalidVote("invalid_timestamp", "timestamp is before year 1 or after year 9999 in UTC") from None
 
 
+def _check_nesting(text: str) -> None:
+    """Refuse JSON nested deeper than MAX_NESTING, before the decoder recurses into it.
+
+    Python's decoder recurses once per level, so without this bound the limit
+    would be the interpreter's recursion limit (which differs between versions
+    and can be raised). A vote has one level; counting brackets first keeps the
+    exact scan off the common path.
+    """
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise InvalidVote("invalid_json", f"JSON nested deeper than {MAX_NESTING} levels")
+        elif char in "]}":
+            depth -= 1
+
+
 def parse_message(
     body: bytes, *, max_bytes: int, law_id_pattern: re.Pattern[str] = DEFAULT_LAW_ID_PATTERN
 ) -> ParsedVote:
@@ -223,11 +255,12 @@ def parse_message(
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidVote("invalid_encoding", "body is not UTF-8") from None
+    _check_nesting(text)
     try:
         obj = _DECODER.decode(text)
     except InvalidVote:
         raise
-    except (ValueError, RecursionError):
+    except ValueError:
         raise InvalidVote("invalid_json", "body is not valid JSON") from None
     if type(obj) is not dict:
         raise InvalidVote("not_an_object", f"body is a JSON {type(obj).__name__}, not an object")

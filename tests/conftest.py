@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Service, declare_queue, pg_connect, scratch_database, scratch_queues
+from tests.support import Service, declare_queue, pg_connect, scratch_database, scratch_queues, stop_all
 
 
 @pytest.fixture
@@ -52,5 +52,4 @@ def make_service(tmp_path: Path, dbname: str, queue: str) -> Iterator[Callable[.
         return svc
 
     yield make
-    for svc in services:
-        svc.kill()
+    stop_all(services)

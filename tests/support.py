@@ -33,6 +33,7 @@ from typing import Any
 import pika
 import pika.exceptions
 import psycopg2
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg2 import sql
 
@@ -179,6 +180,7 @@ def drain_queue(queue: str) -> list[bytes]:
             method, _props, body = ch.basic_get(queue, auto_ack=True)
             if method is None:
                 return bodies
+            assert body is not None
             bodies.append(body)
     finally:
         conn.close()
@@ -344,6 +346,10 @@ class Service:
             },
         )
         self.proc: subprocess.Popen[bytes] | None = None
+        # A test that provokes unexpected errors on purpose says so; any other
+        # test fails when the service logged a traceback or counted one.
+        self.expects_unexpected_errors = False
+        self._unexpected = 0.0
 
     def start(self, *, wait_consuming: bool = True) -> Service:
         log = self.log_path.open("ab")
@@ -371,11 +377,13 @@ class Service:
     def stop(self, *, timeout: float = 30) -> int:
         """SIGTERM, then wait; returns the exit code."""
         assert self.proc is not None
+        self.note_unexpected()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
+        self.note_unexpected()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
@@ -392,8 +400,47 @@ class Service:
                 samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
         return samples
 
-    def metric(self, name: str, **labels: str) -> float:
-        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+    def metric(self, name: str, default: float | None = None, **labels: str) -> float:
+        """One sample's value. A sample that does not exist fails, unless a `default` is given
+        (for a labelled series that appears with its first value)."""
+        samples = self.metrics()
+        value = samples.get((name, tuple(sorted(labels.items()))), default)
+        if value is None:
+            similar = sorted({f"{n}{dict(lbl)}" for n, lbl in samples if n == name})[:10]
+            raise AssertionError(f"no sample {name}{labels} on /metrics (samples of {name}: {similar or 'none'})")
+        return value
+
+    # -- what no test may leave unnoticed ------------------------------------------------
+
+    def note_unexpected(self) -> None:
+        """Remember aggregation_errors_total{error_type="unexpected"} while the service still answers."""
+        if self.proc is not None and self.proc.poll() is None:
+            # Not serving yet (starting), or already gone: nothing to read.
+            with contextlib.suppress(OSError, AssertionError):
+                self._unexpected = self.metric("aggregation_errors_total", error_type="unexpected")
+
+    def unnoticed_failures(self) -> list[str]:
+        """Tracebacks in the log and unexpected errors counted, for a test that did not expect any."""
+        if self.expects_unexpected_errors:
+            return []
+        found = []
+        tracebacks = self.logs().count("Traceback (most recent call last)")
+        if tracebacks:
+            found.append(f"{self.log_path.name}: {tracebacks} traceback(s) logged")
+        if self._unexpected:
+            counted = f'aggregation_errors_total{{error_type="unexpected"}} = {self._unexpected:g}'
+            found.append(f"{self.log_path.name}: {counted}")
+        return found
+
+
+def stop_all(services: Iterable[Service]) -> None:
+    """Kill what is still running; fail the test if any service hit an unexpected error it did not expect."""
+    failures: list[str] = []
+    for svc in services:
+        svc.kill()
+        failures += svc.unnoticed_failures()
+    if failures:
+        pytest.fail("the service under test hit unexpected errors: " + "; ".join(failures), pytrace=False)
 
 
 def apply_schema(dbname: str) -> None:

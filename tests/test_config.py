@@ -85,7 +85,7 @@ def test_empty_environment_gives_documented_defaults() -> None:
     assert cfg.rabbitmq_user == "guest"
     assert cfg.rabbitmq_password == "guest"
     assert cfg.rabbitmq_queue == "votes.aggregation"
-    # Changed from the seed's 100/100 by measurement (README, Performance).
+    # Changed from the seed's 100/100 by measurement (docs/performance.md).
     assert cfg.rabbitmq_prefetch_count == 1000
     assert cfg.postgres_host == "localhost"
     assert cfg.postgres_port == 5432

@@ -126,6 +126,7 @@ def test_unexpected_errors_reject_only_the_offending_votes_and_counting_goes_on(
     publish(queue, bodies)
 
     svc = make_service({**injecting(tmp_path), "BATCH_SIZE": "200"})
+    svc.expects_unexpected_errors = True
     svc.start()
     wait_for(lambda: audit_count(dbname) == len(good), timeout=60, what="good votes counted")
     wait_for(lambda: queue_state(dead)[0] == len(bad), timeout=30, what="offending votes dead-lettered")

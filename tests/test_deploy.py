@@ -172,7 +172,7 @@ def test_unit_settings_match_the_service() -> None:
     # --check would turn a broker restart into a failed unit (see the comment in the unit).
     assert "ExecStartPre" not in s
     assert s["Restart"] == ["on-failure"]
-    # Exit code 2 is a configuration error (README, "Stopping it"): restarting cannot fix it.
+    # Exit code 2 is a configuration error (docs/operations.md, "Exit codes"): restarting cannot fix it.
     assert "2" in s["RestartPreventExitStatus"][0].split()
     assert s["KillSignal"] == ["SIGTERM"]
 

@@ -17,7 +17,7 @@ import db
 from config import Config
 from tests import pg_servers
 from tests.pg_servers import PgServer
-from tests.support import Service, make_votes, publish, queue_state, wait_for
+from tests.support import Service, make_votes, publish, queue_state, stop_all, wait_for
 from tools.ports import free_port
 
 pytestmark = pytest.mark.skipif(pg_servers.unavailable() is not None, reason=str(pg_servers.unavailable()))
@@ -75,8 +75,7 @@ def services(tmp_path: Path) -> Iterator[Callable[..., Service]]:
         return svc.start(wait_consuming=wait_consuming)
 
     yield start
-    for svc in started:
-        svc.kill()
+    stop_all(started)
 
 
 def _exits_2_with_one_line(svc: Service, needle: str) -> str:

@@ -26,6 +26,7 @@ from tests.support import (
     run_cli,
     scratch_queues,
     service_env,
+    stop_all,
     wait_for,
 )
 
@@ -88,7 +89,7 @@ def counted(module_dbname: str, tmp_path_factory: pytest.TempPathFactory) -> str
         try:
             fill(svc, queue, module_dbname)
         finally:
-            svc.kill()
+            stop_all([svc])
     return module_dbname
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -17,6 +18,7 @@ from votes import (
     EXTRA_FIELD_NAME_MAX,
     EXTRA_FIELDS_MAX,
     FIELDS,
+    MAX_NESTING,
     REASONS,
     InvalidVote,
     ParsedVote,
@@ -334,6 +336,27 @@ def test_deeply_nested_json_is_invalid_json_not_recursion_error(opener: str) -> 
     data = (opener * 100_000).encode()
 
     assert reason_for(data, max_bytes=10_000_000) == "invalid_json"
+
+
+@pytest.mark.parametrize("recursion_limit", [200, 1_000_000])
+def test_the_nesting_limit_is_the_services_own_whatever_the_recursion_limit(recursion_limit: int) -> None:
+    # The bound is MAX_NESTING, not the interpreter's recursion limit: a low one
+    # does not refuse what is allowed, a high one does not let deeper JSON through.
+    allowed = json.dumps(vote_dict(extra=json.loads("[" * (MAX_NESTING - 1) + "]" * (MAX_NESTING - 1)))).encode()
+    too_deep = json.dumps(vote_dict(extra=json.loads("[" * MAX_NESTING + "]" * MAX_NESTING))).encode()
+    in_strings = json.dumps(vote_dict(extra="[{" * 500)).encode()  # brackets inside a string are text
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(recursion_limit)
+    try:
+        assert parse_message(allowed, max_bytes=MAX_BYTES).extra_fields == ("extra",)
+        assert parse_message(in_strings, max_bytes=MAX_BYTES).extra_fields == ("extra",)
+        with pytest.raises(InvalidVote, match=f"nested deeper than {MAX_NESTING} levels") as excinfo:
+            parse_message(too_deep, max_bytes=MAX_BYTES)
+        with pytest.raises(InvalidVote, match=f"nested deeper than {MAX_NESTING} levels"):
+            parse_message(b"[" * 2_000 + b"]" * 2_000, max_bytes=MAX_BYTES)
+    finally:
+        sys.setrecursionlimit(previous)
+    assert excinfo.value.reason == "invalid_json"
 
 
 @pytest.mark.parametrize(

@@ -502,8 +502,8 @@ def _rate(raw: str) -> float:
     return value
 
 
-def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> Settings:
-    env = (os.environ if environ is None else environ).get
+def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    env = environ.get
     p = argparse.ArgumentParser(
         prog=f"python -m tools.{PROG}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -540,6 +540,11 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
         default="auto",
         help="on stderr: a bar on a terminal, a line every 5 s otherwise (auto)",
     )
+    return p
+
+
+def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> Settings:
+    p = _parser(os.environ if environ is None else environ)
     a = p.parse_args(argv)
     if a.duplicates + a.replays > 0.5:
         p.error("--duplicates and --replays add up to more than 0.5")
