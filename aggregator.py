@@ -26,7 +26,7 @@ import results
 from commands import check, init_db
 from config import HELP, Config, ConfigError, load_config, variables
 from consumer import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Consumer
-from health import Health
+from health import Health, ReplicationWatch
 from metrics import Metrics
 from pipeline import Pipeline
 from summary import Summary
@@ -134,10 +134,26 @@ def serve(config: Config) -> int:
         return EXIT_CONFIG
     if database is None:
         return EXIT_OK
+    replication = ReplicationWatch(
+        read=database.replication_state,
+        metrics=metrics,
+        interval_s=config.postgres_replication_check_interval_s,
+        require_sync=config.postgres_require_sync_standby,
+        user=config.postgres_user,
+    )
     try:
         _read_totals(database, metrics)
+        replication.check()  # said once before consuming, then on its own thread
+        replication.start()
         summary = Summary(interval_s=config.log_summary_interval_s)
-        consumer = Consumer(config=config, metrics=metrics, summary=summary, notifier=notifier, on_turn=health.turned)
+        consumer = Consumer(
+            config=config,
+            metrics=metrics,
+            summary=summary,
+            notifier=notifier,
+            on_turn=health.turned,
+            hold=replication.hold_reason,
+        )
         pipeline = Pipeline(
             config=config,
             database=database,
@@ -146,12 +162,13 @@ def serve(config: Config) -> int:
             settle=consumer.settle,
             on_fatal=lambda _reason: consumer.request_stop() if consumer is not None else None,
         )
-        health.watch(consumer=consumer, pipeline=pipeline)
+        health.watch(consumer=consumer, pipeline=pipeline, hold=replication.hold_reason)
         if stop.is_set():
             consumer.request_stop()
         pipeline.start()
         code = _exit_code(consumer.run(pipeline), pipeline)
     finally:
+        replication.stop()
         database.close()
     logger.info("stopped (exit code %d)", code)
     return code

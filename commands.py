@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import pika
 import pika.exceptions
@@ -10,6 +11,7 @@ import pika.exceptions
 import db
 from config import Config
 from consumer import amqp_parameters, describe_error
+from health import describe_replication
 
 EXIT_OK = 0
 
@@ -33,27 +35,39 @@ def check(config: Config) -> list[str]:
 
 
 def _check_rabbitmq(config: Config) -> list[str]:
+    """Every node of RABBITMQ_HOST; with several, one that answers is enough (the others are warnings)."""
+    nodes = config.rabbitmq_nodes
+    failures = [problem for node in nodes if (problem := _check_rabbitmq_node(config, node)) is not None]
+    if len(nodes) == 1 or len(failures) == len(nodes):
+        return failures
+    for failure in failures:
+        print(f"warning: {failure} (the service uses the other nodes)", file=sys.stderr)
+    return []
+
+
+def _check_rabbitmq_node(config: Config, node: tuple[str, int]) -> str | None:
+    url = config.rabbitmq_url_for_logs(node)
+    nodes = config.rabbitmq_nodes
+    if len(nodes) > 1:
+        url += f" (node {nodes.index(node) + 1} of {len(nodes)})"
     try:
-        connection = pika.BlockingConnection(amqp_parameters(config))
+        connection = pika.BlockingConnection(amqp_parameters(config, node))
     except (pika.exceptions.AMQPError, OSError) as exc:
-        return [f"RabbitMQ {config.rabbitmq_url_for_logs()}: {describe_error(exc)}"]
+        return f"RabbitMQ {url}: {describe_error(exc)}"
     try:
         ok = connection.channel().queue_declare(config.rabbitmq_queue, passive=True).method
         print(
-            f"ok: RabbitMQ {config.rabbitmq_url_for_logs()}, queue {config.rabbitmq_queue} "
+            f"ok: RabbitMQ {url}, queue {config.rabbitmq_queue} "
             f"({ok.message_count} ready, {ok.consumer_count} consumers)"
         )
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code != 404:
-            return [f"RabbitMQ queue {config.rabbitmq_queue}: {exc.reply_text}"]
-        print(
-            f"ok: RabbitMQ {config.rabbitmq_url_for_logs()}, queue {config.rabbitmq_queue} "
-            "does not exist yet (the service declares it)"
-        )
+            return f"RabbitMQ queue {config.rabbitmq_queue}: {exc.reply_text}"
+        print(f"ok: RabbitMQ {url}, queue {config.rabbitmq_queue} does not exist yet (the service declares it)")
     finally:
         with contextlib.suppress(pika.exceptions.AMQPError, OSError):  # closing something already broken
             connection.close()
-    return []
+    return None
 
 
 def _check_postgres(config: Config) -> list[str]:
@@ -61,6 +75,7 @@ def _check_postgres(config: Config) -> list[str]:
     try:
         database.open()
         missing = database.missing_schema_objects()
+        replication = database.replication_state() if _replicated(config) else None
     except db.DatabaseError as exc:
         return [f"PostgreSQL: {exc}"]
     finally:
@@ -70,5 +85,20 @@ def _check_postgres(config: Config) -> list[str]:
             f"PostgreSQL {config.postgres_target_for_logs()}: schema incomplete, missing {', '.join(missing)}; "
             "apply it with: python aggregator.py --init-db"
         ]
-    print(f"ok: PostgreSQL {config.postgres_target_for_logs()}, schema complete")
+    primary = f" (writes go to {database.server})" if len(config.postgres_servers) > 1 else ""
+    print(f"ok: PostgreSQL {config.postgres_target_for_logs()}, schema complete{primary}")
+    if replication is None:
+        return []
+    said = describe_replication(replication, user=config.postgres_user)
+    print(f"{'ok' if replication.failover_safe else 'warning'}: {said}")
+    if config.postgres_require_sync_standby and not replication.failover_safe:
+        return [
+            "PostgreSQL: POSTGRES_REQUIRE_SYNC_STANDBY=true and no synchronous standby has every commit: "
+            "the service would not consume"
+        ]
     return []
+
+
+def _replicated(config: Config) -> bool:
+    """Whether --check reports the replication state: several servers, or a standby required."""
+    return len(config.postgres_servers) > 1 or config.postgres_require_sync_standby
