@@ -150,6 +150,8 @@ class Consumer:
                     # Every node refused the credentials, the vhost or the certificate: retrying cannot help.
                     return self._finish(EXIT_CONFIG)
                 refused = 0
+                if len(nodes) > 1:
+                    logger.warning("no RabbitMQ node answered (%d tried); trying again in %.0fs", len(nodes), delay)
             if not self._stop.is_set():
                 self._notifier.notify(f"STATUS=RabbitMQ unavailable; reconnecting in {delay:.0f}s")
                 self._wait(delay)

@@ -138,6 +138,7 @@ class ReplicationWatch:
         self._said: str | None = None  # the last line logged, without figures that change all the time
         # Why not to consume; None while consuming is fine. Unknown until the first check.
         self._hold: str | None = "the replication state has not been read yet" if require_sync else None
+        self._checked = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -186,9 +187,10 @@ class ReplicationWatch:
             return
         hold = None if safe else f"POSTGRES_REQUIRE_SYNC_STANDBY=true and {_short(state)}"
         if hold != self._hold:
-            if hold is None:
+            if hold is None and self._checked:
                 logger.info("a synchronous standby has every commit again: consuming may go on")
             self._hold = hold
+        self._checked = True
 
 
 def _short(state: db.ReplicationState | None) -> str:
