@@ -290,6 +290,7 @@ class Consumer:
         """
         assert self._pipeline is not None
         consumer_tag: str | None = None
+        self._cancelled = False  # a cancel on an earlier connection is dealt with
         while not self._stop.is_set() and not self._cancelled:
             consumer_tag = self._follow_hold(connection, node, consumer_tag)
             connection.process_data_events(time_limit=_POLL_S)
