@@ -186,6 +186,7 @@ class ReplicationWatch:
         if not self._require_sync:
             return
         hold = None if safe else f"POSTGRES_REQUIRE_SYNC_STANDBY=true and {_short(state)}"
+        self._metrics.consumption_held.set(0 if hold is None else 1)
         if hold != self._hold:
             if hold is None and self._checked:
                 logger.info("a synchronous standby has every commit again: consuming may go on")

@@ -171,6 +171,12 @@ class Metrics:
         self.database_standbys = Gauge(
             "database_standbys", "Standbys streaming from the primary, synchronous or not", registry=r
         )
+        self.consumption_held = Gauge(
+            "vote_consumption_held",
+            "1 while the service does not consume because POSTGRES_REQUIRE_SYNC_STANDBY is set and no synchronous "
+            "standby has every commit",
+            registry=r,
+        )
 
     def record_rabbitmq_node(self, nodes: Iterable[str], current: str | None) -> None:
         """Mark `current` (or none) as the node the service is connected to."""
