@@ -187,6 +187,7 @@ def test_with_require_sync_standby_consuming_stops_while_the_standby_is_away(ser
         wait_for(lambda: probe(svc, "/readyz")[0] == 503, timeout=30, what="not ready without a sync standby")
         assert "POSTGRES_REQUIRE_SYNC_STANDBY" in probe(svc, "/readyz")[1]
         assert svc.metric("database_failover_safe") == 0
+        assert svc.metric("vote_consumption_held") == 1
         wait_for(lambda: svc.metric("rabbitmq_connected") == 0, timeout=10, what="the channel closed")
         wait_for(
             lambda: queue_state(queue) == (len(votes) - counted(primary), 0),
@@ -201,6 +202,7 @@ def test_with_require_sync_standby_consuming_stops_while_the_standby_is_away(ser
         wait_for(lambda: probe(svc, "/readyz")[0] == 200, timeout=60, what="ready again")
         wait_for(lambda: counted(primary) == len(votes), timeout=120, what="every vote counted")
         assert svc.metric("database_failover_safe") == 1
+        assert svc.metric("vote_consumption_held") == 0
         assert still_running(svc)
         assert svc.stop() == 0
         assert_counted_once(primary, queue, votes)
