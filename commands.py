@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import ssl
+from dataclasses import dataclass
 
 import pika
 import pika.exceptions
 
 import db
+import exits
 from config import Config
-from consumer import amqp_parameters, describe_error
-
-EXIT_OK = 0
+from consumer import amqp_parameters, describe_error, refused_by_broker
 
 
 def init_db(config: Config) -> int:
@@ -24,19 +25,28 @@ def init_db(config: Config) -> int:
     finally:
         database.close()
     print(f"schema applied to {config.postgres_target_for_logs()}")
-    return EXIT_OK
+    return exits.OK
 
 
-def check(config: Config) -> list[str]:
+@dataclass(frozen=True)
+class Problem:
+    """One line of --check; `certain` when retrying cannot fix it (exit code 2, as at start-up)."""
+
+    text: str
+    certain: bool = False
+
+
+def check(config: Config) -> list[Problem]:
     """Connect to both servers and verify the schema; one line per problem (for ExecStartPre=, CI)."""
     return [*_check_rabbitmq(config), *_check_postgres(config)]
 
 
-def _check_rabbitmq(config: Config) -> list[str]:
+def _check_rabbitmq(config: Config) -> list[Problem]:
     try:
         connection = pika.BlockingConnection(amqp_parameters(config))
     except (pika.exceptions.AMQPError, OSError) as exc:
-        return [f"RabbitMQ {config.rabbitmq_url_for_logs()}: {describe_error(exc)}"]
+        refused = refused_by_broker(exc) or isinstance(exc, ssl.SSLCertVerificationError)
+        return [Problem(f"RabbitMQ {config.rabbitmq_url_for_logs()}: {describe_error(exc)}", certain=refused)]
     try:
         ok = connection.channel().queue_declare(config.rabbitmq_queue, passive=True).method
         print(
@@ -45,7 +55,7 @@ def _check_rabbitmq(config: Config) -> list[str]:
         )
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code != 404:
-            return [f"RabbitMQ queue {config.rabbitmq_queue}: {exc.reply_text}"]
+            return [Problem(f"RabbitMQ queue {config.rabbitmq_queue}: {exc.reply_text}")]
         print(
             f"ok: RabbitMQ {config.rabbitmq_url_for_logs()}, queue {config.rabbitmq_queue} "
             "does not exist yet (the service declares it)"
@@ -56,19 +66,21 @@ def _check_rabbitmq(config: Config) -> list[str]:
     return []
 
 
-def _check_postgres(config: Config) -> list[str]:
+def _check_postgres(config: Config) -> list[Problem]:
     database = db.Database(config=config)
     try:
         database.open()
         missing = database.missing_schema_objects()
     except db.DatabaseError as exc:
-        return [f"PostgreSQL: {exc}"]
+        return [Problem(f"PostgreSQL: {exc}", certain=isinstance(exc, (db.DatabaseMissing, db.DatabaseConfigError)))]
     finally:
         database.close()
     if missing:
         return [
-            f"PostgreSQL {config.postgres_target_for_logs()}: schema incomplete, missing {', '.join(missing)}; "
-            "apply it with: python aggregator.py --init-db"
+            Problem(
+                f"PostgreSQL {config.postgres_target_for_logs()}: schema incomplete, missing {', '.join(missing)}; "
+                "apply it with: python aggregator.py --init-db"
+            )
         ]
     print(f"ok: PostgreSQL {config.postgres_target_for_logs()}, schema complete")
     return []

@@ -22,6 +22,9 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.spec import Basic, BasicProperties
 
 from config import Config
+from exits import CONFIG as EXIT_CONFIG
+from exits import FAILURE as EXIT_FAILURE
+from exits import OK as EXIT_OK
 from metrics import Metrics
 from pipeline import Delivery, Pipeline
 from summary import Summary
@@ -29,10 +32,6 @@ from systemd import Notifier
 from votes import InvalidVote, parse_message
 
 logger = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
 
 # How long the connection thread blocks in pika between checks of the stop flag.
 _POLL_S = 0.05
@@ -390,8 +389,8 @@ class Consumer:
             logger.warning("a batch held votes of a closed channel; RabbitMQ redelivers them")
 
 
-def amqp_parameters(c: Config) -> pika.ConnectionParameters:
-    """Connection parameters for RabbitMQ, TLS included."""
+def amqp_parameters(c: Config, *, name: str = "vote-aggregator") -> pika.ConnectionParameters:
+    """Connection parameters for RabbitMQ, TLS included; `name` is what the broker's UI shows."""
     ssl_options = None
     if c.rabbitmq_tls:
         context = ssl.create_default_context(cafile=c.rabbitmq_tls_ca_file or None)
@@ -409,7 +408,7 @@ def amqp_parameters(c: Config) -> pika.ConnectionParameters:
         blocked_connection_timeout=300,
         connection_attempts=1,
         socket_timeout=10,
-        client_properties={"connection_name": "vote-aggregator"},
+        client_properties={"connection_name": name},
     )
 
 
