@@ -24,8 +24,11 @@ import db
 import logsetup
 import results
 from commands import check, init_db
-from config import HELP, Config, ConfigError, load_config, variables
-from consumer import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Consumer
+from config import HELP, Config, ConfigError, load_config, load_env_file, variables, version
+from consumer import Consumer
+from exits import CONFIG as EXIT_CONFIG
+from exits import FAILURE as EXIT_FAILURE
+from exits import OK as EXIT_OK
 from health import Health, ReplicationWatch
 from metrics import Metrics
 from pipeline import Pipeline
@@ -34,7 +37,7 @@ from systemd import Notifier
 
 logger = logging.getLogger(__name__)
 
-VERSION = "1.0.0"
+VERSION = version()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,31 +76,30 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
-    from dotenv import find_dotenv, load_dotenv
-
-    # Variables already set (systemd's EnvironmentFile=, docker -e) win over .env.
-    load_dotenv(find_dotenv(usecwd=True))
+    load_env_file()
     try:
         config = load_config(os.environ)
     except ConfigError as exc:
-        if args.check:
-            # --check reports problems one per line and exits 1, configuration included.
-            print(f"problem: configuration: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
-        print(f"configuration error: {exc}", file=sys.stderr)
+        # --check reports every problem as a "problem:" line; the code is the same everywhere.
+        print(f"problem: configuration: {exc}" if args.check else f"configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logsetup.configure(level=config.log_level, fmt=config.log_format)
 
     if args.check:
         problems = check(config)
         for problem in problems:
-            print(f"problem: {problem}", file=sys.stderr)
+            print(f"problem: {problem.text}", file=sys.stderr)
+        if any(problem.certain for problem in problems):
+            return EXIT_CONFIG
         return EXIT_FAILURE if problems else EXIT_OK
     try:
         if args.init_db:
             return init_db(config)
         if args.command == "results":
             return results.print_results(config, law_id=args.law, fmt=args.format)
+    except (db.DatabaseMissing, db.DatabaseConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except db.DatabaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import ssl
 import sys
+from dataclasses import dataclass
 
 import pika
 import pika.exceptions
 
 import db
+import exits
 from config import Config
-from consumer import amqp_parameters, describe_error
+from consumer import amqp_parameters, describe_error, refused_by_broker
 from health import describe_replication
-
-EXIT_OK = 0
 
 
 def init_db(config: Config) -> int:
@@ -26,26 +27,38 @@ def init_db(config: Config) -> int:
     finally:
         database.close()
     print(f"schema applied to {config.postgres_target_for_logs()}")
-    return EXIT_OK
+    return exits.OK
 
 
-def check(config: Config) -> list[str]:
+@dataclass(frozen=True)
+class Problem:
+    """One line of --check; `certain` when retrying cannot fix it (exit code 2, as at start-up)."""
+
+    text: str
+    certain: bool = False
+
+
+def check(config: Config) -> list[Problem]:
     """Connect to both servers and verify the schema; one line per problem (for ExecStartPre=, CI)."""
     return [*_check_rabbitmq(config), *_check_postgres(config)]
 
 
-def _check_rabbitmq(config: Config) -> list[str]:
+def _check_rabbitmq(config: Config) -> list[Problem]:
     """Every node of RABBITMQ_HOST; with several, one that answers is enough (the others are warnings)."""
     nodes = config.rabbitmq_nodes
     failures = [problem for node in nodes if (problem := _check_rabbitmq_node(config, node)) is not None]
-    if len(nodes) == 1 or len(failures) == len(nodes):
+    if len(nodes) == 1:
         return failures
-    for failure in failures:
-        print(f"warning: {failure} (the service uses the other nodes)", file=sys.stderr)
+    if len(failures) == len(nodes):
+        # As at start-up: certain (exit 2) only when every node refused for good.
+        certain = all(problem.certain for problem in failures)
+        return [Problem(problem.text, certain=certain) for problem in failures]
+    for problem in failures:
+        print(f"warning: {problem.text} (the service uses the other nodes)", file=sys.stderr)
     return []
 
 
-def _check_rabbitmq_node(config: Config, node: tuple[str, int]) -> str | None:
+def _check_rabbitmq_node(config: Config, node: tuple[str, int]) -> Problem | None:
     url = config.rabbitmq_url_for_logs(node)
     nodes = config.rabbitmq_nodes
     if len(nodes) > 1:
@@ -53,7 +66,8 @@ def _check_rabbitmq_node(config: Config, node: tuple[str, int]) -> str | None:
     try:
         connection = pika.BlockingConnection(amqp_parameters(config, node))
     except (pika.exceptions.AMQPError, OSError) as exc:
-        return f"RabbitMQ {url}: {describe_error(exc)}"
+        refused = refused_by_broker(exc) or isinstance(exc, ssl.SSLCertVerificationError)
+        return Problem(f"RabbitMQ {url}: {describe_error(exc)}", certain=refused)
     try:
         ok = connection.channel().queue_declare(config.rabbitmq_queue, passive=True).method
         print(
@@ -62,7 +76,7 @@ def _check_rabbitmq_node(config: Config, node: tuple[str, int]) -> str | None:
         )
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code != 404:
-            return f"RabbitMQ queue {config.rabbitmq_queue}: {exc.reply_text}"
+            return Problem(f"RabbitMQ queue {config.rabbitmq_queue}: {exc.reply_text}")
         print(f"ok: RabbitMQ {url}, queue {config.rabbitmq_queue} does not exist yet (the service declares it)")
     finally:
         with contextlib.suppress(pika.exceptions.AMQPError, OSError):  # closing something already broken
@@ -70,20 +84,22 @@ def _check_rabbitmq_node(config: Config, node: tuple[str, int]) -> str | None:
     return None
 
 
-def _check_postgres(config: Config) -> list[str]:
+def _check_postgres(config: Config) -> list[Problem]:
     database = db.Database(config=config)
     try:
         database.open()
         missing = database.missing_schema_objects()
         replication = database.replication_state() if _replicated(config) else None
     except db.DatabaseError as exc:
-        return [f"PostgreSQL: {exc}"]
+        return [Problem(f"PostgreSQL: {exc}", certain=isinstance(exc, (db.DatabaseMissing, db.DatabaseConfigError)))]
     finally:
         database.close()
     if missing:
         return [
-            f"PostgreSQL {config.postgres_target_for_logs()}: schema incomplete, missing {', '.join(missing)}; "
-            "apply it with: python aggregator.py --init-db"
+            Problem(
+                f"PostgreSQL {config.postgres_target_for_logs()}: schema incomplete, missing {', '.join(missing)}; "
+                "apply it with: python aggregator.py --init-db"
+            )
         ]
     primary = f" (writes go to {database.server})" if len(config.postgres_servers) > 1 else ""
     print(f"ok: PostgreSQL {config.postgres_target_for_logs()}, schema complete{primary}")
@@ -93,8 +109,10 @@ def _check_postgres(config: Config) -> list[str]:
     print(f"{'ok' if replication.failover_safe else 'warning'}: {said}")
     if config.postgres_require_sync_standby and not replication.failover_safe:
         return [
-            "PostgreSQL: POSTGRES_REQUIRE_SYNC_STANDBY=true and no synchronous standby has every commit: "
-            "the service would not consume"
+            Problem(
+                "PostgreSQL: POSTGRES_REQUIRE_SYNC_STANDBY=true and no synchronous standby has every commit: "
+                "the service would not consume"
+            )
         ]
     return []
 

@@ -11,12 +11,31 @@ import ipaddress
 import logging
 import os
 import re
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from votes import DEFAULT_LAW_ID_PATTERN
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+PYPROJECT = Path(__file__).with_name("pyproject.toml")
+
+
+def version() -> str:
+    """The service's version: `[project] version` in pyproject.toml, its one home."""
+    with PYPROJECT.open("rb") as f:
+        return str(tomllib.load(f)["project"]["version"])
+
+
+def load_env_file() -> bool:
+    """Read `.env` from the working directory only, never from a parent directory.
+
+    Variables already set (systemd's EnvironmentFile=, docker -e) win over it.
+    """
+    from dotenv import load_dotenv
+
+    return load_dotenv(Path.cwd() / ".env")
 
 
 class ConfigError(ValueError):
@@ -438,7 +457,7 @@ HELP: dict[str, str] = {
     "STALL_TIMEOUT_SECONDS": "/healthz fails and systemd's watchdog is no longer fed when a vote has waited this "
     "long for its ack while PostgreSQL answers",
     "PROMETHEUS_PORT": "port of /metrics, /healthz and /readyz",
-    "PROMETHEUS_BIND_ADDRESS": "address that port listens on",
+    "PROMETHEUS_BIND_ADDRESS": "address that port listens on (:: for every IPv6 and IPv4 address)",
     "LOG_LEVEL": "DEBUG, INFO, WARNING, ERROR or CRITICAL",
     "LOG_FORMAT": "text, or json for one JSON object per line",
     "LOG_SUMMARY_INTERVAL_SECONDS": "how often an INFO line sums up throughput and errors (0: never)",

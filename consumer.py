@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 import pika
@@ -22,6 +23,9 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.spec import Basic, BasicProperties
 
 from config import Config, node_text
+from exits import CONFIG as EXIT_CONFIG
+from exits import FAILURE as EXIT_FAILURE
+from exits import OK as EXIT_OK
 from metrics import Metrics
 from pipeline import Delivery, Pipeline
 from summary import Summary
@@ -30,12 +34,23 @@ from votes import InvalidVote, parse_message
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
-
 # How long the connection thread blocks in pika between checks of the stop flag.
 _POLL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class _Then:
+    """What follows a failed connection attempt, for its log line: the backoff, and the next node."""
+
+    delay: float
+    following: str | None  # the next node of RABBITMQ_HOST, if there are several
+    more: bool  # nodes of this round not tried yet
+
+    def phrase(self, consumed: bool) -> str:
+        """ "now on <node>" when the next node is tried at once, else "in <seconds>"."""
+        if self.following is not None and (consumed or self.more):
+            return f"now on {self.following}"
+        return f"in {1.0 if consumed else self.delay:.1f}s"
 
 
 class ConsumerCancelled(Exception):
@@ -130,7 +145,9 @@ class Consumer:
         index = 0
         failed = refused = 0  # nodes failed in a row, and those of this round that refused us for good
         while not self._stop.is_set():
-            outcome = self._connect_and_consume(nodes[index])
+            following = node_text(*nodes[(index + 1) % len(nodes)]) if len(nodes) > 1 else None
+            then = _Then(delay, following, more=(failed + 1) % len(nodes) != 0)
+            outcome = self._connect_and_consume(nodes[index], then)
             self._on_turn()
             index = (index + 1) % len(nodes)
             if outcome == "unclean":
@@ -168,8 +185,11 @@ class Consumer:
             code = EXIT_FAILURE
         return code
 
-    def _connect_and_consume(self, node: tuple[str, int]) -> str:
-        """One connection's life: "clean" or "unclean" after a stop, "lost", or "refused" (by this node, for good)."""
+    def _connect_and_consume(self, node: tuple[str, int], then: _Then) -> str:
+        """One connection's life: "clean" or "unclean" after a stop, "lost", or "refused" (by this node, for good).
+
+        `then` says when the next attempt comes, for the log lines.
+        """
         connection: BlockingConnection | None = None
         self._consumed = False
         url = self._config.rabbitmq_url_for_logs(node)
@@ -181,7 +201,7 @@ class Consumer:
             return "clean" if self._consume(connection, node) else "unclean"
         except ConsumerCancelled as exc:
             self._metrics.record_error("consumer_cancelled")
-            logger.warning("%s; consuming again", exc)
+            logger.warning("%s; consuming again %s", exc, then.phrase(self._consumed))
         except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
             self._metrics.record_error("rabbitmq_connection")
             if not self._connected_once and refused_by_broker(exc):
@@ -192,7 +212,10 @@ class Consumer:
             # pika guesses "authentication" whenever the connection drops during
             # the handshake, also when a node is merely stopping.
             logger.error(
-                "RabbitMQ connection to %s failed during the handshake (%s); retrying", url, describe_error(exc)
+                "RabbitMQ connection to %s failed during the handshake (%s); retrying %s",
+                url,
+                describe_error(exc),
+                then.phrase(self._consumed),
             )
         except ssl.SSLCertVerificationError as exc:
             self._metrics.record_error("rabbitmq_connection")
@@ -205,11 +228,18 @@ class Consumer:
                     exc,
                 )
                 return "refused"
-            logger.error("RabbitMQ TLS certificate of %s not accepted (%s); retrying", url, exc)
+            logger.error(
+                "RabbitMQ TLS certificate of %s not accepted (%s); retrying %s", url, exc, then.phrase(self._consumed)
+            )
         except (pika.exceptions.AMQPError, OSError) as exc:
             # OSError: ssl.SSLError and socket errors that pika lets through.
             self._metrics.record_error("rabbitmq_connection")
-            logger.warning("RabbitMQ connection to %s lost or refused (%s); retrying", url, describe_error(exc))
+            logger.warning(
+                "RabbitMQ connection to %s lost or refused (%s); retrying %s",
+                url,
+                describe_error(exc),
+                then.phrase(self._consumed),
+            )
         finally:
             self._forget_channel()
             self._metrics.record_rabbitmq_node(self._nodes, None)
@@ -434,8 +464,11 @@ class Consumer:
             logger.warning("a batch held votes of a closed channel; RabbitMQ redelivers them")
 
 
-def amqp_parameters(c: Config, node: tuple[str, int] | None = None) -> pika.ConnectionParameters:
-    """Connection parameters for one RabbitMQ node (default: the first of RABBITMQ_HOST), TLS included."""
+def amqp_parameters(
+    c: Config, node: tuple[str, int] | None = None, *, name: str = "vote-aggregator"
+) -> pika.ConnectionParameters:
+    """Connection parameters for one RabbitMQ node (default: the first of RABBITMQ_HOST), TLS included;
+    `name` is what the broker's UI shows."""
     host, port = node or c.rabbitmq_nodes[0]
     ssl_options = None
     if c.rabbitmq_tls:
@@ -456,7 +489,7 @@ def amqp_parameters(c: Config, node: tuple[str, int] | None = None) -> pika.Conn
         # One attempt per call: the connection loop goes on with the next node itself.
         connection_attempts=1,
         socket_timeout=10,
-        client_properties={"connection_name": "vote-aggregator"},
+        client_properties={"connection_name": name},
     )
 
 
@@ -497,9 +530,9 @@ def declare_queues(connection: BlockingConnection, c: Config) -> None:
     _close_quietly(channel.close)
     limit = arguments.get("x-delivery-limit")
     logger.info(
-        "declared durable %s queue %s%s%s",
-        c.rabbitmq_queue_type,
+        "declared durable queue %s (%s)%s%s",
         c.rabbitmq_queue,
+        c.rabbitmq_queue_type,
         f" dead-lettering to {c.dead_letter_exchange} -> {c.dead_letter_queue}" if c.rabbitmq_dead_lettering else "",
         f" after {limit} deliveries" if limit else "",
     )

@@ -350,24 +350,50 @@ def connect_kwargs(config: Config, *, dbname: str | None = None) -> dict[str, An
 
 
 def create_database(config: Config) -> bool:
-    """Create the configured database if it is missing. True when it was created."""
+    """Create the configured database if it is missing. True when it was created.
+
+    The database itself is tried first: a role that may use it but not create
+    databases, or see the maintenance database, still gets "already there".
+    """
     try:
-        conn = psycopg2.connect(**connect_kwargs(config, dbname="postgres"))
+        psycopg2.connect(**connect_kwargs(config)).close()
+        return False
     except psycopg2.OperationalError as exc:
-        raise classify_connect_error(exc, config, dbname="postgres") from None
+        error = classify_connect_error(exc, config)
+        if not isinstance(error, DatabaseMissing):
+            raise error from None
+    conn = _maintenance_connection(config)
     try:
         conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
         with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (config.postgres_db,))
-            if cur.fetchone():
-                return False
             try:
                 cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(config.postgres_db)))
             except psycopg2.errors.DuplicateDatabase:
-                return False
+                return False  # another instance created it meanwhile
+            except psycopg2.errors.InsufficientPrivilege:
+                raise DatabaseConfigError(
+                    f'database "{config.postgres_db}" does not exist and role "{config.postgres_user}" may not '
+                    f"create it (no CREATEDB): have an administrator run: createdb -O {config.postgres_user} "
+                    f"{config.postgres_db}"
+                ) from None
             return True
     finally:
         conn.close()
+
+
+def _maintenance_connection(config: Config) -> psycopg2.extensions.connection:
+    """A connection to `postgres`, or to `template1` where `postgres` was dropped."""
+    conn: psycopg2.extensions.connection
+    try:
+        conn = psycopg2.connect(**connect_kwargs(config, dbname="postgres"))
+        return conn
+    except psycopg2.OperationalError as exc:
+        first = exc
+    try:
+        conn = psycopg2.connect(**connect_kwargs(config, dbname="template1"))
+        return conn
+    except psycopg2.OperationalError:
+        raise classify_connect_error(first, config, dbname="postgres") from None
 
 
 class _Watchdog:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -261,7 +262,9 @@ class Metrics:
                 return _text(start_response, "200 OK" if ok else "503 Service Unavailable", reason + "\n")
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
-        server = make_server(addr, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)
+        # An IPv6 address (":" in it, e.g. "::") needs an AF_INET6 socket; "::" also takes IPv4.
+        server_class = _ThreadingWSGIServer6 if ":" in addr else _ThreadingWSGIServer
+        server = make_server(addr, port, app, server_class, handler_class=_QuietHandler)
         threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
         return server
 
@@ -274,6 +277,10 @@ def _text(start_response: Callable[..., Any], status: str, body: str) -> list[by
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+
+
+class _ThreadingWSGIServer6(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -228,9 +228,9 @@ class Pipeline:
         """
         self._draining.set()
         self.buffer.wake()
-        while self._writing() and time.monotonic() < deadline:
+        while self.writing and time.monotonic() < deadline:
             idle()
-        if not self._writing():
+        if not self.writing:
             return True
         self._abandon.set()
         # Retry waits end at once (abandon), and so do queries PostgreSQL never answers.
@@ -243,7 +243,9 @@ class Pipeline:
         )
         return False
 
-    def _writing(self) -> bool:
+    @property
+    def writing(self) -> bool:
+        """A flush worker is still running."""
         return any(worker.is_alive() for worker in self._workers)
 
     # -- flush workers ------------------------------------------------------------

@@ -15,6 +15,7 @@ import psycopg2
 import psycopg2.errors
 
 import db
+import exits
 from config import Config
 
 _QUERY = """
@@ -124,6 +125,6 @@ def print_results(config: Config, *, law_id: str | None, fmt: str, out: TextIO =
     rows = fetch(config, law_id=law_id)
     if not rows and law_id is not None:
         print(f"no votes counted for law {law_id!r}", file=sys.stderr)
-        return 1
+        return exits.FAILURE
     out.write(RENDERERS[fmt](rows))
-    return 0
+    return exits.OK

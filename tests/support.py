@@ -293,11 +293,13 @@ def aggregator_command(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "aggregator.py"), *args]
 
 
-def run_cli(*args: str, env: Mapping[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """`python aggregator.py <args>` as an operator runs it."""
+def run_cli(
+    *args: str, env: Mapping[str, str], timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python aggregator.py <args>` as an operator runs it (from an empty directory unless `cwd`)."""
     return subprocess.run(
         aggregator_command(*args),
-        cwd=outside_checkout(),
+        cwd=cwd or outside_checkout(),
         env=dict(env),
         capture_output=True,
         text=True,

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import time
+import tomllib
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -99,6 +100,45 @@ def test_version() -> None:
     assert result.returncode == 0
     assert result.stdout == f"aggregator.py {aggregator.VERSION}\n"
     assert re.fullmatch(r"\d+\.\d+\.\d+", aggregator.VERSION)
+    # One home for the version: pyproject.toml's [project] table.
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        assert tomllib.load(f)["project"]["version"] == aggregator.VERSION
+
+
+def test_env_file_is_read_from_the_working_directory_only(tmp_path: Path, schema_db: str, queue: str) -> None:
+    parent, child = tmp_path / "parent", tmp_path / "parent" / "child"
+    child.mkdir(parents=True)
+    (parent / ".env").write_text("BATCH_SIZE=abc\n")
+    env = service_env(dbname=schema_db, queue=queue)
+    # A .env in a parent directory is never read (it used to be searched for upwards).
+    assert run_cli("--check", env=env, cwd=child).returncode == 0
+    # The working directory's own .env is.
+    result = run_cli("--check", env=env, cwd=parent)
+    assert result.returncode == 2
+    (problem,) = problems(result)
+    assert "BATCH_SIZE" in problem
+    # Variables already set win over it.
+    assert run_cli("--check", env={**env, "BATCH_SIZE": "50"}, cwd=parent).returncode == 0
+
+
+def test_init_db_without_createdb_says_so_in_one_line(dbname: str) -> None:
+    role = f"agg_nocreatedb_{uuid.uuid4().hex[:8]}"
+    query(dbname, f"CREATE ROLE {role} LOGIN NOCREATEDB")
+    try:
+        missing = f"agg_test_absent_{uuid.uuid4().hex[:8]}"
+        result = run_cli("--init-db", env=service_env(dbname=missing, POSTGRES_USER=role))
+        assert result.returncode == 2
+        (line,) = result.stderr.splitlines()
+        assert f'role "{role}" may not create it (no CREATEDB)' in line
+        assert f"createdb -O {role} {missing}" in line
+        # With the database there (created by an administrator), the same role applies the schema.
+        query(dbname, f"GRANT CREATE ON SCHEMA public TO {role}")
+        done = run_cli("--init-db", env=service_env(dbname=dbname, POSTGRES_USER=role))
+        assert done.returncode == 0, done.stderr
+        assert "created database" not in done.stdout
+    finally:
+        query(dbname, f"DROP OWNED BY {role}")
+        query(dbname, f"DROP ROLE {role}")
 
 
 # -- --check -------------------------------------------------------------------------------------
@@ -138,7 +178,8 @@ def test_check_reports_one_line_per_problem(case: str, dbname: str, queue: str) 
         assert run_cli("--init-db", env=env).returncode == 0
 
     result = run_cli("--check", env=env)
-    assert result.returncode == 1
+    # A missing database is certain (exit 2, as at start-up); the rest may pass later (exit 1).
+    assert result.returncode == (2 if case in ("missing-database", "two-at-once") else 1)
     found = problems(result)
     # Exactly one line per problem, and nothing else on stderr (no traceback, no library noise).
     assert result.stderr.splitlines() == found
@@ -346,7 +387,7 @@ def test_batches_are_logged_at_debug(make_service: Callable[..., Service], queue
 
 def test_check_reports_a_bad_variable_as_one_problem() -> None:
     result = run_cli("--check", env=service_env(dbname="postgres", BATCH_SIZE="abc"))
-    assert result.returncode == 1
+    assert result.returncode == 2  # a configuration error, the same code as for the service
     assert problems(result) == result.stderr.splitlines()
     (problem,) = problems(result)
     assert "BATCH_SIZE" in problem

@@ -179,7 +179,7 @@ def test_classic_queues_are_declared_as_before(make_service: MakeService, queue_
     name = f"agg.test.{uuid.uuid4().hex[:12]}"
     queue_names.append(name)
     svc = make_service({"RABBITMQ_QUEUE_TYPE": "classic"}, queue_name=name).start()
-    assert f"declared durable classic queue {name} dead-lettering to {name}.dlx -> {name}.dead" in svc.logs()
+    assert f"declared durable queue {name} (classic) dead-lettering to {name}.dlx -> {name}.dead" in svc.logs()
     assert svc.stop() == 0
     conn = amqp_connection()
     try:

@@ -98,3 +98,12 @@ def test_operator_metrics_describe_what_happened(make_service: MakeService, queu
     assert dict(builds[0])["version"]
     assert audit_count(dbname) == len(votes)
     assert svc.stop() == 0
+
+
+def test_the_metrics_port_listens_on_ipv6_and_ipv4_with_a_double_colon(make_service: MakeService) -> None:
+    svc = make_service({"PROMETHEUS_BIND_ADDRESS": "::"}).start()
+    with urllib.request.urlopen(f"http://[::1]:{svc.metrics_port}/healthz", timeout=5) as resp:
+        assert (resp.status, resp.read()) == (200, b"ok\n")
+    assert probe(svc, "/healthz") == (200, "ok\n")  # 127.0.0.1: "::" takes IPv4 too
+    assert svc.metric("database_up") == 1
+    assert svc.stop() == 0

@@ -132,12 +132,13 @@ def test_the_shutdown_budget_cuts_a_long_retry_wait_short(dbname: str) -> None:
         started = time.monotonic()
         finished = pipeline.finish(deadline=started + 1.0, idle=lambda: time.sleep(0.01))
         took = time.monotonic() - started
-        wait_for(lambda: not any(t.name.startswith("flush-") for t in threading.enumerate()), timeout=5, what="exit")
+        wait_for(lambda: not pipeline.writing, timeout=5, what="the flush worker to exit")
     finally:
         database.close()
         proxy.close()
     assert not finished
-    assert took < 2.0, f"finish took {took:.1f}s"
+    # Far short of the 30 s wait it was in (with room for a loaded machine).
+    assert took < 5.0, f"finish took {took:.1f}s"
     assert settled.committed == []
     assert pipeline.unsettled == 1
     assert query(dbname, "SELECT count(*) FROM vote_audit") == [(0,)]

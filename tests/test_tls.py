@@ -10,6 +10,7 @@ The certificates name "localhost" only, so connecting as 127.0.0.1 is a name mis
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.support import (
     audit_count,
     expected_totals,
     make_votes,
+    outside_checkout,
     problems,
     publish,
     queue_state,
@@ -31,6 +33,8 @@ from tests.support import (
     run_cli,
     scratch_database,
     service_env,
+    tool_command,
+    tool_env,
     wait_for,
 )
 from tests.tls_support import Authority, KeyPair, TempPostgres, TlsProxy
@@ -91,6 +95,33 @@ def test_rabbitmq_over_tls_counts_votes(
     assert svc.stop() == 0
 
 
+def test_the_publisher_speaks_tls_with_the_services_settings(queue: str, tls_proxy: TlsProxy, pki: Pki) -> None:
+    env = tool_env(**rabbitmq_tls_env(tls_proxy, pki.ca.cert))
+    done = subprocess.run(
+        tool_command("--count=200", f"--queue={queue}", "--host=localhost", f"--port={tls_proxy.port}"),
+        cwd=outside_checkout(),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "confirmed=200" in done.stdout
+    assert tls_proxy.handshakes >= 1
+    assert queue_state(queue) == (200, 0)
+    # The CA file is checked as the service checks it: the wrong one is refused, exit code 2.
+    wrong = subprocess.run(
+        tool_command("--count=10", f"--queue={queue}", "--host=localhost", f"--port={tls_proxy.port}"),
+        cwd=outside_checkout(),
+        env=tool_env(**rabbitmq_tls_env(tls_proxy, pki.wrong_ca.cert)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert wrong.returncode == 2
+    assert "CERTIFICATE_VERIFY_FAILED" in wrong.stderr or "certificate verify failed" in wrong.stderr
+
+
 def test_rabbitmq_with_the_wrong_ca_consumes_nothing(
     make_service: Callable[..., Service], queue: str, dbname: str, tls_proxy: TlsProxy, pki: Pki
 ) -> None:
@@ -143,8 +174,13 @@ def test_rabbitmq_client_certificate(make_service: Callable[..., Service], queue
         base = rabbitmq_tls_env(proxy, pki.ca.cert)
         without = run_cli("--check", env=service_env(dbname=dbname, queue=queue, **base))
         (problem,) = [p for p in problems(without) if "RabbitMQ" in p]
-        assert "certificate required" in problem
+        assert f"RabbitMQ amqp://{RABBITMQ_USER}@localhost:{proxy.port}/" in problem
+        # The broker's side decides: no client certificate, no handshake. (With TLS 1.3 the client
+        # learns it after its own side of the handshake: it reads the "certificate required" alert,
+        # or, when the close overtakes it on a loaded machine, only an EOF.)
         assert proxy.handshakes == 0
+        (refusal,) = proxy.handshake_errors
+        assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in refusal or "certificate required" in refusal
 
         client = {"RABBITMQ_TLS_CERT_FILE": str(pki.client.cert), "RABBITMQ_TLS_KEY_FILE": str(pki.client.key)}
         svc = make_service({**base, **client}).start()
@@ -233,7 +269,7 @@ def test_postgres_with_the_wrong_ca_is_refused(
     assert tls_postgres.query(tls_dbname, "SELECT to_regclass('vote_audit')") == [(None,)]
 
     check = run_cli("--check", env=service_env(dbname=tls_dbname, queue=queue, **env))
-    assert check.returncode == 1
+    assert check.returncode == 2  # as the service: certain, retrying cannot fix it
     (problem,) = problems(check)
     assert "certificate verify failed" in problem
 

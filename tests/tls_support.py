@@ -166,8 +166,7 @@ class TlsProxy:
         except (ssl.SSLError, OSError) as exc:
             with self._lock:
                 self.handshake_errors.append(f"{type(exc).__name__}: {exc}")
-            with contextlib.suppress(OSError):
-                raw.close()
+            _close_after_alert(raw)
             return
         self._track(tls)
         try:
@@ -305,3 +304,19 @@ class TempPostgres:
 
     def server_log(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def _close_after_alert(raw: socket.socket) -> None:
+    """Close gracefully after a failed handshake, so the client reads the TLS alert.
+
+    With TLS 1.3 the client has already sent its first bytes when the server
+    refuses its (missing) certificate; closing with those bytes unread would
+    reset the connection, and the client could see the reset before the alert.
+    """
+    with contextlib.suppress(OSError):
+        raw.shutdown(socket.SHUT_WR)
+        raw.settimeout(1.0)
+        while raw.recv(4096):
+            pass
+    with contextlib.suppress(OSError):
+        raw.close()

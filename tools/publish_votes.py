@@ -48,12 +48,13 @@ import os
 import queue as queue_module
 import random
 import signal
+import ssl
 import sys
 import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any, TextIO
@@ -61,6 +62,9 @@ from typing import Any, TextIO
 import pika
 import pika.exceptions
 
+import exits
+from config import Config, ConfigError, load_config, load_env_file
+from consumer import amqp_parameters, refused_by_broker
 from tools.publisher import ConfirmedPublisher, Counts
 
 PROG = "publish_votes"
@@ -84,8 +88,6 @@ MAX_TARGETS = 50_000
 _PUBLISHED, _ACKED, _NACKED, _RETURNED = range(4)
 _SLOTS = 4
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -100,8 +102,10 @@ class Settings:
     host: str
     port: int
     user: str
-    password: str = field(repr=False)
     vhost: str = "/"
+    # RABBITMQ_PASSWORD and the RABBITMQ_TLS_* settings, read from the environment as the service
+    # reads them (a password on the command line would show in `ps`).
+    broker: Config = field(default_factory=Config, repr=False)
     declare: bool = False
     window: int = 1000
     reuse_after: int = 1000
@@ -111,15 +115,15 @@ class Settings:
     progress: str = "auto"
 
     def amqp(self, name: str) -> pika.ConnectionParameters:
-        return pika.ConnectionParameters(
-            host=self.host,
-            port=self.port,
-            virtual_host=self.vhost,
-            credentials=pika.PlainCredentials(self.user, self.password),
-            connection_attempts=1,
-            socket_timeout=10,
-            client_properties={"connection_name": name},
+        """The service's own connection parameters (TLS included), with this tool's host, port, user and vhost."""
+        broker = replace(
+            self.broker,
+            rabbitmq_host=self.host,
+            rabbitmq_port=self.port,
+            rabbitmq_user=self.user,
+            rabbitmq_vhost=self.vhost,
         )
+        return amqp_parameters(broker, name=name)
 
 
 def share(total: int, parts: int, index: int) -> int:
@@ -521,7 +525,6 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--host", default=env("RABBITMQ_HOST", "localhost"), help="broker host (RABBITMQ_HOST)")
     p.add_argument("--port", type=_at_least(1), default=env("RABBITMQ_PORT", "5672"), help="(RABBITMQ_PORT)")
     p.add_argument("--user", default=env("RABBITMQ_USER", "guest"), help="(RABBITMQ_USER)")
-    p.add_argument("--password", default=env("RABBITMQ_PASSWORD", "guest"), help="(RABBITMQ_PASSWORD)")
     p.add_argument("--vhost", default=env("RABBITMQ_VHOST", "/"), help="(RABBITMQ_VHOST)")
     p.add_argument("--window", type=_at_least(1), default=1000, help="unconfirmed messages per connection (1000)")
     p.add_argument(
@@ -544,8 +547,13 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> Settings:
-    p = _parser(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    p = _parser(environ)
     a = p.parse_args(argv)
+    try:
+        broker = load_config({k: v for k, v in environ.items() if k.startswith("RABBITMQ_")})
+    except ConfigError as exc:
+        p.error(str(exc))
     if a.duplicates + a.replays > 0.5:
         p.error("--duplicates and --replays add up to more than 0.5")
     if a.duplicates + a.replays + a.invalid > 0.9:
@@ -566,7 +574,7 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
         host=a.host,
         port=int(a.port),
         user=a.user,
-        password=a.password,
+        broker=broker,
         vhost=a.vhost,
         declare=a.declare,
         window=a.window,
@@ -578,26 +586,26 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
     )
 
 
-def check_queue(s: Settings) -> str | None:
-    """None if the queue can be published to; else what is wrong, in one line."""
+def check_queue(s: Settings) -> tuple[str, int] | None:
+    """None if the queue can be published to; else what is wrong, in one line, and the exit code."""
     where = f"amqp://{s.user}@{s.host}:{s.port}{s.vhost if s.vhost.startswith('/') else '/' + s.vhost}"
     try:
         connection = pika.BlockingConnection(s.amqp(f"{PROG}-{s.run_id}-check"))
-    except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
-        return f"RabbitMQ refused {where}: {type(exc).__name__}: {exc}"
-    except pika.exceptions.AMQPError as exc:
-        return f"cannot connect to RabbitMQ at {where}: {type(exc).__name__}: {exc!r}"
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        if refused_by_broker(exc) or isinstance(exc, ssl.SSLCertVerificationError):
+            return f"RabbitMQ refused {where}: {type(exc).__name__}: {exc}", exits.CONFIG
+        return f"cannot connect to RabbitMQ at {where}: {type(exc).__name__}: {exc!r}", exits.FAILURE
     try:
         try:
             connection.channel().queue_declare(s.queue, passive=True)
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code != 404:
-                return f"queue {s.queue}: {exc.reply_text}"
+                return f"queue {s.queue}: {exc.reply_text}", exits.CONFIG
             if not s.declare:
                 return (
                     f"queue {s.queue} does not exist on {where}; start the service once (it declares the queue, "
                     "with dead-lettering) or pass --declare"
-                )
+                ), exits.CONFIG
             connection.channel().queue_declare(s.queue, durable=True)
             print(f"{PROG}: declared durable queue {s.queue}", file=sys.stderr)
     finally:
@@ -665,14 +673,12 @@ def publish(s: Settings, progress: Progress) -> Summary:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dotenv import find_dotenv, load_dotenv
-
-    load_dotenv(find_dotenv(usecwd=True))  # variables already set win, as for the service
+    load_env_file()  # the working directory's .env only; variables already set win, as for the service
     s = parse_args(argv)
     problem = check_queue(s)
     if problem is not None:
-        print(f"{PROG}: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"{PROG}: {problem[0]}", file=sys.stderr)
+        return problem[1]
     # Ctrl-C or SIGTERM: stop publishing, wait for the confirms in flight, report.
     previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -696,8 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(summary.line())
     if summary.interrupted:
-        return EXIT_INTERRUPTED
-    return EXIT_OK if summary.ok else EXIT_FAILED
+        return exits.INTERRUPTED
+    return exits.OK if summary.ok else exits.FAILURE
 
 
 if __name__ == "__main__":
