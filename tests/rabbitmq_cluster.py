@@ -224,6 +224,14 @@ class RabbitNodes:
         print(f"\n{len(self.nodes)} RabbitMQ nodes up in {time.monotonic() - started:.1f}s", flush=True)
         return self
 
+    def revive(self) -> None:
+        """Start again every node that is not running: a test that failed half-way may have killed one."""
+        dead = [node for node in self.nodes if node.pid() is None]
+        for node in dead:
+            node.start()
+        for node in dead:
+            node.wait_started()
+
     @property
     def cluster(self) -> list[RabbitNode]:
         return self.nodes[: self._clustered]
