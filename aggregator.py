@@ -136,17 +136,10 @@ def serve(config: Config) -> int:
         return EXIT_CONFIG
     if database is None:
         return EXIT_OK
-    replication = ReplicationWatch(
-        read=database.replication_state,
-        metrics=metrics,
-        interval_s=config.postgres_replication_check_interval_s,
-        require_sync=config.postgres_require_sync_standby,
-        user=config.postgres_user,
-    )
+    replication = _replication_watch(config, database, metrics)
     try:
         _read_totals(database, metrics)
-        replication.check()  # said once before consuming, then on its own thread
-        replication.start()
+        replication.start()  # said once before consuming, then on its own thread
         summary = Summary(interval_s=config.log_summary_interval_s)
         consumer = Consumer(
             config=config,
@@ -174,6 +167,16 @@ def serve(config: Config) -> int:
         database.close()
     logger.info("stopped (exit code %d)", code)
     return code
+
+
+def _replication_watch(config: Config, database: db.Database, metrics: Metrics) -> ReplicationWatch:
+    return ReplicationWatch(
+        read=database.replication_state,
+        metrics=metrics,
+        interval_s=config.postgres_replication_check_interval_s,
+        require_sync=config.postgres_require_sync_standby,
+        user=config.postgres_user,
+    )
 
 
 def _serve_http(config: Config, metrics: Metrics, health: Health) -> bool:

@@ -202,34 +202,23 @@ class Consumer:
         except ConsumerCancelled as exc:
             self._metrics.record_error("consumer_cancelled")
             logger.warning("%s; consuming again %s", exc, then.phrase(self._consumed))
-        except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
+        except (
+            pika.exceptions.ProbableAuthenticationError,
+            pika.exceptions.ProbableAccessDeniedError,
+            ssl.SSLCertVerificationError,
+        ) as exc:
             self._metrics.record_error("rabbitmq_connection")
-            if not self._connected_once and refused_by_broker(exc):
-                # Wrong credentials or vhost: retrying will not help, and the
-                # operator needs to see it at once.
-                logger.error("RabbitMQ refused %s: %s", url, exc)
+            if self._refused_for_good(exc, url):
                 return "refused"
             # pika guesses "authentication" whenever the connection drops during
             # the handshake, also when a node is merely stopping.
             logger.error(
-                "RabbitMQ connection to %s failed during the handshake (%s); retrying %s",
+                "RabbitMQ TLS certificate of %s not accepted (%s); retrying %s"
+                if isinstance(exc, ssl.SSLCertVerificationError)
+                else "RabbitMQ connection to %s failed during the handshake (%s); retrying %s",
                 url,
                 describe_error(exc),
                 then.phrase(self._consumed),
-            )
-        except ssl.SSLCertVerificationError as exc:
-            self._metrics.record_error("rabbitmq_connection")
-            if not self._connected_once:
-                # A CA file or server name that does not match: retrying will not help.
-                logger.error(
-                    "RabbitMQ at %s: TLS certificate not accepted: %s (check RABBITMQ_TLS_CA_FILE, "
-                    "RABBITMQ_HOST and RABBITMQ_TLS_SERVER_NAME)",
-                    url,
-                    exc,
-                )
-                return "refused"
-            logger.error(
-                "RabbitMQ TLS certificate of %s not accepted (%s); retrying %s", url, exc, then.phrase(self._consumed)
             )
         except (pika.exceptions.AMQPError, OSError) as exc:
             # OSError: ssl.SSLError and socket errors that pika lets through.
@@ -241,12 +230,38 @@ class Consumer:
                 then.phrase(self._consumed),
             )
         finally:
-            self._forget_channel()
-            self._metrics.record_rabbitmq_node(self._nodes, None)
-            self._connection = None
-            if connection is not None and connection.is_open:
-                _close_quietly(connection.close)
+            self._disconnected(connection)
         return "lost"
+
+    def _refused_for_good(self, exc: Exception, url: str) -> bool:
+        """Whether this node refused us for a reason retrying cannot fix; said at once if so.
+
+        Only certain before the first connection: later, a node that is merely
+        stopping drops handshakes in ways pika reports the same.
+        """
+        if self._connected_once:
+            return False
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            # A CA file or server name that does not match: retrying will not help.
+            logger.error(
+                "RabbitMQ at %s: TLS certificate not accepted: %s (check RABBITMQ_TLS_CA_FILE, "
+                "RABBITMQ_HOST and RABBITMQ_TLS_SERVER_NAME)",
+                url,
+                exc,
+            )
+            return True
+        if refused_by_broker(exc):
+            # Wrong credentials or vhost: the operator needs to see it at once.
+            logger.error("RabbitMQ refused %s: %s", url, exc)
+            return True
+        return False
+
+    def _disconnected(self, connection: BlockingConnection | None) -> None:
+        self._forget_channel()
+        self._metrics.record_rabbitmq_node(self._nodes, None)
+        self._connection = None
+        if connection is not None and connection.is_open:
+            _close_quietly(connection.close)
 
     def _warn_about_prefetch(self) -> None:
         c = self._config

@@ -146,6 +146,8 @@ class ReplicationWatch:
         return self._hold
 
     def start(self) -> None:
+        """Check once now (before consuming starts), then every interval on a thread of its own."""
+        self.check()
         self._thread = threading.Thread(target=self._loop, name="replication-check", daemon=True)
         self._thread.start()
 
