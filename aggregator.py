@@ -1,4 +1,4 @@
-"""The vote aggregation service's entry point: `python aggregator.py [--check | --init-db | results]`.
+"""The vote aggregation service's entry point: `python aggregator.py [--check | --init-db | results | verify]`.
 
 It parses the command line, reads the configuration, wires the parts and
 handles signals; each part lives in its own module (docs/design.md has the
@@ -23,6 +23,7 @@ from types import FrameType
 import db
 import logsetup
 import results
+import verify
 from commands import check, init_db
 from config import HELP, Config, ConfigError, load_config, variables
 from consumer import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Consumer
@@ -67,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     results_parser = commands.add_parser("results", help="print the counts stored in PostgreSQL and exit")
     results_parser.add_argument("--law", metavar="ID", help="only this law")
     results_parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    verify_parser = commands.add_parser(
+        "verify",
+        help="recount vote_audit against vote_results and check the hash chains; exit 0 when all agree, 1 if not",
+    )
+    verify_parser.add_argument(
+        "--head",
+        action="append",
+        default=[],
+        metavar="CHAIN:SEQ:DIGEST",
+        help="a chain head as the service logged it; fails unless the chain still leads to it (repeatable)",
+    )
     return parser
 
 
@@ -98,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return init_db(config)
         if args.command == "results":
             return results.print_results(config, law_id=args.law, fmt=args.format)
+        if args.command == "verify":
+            return verify.print_verify(config, heads=args.head)
     except db.DatabaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
