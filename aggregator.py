@@ -165,6 +165,8 @@ def serve(config: Config) -> int:
             consumer.request_stop()
         pipeline.start()
         code = _exit_code(consumer.run(pipeline), pipeline)
+        # The last heads, so that a log kept elsewhere anchors every committed batch.
+        summary.log_heads()
     finally:
         database.close()
     logger.info("stopped (exit code %d)", code)
