@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 import db
+import httpauth
 import logsetup
 import results
 import verify
@@ -136,7 +137,7 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    metrics = Metrics(max_laws=config.metrics_max_laws, version=VERSION)
+    metrics = Metrics(max_laws=config.metrics_max_laws, version=VERSION, embargo=config.results_embargo)
     health = Health(stall_timeout_s=config.stall_timeout_s, notifier=notifier)
     if not _serve_http(config, metrics, health):
         return EXIT_CONFIG
@@ -174,13 +175,20 @@ def serve(config: Config) -> int:
 
 
 def _serve_http(config: Config, metrics: Metrics, health: Health) -> bool:
-    """/metrics, /healthz and /readyz; False (logged) when the port cannot be had."""
+    """/metrics, /healthz and /readyz; False (logged) when the port cannot be had or its lock cannot be read."""
+    try:
+        lock = httpauth.load(config)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return False
     try:
         metrics.serve(
             port=config.prometheus_port,
             addr=config.prometheus_bind_address,
             readiness=health.readiness,
             liveness=health.liveness,
+            tls=lock.tls,
+            auth=lock.auth,
         )
     except OSError as exc:
         logger.error(
@@ -202,6 +210,7 @@ def _open_database(config: Config, stop: threading.Event) -> db.Database | None:
             database.open()
             database.ensure_schema()
             logger.info("connected to PostgreSQL at %s", config.postgres_target_for_logs())
+            _warn_about_privileges(database)
             return database
         except db.RetryableError as exc:
             database.close()
@@ -209,6 +218,17 @@ def _open_database(config: Config, stop: threading.Event) -> db.Database | None:
         stop.wait(delay)
         delay = min(delay * 2, config.retry_max_delay_s)
     return None
+
+
+def _warn_about_privileges(database: db.Database) -> None:
+    """Least privilege (docs/security.md): say so when the service's role could rewrite the audit trail."""
+    try:
+        warnings = database.privilege_warnings()
+    except db.DatabaseError as exc:
+        logger.warning("could not check the PostgreSQL role's rights (%s)", exc)
+        return
+    for warning in warnings:
+        logger.warning("%s", warning)
 
 
 def _read_totals(database: db.Database, metrics: Metrics) -> None:

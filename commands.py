@@ -1,4 +1,4 @@
-"""One-shot commands: `--check` and `--init-db` (`results` lives in results.py)."""
+"""One-shot commands: `--check` and `--init-db` (`results` lives in results.py, `verify` in verify.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pika
 import pika.exceptions
 
 import db
+import httpauth
 from config import Config
 from consumer import amqp_parameters, describe_error
 
@@ -28,8 +29,11 @@ def init_db(config: Config) -> int:
 
 
 def check(config: Config) -> list[str]:
-    """Connect to both servers and verify the schema; one line per problem (for ExecStartPre=, CI)."""
-    return [*_check_rabbitmq(config), *_check_postgres(config)]
+    """Connect to both servers and verify the schema; one line per problem (for ExecStartPre=, CI).
+
+    Rights beyond the service's needs (a superuser, say) are `warning:` lines on stdout, not problems.
+    """
+    return [*_check_rabbitmq(config), *_check_postgres(config), *_check_metrics_port(config)]
 
 
 def _check_rabbitmq(config: Config) -> list[str]:
@@ -61,6 +65,7 @@ def _check_postgres(config: Config) -> list[str]:
     try:
         database.open()
         missing = database.missing_schema_objects()
+        warnings = [] if missing else database.privilege_warnings()
     except db.DatabaseError as exc:
         return [f"PostgreSQL: {exc}"]
     finally:
@@ -71,4 +76,17 @@ def _check_postgres(config: Config) -> list[str]:
             "apply it with: python aggregator.py --init-db"
         ]
     print(f"ok: PostgreSQL {config.postgres_target_for_logs()}, schema complete")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    return []
+
+
+def _check_metrics_port(config: Config) -> list[str]:
+    """The metrics port's TLS files and users file, read as the service reads them."""
+    try:
+        lock = httpauth.load(config)
+    except ValueError as exc:
+        return [f"metrics port: {exc}"]
+    if lock.tls is not None or lock.auth is not None:
+        print(f"ok: metrics port {'TLS' if lock.tls else 'plain HTTP'}, {'basic auth' if lock.auth else 'open'}")
     return []
