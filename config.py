@@ -75,7 +75,9 @@ class Config:
     stall_timeout_s: float = 120.0
 
     prometheus_port: int = 8001
-    prometheus_bind_address: str = "0.0.0.0"
+    # All interfaces: Prometheus scrapes from another host or container. Lock the port with
+    # PROMETHEUS_TLS_* and PROMETHEUS_BASIC_AUTH_USERS_FILE, or bind 127.0.0.1 (docs/security.md).
+    prometheus_bind_address: str = "0.0.0.0"  # noqa: S104
     prometheus_tls_cert_file: str = ""
     prometheus_tls_key_file: str = ""
     prometheus_basic_auth_users_file: str = ""
@@ -326,8 +328,9 @@ HELP: dict[str, str] = {
     "LOG_SUMMARY_INTERVAL_SECONDS": "how often an INFO line sums up throughput and errors (0: never)",
 }
 
-assert {f.name for f in fields(Config)} == {spec[0] for spec in _VARIABLES.values()}
-assert set(HELP) == set(_VARIABLES)
+# Developer invariants, checked on import by every test run; not input validation.
+assert {f.name for f in fields(Config)} == {spec[0] for spec in _VARIABLES.values()}  # noqa: S101
+assert set(HELP) == set(_VARIABLES)  # noqa: S101
 
 
 def variables() -> dict[str, object]:
