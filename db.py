@@ -623,18 +623,15 @@ def _rollback(conn: psycopg2.extensions.connection) -> bool:
 def row_digest_sql(alias: str) -> str:
     """SQL for the digest of one audit row of table alias `alias` (the batch and `verify` share it).
 
-    Every column, each variable-length one prefixed with its length so that no
-    two different rows encode alike; times in UTC to the microsecond, whatever
-    the session's time zone.
+    Every column: the text ones each prefixed with its length, so that no two
+    different rows encode alike, then both times in PostgreSQL's binary form
+    (microseconds, whatever the session's time zone).
     """
     return (
         "sha256(convert_to(concat("
-        f"length({alias}.vote_hash), ':', {alias}.vote_hash, "
-        f"length({alias}.citizen_id), ':', {alias}.citizen_id, "
-        f"length({alias}.law_id), ':', {alias}.law_id, "
-        f"length({alias}.choice), ':', {alias}.choice, "
-        f"""to_char({alias}."timestamp" AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'), ';', """
-        f"""to_char({alias}.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US')), 'UTF8'))"""
+        f"length({alias}.vote_hash), ':', {alias}.vote_hash, length({alias}.citizen_id), ':', {alias}.citizen_id, "
+        f"length({alias}.law_id), ':', {alias}.law_id, length({alias}.choice), ':', {alias}.choice), 'UTF8') "
+        f"""|| timestamptz_send({alias}."timestamp") || timestamptz_send({alias}.recorded_at))"""
     )
 
 
@@ -670,8 +667,8 @@ WITH incoming AS (
     SELECT coalesce((SELECT seq FROM last_link), 0) + 1 AS seq,
            coalesce((SELECT digest FROM last_link), sha256(convert_to(%(chain)s::text, 'UTF8'))) AS previous
 ), inserted AS (
-    INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp", chain_id, chain_seq)
-    SELECT vote_hash, citizen_id, law_id, choice, ts, %(chain)s, (SELECT seq FROM head) FROM incoming ORDER BY vote_hash
+    INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp")
+    SELECT vote_hash, citizen_id, law_id, choice, ts FROM incoming ORDER BY vote_hash
     ON CONFLICT (vote_hash) DO NOTHING
     RETURNING vote_hash, citizen_id, law_id, choice, "timestamp", recorded_at
 ), counted AS (
@@ -690,16 +687,12 @@ WITH incoming AS (
 ), digested AS (
     SELECT i.vote_hash, {row_digest_sql("i")} AS d FROM inserted i
 ), link AS (
+    -- One pass feeds both aggregates, so hashes and digests come in the same order (whichever).
     INSERT INTO vote_chain (chain_id, seq, vote_hashes, row_digests, digest)
     SELECT %(chain)s, h.seq, r.hashes, r.digests,
-           sha256(h.previous || int8send(h.seq) || sha256(convert_to(r.joined, 'UTF8') || r.concatenated))
-    FROM head h, (
-        SELECT array_agg(vote_hash ORDER BY vote_hash) AS hashes,
-               array_agg(d ORDER BY vote_hash) AS digests,
-               string_agg(vote_hash, ',' ORDER BY vote_hash) AS joined,
-               string_agg(d, ''::bytea ORDER BY vote_hash) AS concatenated
-        FROM digested
-    ) r
+           sha256(h.previous || int8send(h.seq)
+                  || sha256(convert_to(array_to_string(r.hashes, ','), 'UTF8') || r.digests))
+    FROM head h, (SELECT array_agg(vote_hash) AS hashes, string_agg(d, ''::bytea) AS digests FROM digested) r
     WHERE r.hashes IS NOT NULL
     RETURNING seq, digest
 )

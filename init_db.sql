@@ -72,28 +72,23 @@ FROM vote_results;
 --
 -- Each flush worker of each running instance keeps a chain of its own. Every
 -- committed batch that inserted audit rows adds one link, in the same
--- transaction: the new rows' vote_hash values and per-row digests, and
---     digest = sha256(previous digest || int8send(seq) || sha256(hashes joined by ',' || row digests))
--- (the first link's previous digest is sha256(chain_id)). The rows name their
--- link in chain_id/chain_seq; rows recorded before chains existed have NULLs.
+-- transaction: the new rows' vote_hash values, their digests (32 bytes each, in
+-- the same order), and
+--     digest = sha256(previous digest || int8send(seq) || sha256(hashes joined by ',' || row_digests))
+-- (the first link's previous digest is sha256(chain_id)). vote_audit itself is
+-- unchanged: a row's link is found by its vote_hash.
 -- `python aggregator.py verify` recomputes all of it.
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute
-                   WHERE attrelid = 'vote_audit'::regclass AND attname = 'chain_id' AND NOT attisdropped) THEN
-        ALTER TABLE vote_audit ADD COLUMN chain_id varchar(100), ADD COLUMN chain_seq bigint;
-    END IF;
-END $$;
-
 CREATE TABLE IF NOT EXISTS vote_chain (
     chain_id     varchar(100)  NOT NULL,
     seq          bigint        NOT NULL CHECK (seq > 0),
     vote_hashes  varchar(64)[] NOT NULL,
-    row_digests  bytea[]       NOT NULL,
+    row_digests  bytea         NOT NULL,
     digest       bytea         NOT NULL,
     committed_at timestamptz   NOT NULL DEFAULT now(),
     PRIMARY KEY (chain_id, seq)
 );
+-- Digests do not compress: spare the server the attempt.
+ALTER TABLE vote_chain ALTER COLUMN row_digests SET STORAGE EXTERNAL;
 
 -- ---------------------------------------------------------------------------
 -- Append-only (docs/security.md#the-append-only-audit).
