@@ -171,6 +171,17 @@ def phase_verify(args: argparse.Namespace) -> None:
         elapsed = time.perf_counter() - started
         print(done.stdout.splitlines()[-1] if done.stdout else done.stderr)
         print(f"verify: exit {done.returncode} in {elapsed:.2f}s ({args.votes:,} votes)")
+        conn = psycopg2.connect(**db.connect_kwargs(config_for(dbname)))
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT pg_size_pretty(pg_total_relation_size('vote_audit')), "
+                    "pg_size_pretty(pg_total_relation_size('vote_chain'))"
+                )
+                audit, chain = cur.fetchone() or ("?", "?")
+        finally:
+            conn.close()
+        print(f"verify: vote_audit {audit} with its indexes, vote_chain {chain}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
