@@ -116,7 +116,7 @@ class Consumer:
         delay = 1.0
         code = EXIT_OK
         while not self._stop.is_set():
-            outcome = self._connect_and_consume()
+            outcome = self._connect_and_consume(delay)
             if outcome == "refused":
                 return self._finish(EXIT_CONFIG)
             if outcome == "unclean":
@@ -139,8 +139,12 @@ class Consumer:
             code = EXIT_FAILURE
         return code
 
-    def _connect_and_consume(self) -> str:
-        """One connection's life: "clean" or "unclean" after a stop, "lost", or "refused" (do not retry)."""
+    def _connect_and_consume(self, delay: float) -> str:
+        """One connection's life: "clean" or "unclean" after a stop, "lost", or "refused" (do not retry).
+
+        `delay` is the wait before the next attempt, for the log lines; a connection
+        that got as far as consuming starts the backoff over.
+        """
         connection: BlockingConnection | None = None
         self._consumed = False
         try:
@@ -150,7 +154,7 @@ class Consumer:
             return "clean" if self._consume(connection) else "unclean"
         except ConsumerCancelled as exc:
             self._metrics.record_error("consumer_cancelled")
-            logger.warning("%s; consuming again", exc)
+            logger.warning("%s; consuming again in 1.0s", exc)
         except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
             self._metrics.record_error("rabbitmq_connection")
             if not self._connected_once and refused_by_broker(exc):
@@ -161,9 +165,10 @@ class Consumer:
             # pika guesses "authentication" whenever the connection drops during
             # the handshake, also when a node is merely stopping.
             logger.error(
-                "RabbitMQ connection to %s failed during the handshake (%s); retrying",
+                "RabbitMQ connection to %s failed during the handshake (%s); retrying in %.1fs",
                 self._config.rabbitmq_url_for_logs(),
                 describe_error(exc),
+                self._retry_in(delay),
             )
         except ssl.SSLCertVerificationError as exc:
             self._metrics.record_error("rabbitmq_connection")
@@ -176,14 +181,15 @@ class Consumer:
                     exc,
                 )
                 return "refused"
-            logger.error("RabbitMQ TLS certificate not accepted (%s); retrying", exc)
+            logger.error("RabbitMQ TLS certificate not accepted (%s); retrying in %.1fs", exc, self._retry_in(delay))
         except (pika.exceptions.AMQPError, OSError) as exc:
             # OSError: ssl.SSLError and socket errors that pika lets through.
             self._metrics.record_error("rabbitmq_connection")
             logger.warning(
-                "RabbitMQ connection to %s lost or refused (%s); retrying",
+                "RabbitMQ connection to %s lost or refused (%s); retrying in %.1fs",
                 self._config.rabbitmq_url_for_logs(),
                 describe_error(exc),
+                self._retry_in(delay),
             )
         finally:
             self._forget_channel()
@@ -191,6 +197,9 @@ class Consumer:
             if connection is not None and connection.is_open:
                 _close_quietly(connection.close)
         return "lost"
+
+    def _retry_in(self, delay: float) -> float:
+        return 1.0 if self._consumed else delay
 
     def _warn_about_prefetch(self) -> None:
         c = self._config

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pika.exceptions
+import pytest
 
 from tests.proxy import TcpProxy
 from tests.support import (
@@ -146,7 +147,10 @@ def test_unexpected_errors_reject_only_the_offending_votes_and_counting_goes_on(
     assert_invariant(dbname)
 
 
-def test_a_consumer_cancelled_by_the_broker_consumes_again(make_service: MakeService, queue: str, dbname: str) -> None:
+@pytest.mark.parametrize("declared_again_by", ["the service", "an operator"])
+def test_a_consumer_cancelled_by_the_broker_consumes_again(
+    make_service: MakeService, queue: str, dbname: str, declared_again_by: str
+) -> None:
     svc = make_service().start()
     first = make_votes(300, laws=3, seed=1)
     publish(queue, [v.body() for v in first])
@@ -155,12 +159,17 @@ def test_a_consumer_cancelled_by_the_broker_consumes_again(make_service: MakeSer
     # Deleting the queue makes RabbitMQ cancel the consumer; the channel stays open.
     conn = amqp_connection()
     try:
-        conn.channel().queue_delete(queue)
+        channel = conn.channel()
+        channel.queue_delete(queue)
+        if declared_again_by == "an operator":
+            channel.queue_declare(queue, durable=True)  # at once: the service finds it and uses it as it is
     finally:
         conn.close()
     wait_for(lambda: "cancelled the consumer" in svc.logs(), timeout=10, what="the cancel noticed")
-    # The service declares the queue again itself, as at start-up, and consumes it.
+    # Otherwise the service declares the queue again itself, as at start-up; either way it consumes it.
     wait_for(lambda: consumers(queue) == 1, timeout=15, what="a consumer on the re-declared queue")
+    after_cancel = svc.logs().split("cancelled the consumer")[1]
+    assert ("declared durable queue" in after_cancel) == (declared_again_by == "the service")
     second = make_votes(300, laws=3, seed=2)
     publish(queue, [v.body() for v in second])
     wait_for(lambda: audit_count(dbname) == len(first) + len(second), timeout=30, what="second votes counted")

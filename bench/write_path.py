@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""What one vote costs on the write path, measured piece by piece in one process.
+
+Run from the repository root, with PostgreSQL on 127.0.0.1:5432 (trust auth):
+
+    .venv/bin/python bench/write_path.py                 # 200 batches of 250 votes
+    .venv/bin/python bench/write_path.py --batches 50 --batch-size 500
+
+It prints, for the same generated votes:
+- validation: votes.parse_message against a bare json.loads, CPU microseconds per vote;
+- one batch through db.Database.write_batch into a scratch database: wall time, and the part
+  of it this process spent on the CPU (building the statement, reading the answer); the rest
+  is PostgreSQL's work and the round trips;
+- a one-row INSERT and its commit, for the cost of a commit (a WAL flush) alone.
+The scratch database is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+from psycopg2 import sql
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `python bench/write_path.py` puts bench/ on the path, not the repository
+import db  # noqa: E402
+from config import Config  # noqa: E402
+from votes import parse_message  # noqa: E402
+
+
+def bodies(count: int, *, laws: int, salt: str) -> list[bytes]:
+    out = []
+    for i in range(count):
+        citizen = f"citizen-{salt}-{i}"
+        law = f"law-{i % laws:03d}"
+        digest = hashlib.sha256(f"{citizen}:{law}".encode()).hexdigest()
+        choice = "oui" if i % 3 else "non"
+        out.append(
+            json.dumps(
+                {
+                    "vote_hash": digest,
+                    "citizen_id": citizen,
+                    "law_id": law,
+                    "choice": choice,
+                    "timestamp": "2025-11-14T12:00:00Z",
+                }
+            ).encode()
+        )
+    return out
+
+
+def cpu_us_per_item(work: Callable[[], object], items: int, repeat: int = 5) -> float:
+    """Median over `repeat` runs of the process CPU time of `work`, per item, in microseconds."""
+    runs = []
+    for _ in range(repeat):
+        started = time.process_time()
+        work()
+        runs.append((time.process_time() - started) / items * 1e6)
+    return statistics.median(runs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", type=int, default=200, help="batches written (200)")
+    p.add_argument("--batch-size", type=int, default=250, help="votes per batch (250)")
+    p.add_argument("--laws", type=int, default=50, help="distinct laws (50)")
+    p.add_argument("--postgres-host", default="127.0.0.1")
+    p.add_argument("--postgres-port", type=int, default=5432)
+    p.add_argument("--postgres-user", default="postgres")
+    a = p.parse_args(argv)
+
+    sample = bodies(20_000, laws=a.laws, salt="validation")
+    bare = cpu_us_per_item(lambda: [json.loads(b) for b in sample], len(sample))
+    parsed = cpu_us_per_item(lambda: [parse_message(b, max_bytes=4096) for b in sample], len(sample))
+    print(f"validation   json.loads {bare:.2f} us/vote, parse_message {parsed:.2f} us/vote (+{parsed - bare:.2f})")
+
+    name = f"bench_write_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(host=a.postgres_host, port=a.postgres_port, user=a.postgres_user, dbname="postgres")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        config = Config(
+            postgres_host=a.postgres_host,
+            postgres_port=a.postgres_port,
+            postgres_user=a.postgres_user,
+            postgres_db=name,
+        )
+        database = db.Database(config=config)
+        database.open()
+        try:
+            database.apply_schema()
+            _write_batches(database, a.batches, a.batch_size, a.laws)
+            _commits({"host": a.postgres_host, "port": a.postgres_port, "user": a.postgres_user, "dbname": name})
+        finally:
+            database.close()
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.close()
+    return 0
+
+
+def _write_batches(database: db.Database, batches: int, size: int, laws: int) -> None:
+    votes = [parse_message(b, max_bytes=4096).vote for b in bodies(batches * size, laws=laws, salt="write")]
+    walls, cpus = [], []
+    for i in range(batches):
+        batch = votes[i * size : (i + 1) * size]
+        wall, cpu = time.perf_counter(), time.process_time()
+        database.write_batch(batch)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    wall_ms, cpu_ms = statistics.median(walls) * 1e3, statistics.median(cpus) * 1e3
+    print(
+        f"batch        {size} votes: {wall_ms:.2f} ms wall (median of {batches}), {cpu_ms:.2f} ms of it this "
+        f"process's CPU; the rest, {(wall_ms - cpu_ms) / size * 1e3:.1f} us/vote, is PostgreSQL and round trips"
+    )
+
+
+def _commits(dsn: dict[str, Any], rounds: int = 500) -> None:
+    conn = psycopg2.connect(**dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE commit_probe (n integer)")
+        conn.commit()
+        times = []
+        for n in range(rounds):
+            started = time.perf_counter()
+            with conn.cursor() as cur:
+                cur.execute("INSERT INTO commit_probe VALUES (%s)", (n,))
+            conn.commit()  # a WAL flush, as every batch's commit
+            times.append(time.perf_counter() - started)
+    finally:
+        conn.close()
+    print(f"commit       one-row INSERT + COMMIT: {statistics.median(times) * 1e3:.3f} ms (median of {rounds})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
