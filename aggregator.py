@@ -1,4 +1,4 @@
-"""The vote aggregation service's entry point: `python aggregator.py [--check | --init-db | results]`.
+"""The vote aggregation service's entry point: `python aggregator.py [--check | --init-db | results | verify]`.
 
 It parses the command line, reads the configuration, wires the parts and
 handles signals; each part lives in its own module (docs/design.md has the
@@ -21,8 +21,10 @@ from collections.abc import Sequence
 from types import FrameType
 
 import db
+import httpauth
 import logsetup
 import results
+import verify
 from commands import check, init_db
 from config import HELP, Config, ConfigError, load_config, load_env_file, variables, version
 from consumer import Consumer
@@ -70,6 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     results_parser = commands.add_parser("results", help="print the counts stored in PostgreSQL and exit")
     results_parser.add_argument("--law", metavar="ID", help="only this law")
     results_parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    verify_parser = commands.add_parser(
+        "verify",
+        help="recount vote_audit against vote_results and check the hash chains; exit 0 when all agree, 1 if not",
+    )
+    verify_parser.add_argument(
+        "--head",
+        action="append",
+        default=[],
+        metavar="CHAIN:SEQ:DIGEST",
+        help="a chain head as the service logged it; fails unless the chain still leads to it (repeatable)",
+    )
     return parser
 
 
@@ -97,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return init_db(config)
         if args.command == "results":
             return results.print_results(config, law_id=args.law, fmt=args.format)
+        if args.command == "verify":
+            return verify.print_verify(config, heads=args.head)
     except (db.DatabaseMissing, db.DatabaseConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -124,7 +139,7 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    metrics = Metrics(max_laws=config.metrics_max_laws, version=VERSION)
+    metrics = Metrics(max_laws=config.metrics_max_laws, version=VERSION, embargo=config.results_embargo)
     health = Health(stall_timeout_s=config.stall_timeout_s, notifier=notifier)
     if not _serve_http(config, metrics, health):
         return EXIT_CONFIG
@@ -153,6 +168,8 @@ def serve(config: Config) -> int:
             consumer.request_stop()
         pipeline.start()
         code = _exit_code(consumer.run(pipeline), pipeline)
+        # The last heads, so that a log kept elsewhere anchors every committed batch.
+        summary.log_heads()
     finally:
         database.close()
     logger.info("stopped (exit code %d)", code)
@@ -160,13 +177,20 @@ def serve(config: Config) -> int:
 
 
 def _serve_http(config: Config, metrics: Metrics, health: Health) -> bool:
-    """/metrics, /healthz and /readyz; False (logged) when the port cannot be had."""
+    """/metrics, /healthz and /readyz; False (logged) when the port cannot be had or its lock cannot be read."""
+    try:
+        lock = httpauth.load(config)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return False
     try:
         metrics.serve(
             port=config.prometheus_port,
             addr=config.prometheus_bind_address,
             readiness=health.readiness,
             liveness=health.liveness,
+            tls=lock.tls,
+            auth=lock.auth,
         )
     except OSError as exc:
         logger.error(
@@ -188,6 +212,7 @@ def _open_database(config: Config, stop: threading.Event) -> db.Database | None:
             database.open()
             database.ensure_schema()
             logger.info("connected to PostgreSQL at %s", config.postgres_target_for_logs())
+            _warn_about_privileges(database)
             return database
         except db.RetryableError as exc:
             database.close()
@@ -195,6 +220,17 @@ def _open_database(config: Config, stop: threading.Event) -> db.Database | None:
         stop.wait(delay)
         delay = min(delay * 2, config.retry_max_delay_s)
     return None
+
+
+def _warn_about_privileges(database: db.Database) -> None:
+    """Least privilege (docs/security.md): say so when the service's role could rewrite the audit trail."""
+    try:
+        warnings = database.privilege_warnings()
+    except db.DatabaseError as exc:
+        logger.warning("could not check the PostgreSQL role's rights (%s)", exc)
+        return
+    for warning in warnings:
+        logger.warning("%s", warning)
 
 
 def _read_totals(database: db.Database, metrics: Metrics) -> None:

@@ -1,4 +1,4 @@
-"""One-shot commands: `--check` and `--init-db` (`results` lives in results.py)."""
+"""One-shot commands: `--check` and `--init-db` (`results` lives in results.py, `verify` in verify.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pika.exceptions
 
 import db
 import exits
+import httpauth
 from config import Config
 from consumer import amqp_parameters, describe_error, refused_by_broker
 
@@ -37,8 +38,11 @@ class Problem:
 
 
 def check(config: Config) -> list[Problem]:
-    """Connect to both servers and verify the schema; one line per problem (for ExecStartPre=, CI)."""
-    return [*_check_rabbitmq(config), *_check_postgres(config)]
+    """Connect to both servers and verify the schema; one line per problem (for ExecStartPre=, CI).
+
+    Rights beyond the service's needs (a superuser, say) are `warning:` lines on stdout, not problems.
+    """
+    return [*_check_rabbitmq(config), *_check_postgres(config), *_check_metrics_port(config)]
 
 
 def _check_rabbitmq(config: Config) -> list[Problem]:
@@ -71,6 +75,7 @@ def _check_postgres(config: Config) -> list[Problem]:
     try:
         database.open()
         missing = database.missing_schema_objects()
+        warnings = [] if missing else database.privilege_warnings()
     except db.DatabaseError as exc:
         return [Problem(f"PostgreSQL: {exc}", certain=isinstance(exc, (db.DatabaseMissing, db.DatabaseConfigError)))]
     finally:
@@ -83,4 +88,17 @@ def _check_postgres(config: Config) -> list[Problem]:
             )
         ]
     print(f"ok: PostgreSQL {config.postgres_target_for_logs()}, schema complete")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    return []
+
+
+def _check_metrics_port(config: Config) -> list[Problem]:
+    """The metrics port's TLS files and users file, read as the service reads them."""
+    try:
+        lock = httpauth.load(config)
+    except ValueError as exc:
+        return [Problem(f"metrics port: {exc}", certain=True)]
+    if lock.tls is not None or lock.auth is not None:
+        print(f"ok: metrics port {'TLS' if lock.tls else 'plain HTTP'}, {'basic auth' if lock.auth else 'open'}")
     return []

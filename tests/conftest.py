@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.roles import ServiceRole, service_role
 from tests.support import Service, declare_queue, pg_connect, scratch_database, scratch_queues, stop_all
 
 
@@ -14,6 +15,13 @@ from tests.support import Service, declare_queue, pg_connect, scratch_database, 
 def dbname() -> Iterator[str]:
     with scratch_database(pg_connect("postgres"), prefix="agg_test") as name:
         yield name
+
+
+@pytest.fixture
+def svc_role(dbname: str) -> Iterator[ServiceRole]:
+    """The service's least-privilege role on `dbname`, schema applied (init_db.sql, service_role.sql)."""
+    with service_role(dbname) as role:
+        yield role
 
 
 @pytest.fixture(scope="module")

@@ -344,6 +344,8 @@ class Service:
                 "PYTHONUNBUFFERED": "1",
                 # The last, partial batch of a test is written 0.2 s after its first vote, not 1 s.
                 "BATCH_TIMEOUT_SECONDS": TEST_BATCH_TIMEOUT_S,
+                # Tests read the per-law series; tests/test_security.py runs the embargo (the default).
+                "RESULTS_EMBARGO": "false",
                 **(env or {}),
             },
         )

@@ -56,7 +56,7 @@ import db
 _write_batch = db._write_batch
 
 
-def write_batch(cur, votes):
+def write_batch(cur, votes, **options):
     for vote in votes:
         if vote.citizen_id.startswith("raise-value"):
             raise ValueError("year -1 is out of range")
@@ -65,7 +65,7 @@ def write_batch(cur, votes):
         if vote.citizen_id.startswith("hang-"):
             while True:  # a writer stuck outside PostgreSQL
                 time.sleep(1)
-    return _write_batch(cur, votes)
+    return _write_batch(cur, votes, **options)
 
 
 db._write_batch = write_batch

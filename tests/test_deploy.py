@@ -592,13 +592,21 @@ def test_compose_aggregator_configuration() -> None:
         rabbitmq_env["RABBITMQ_DEFAULT_PASS"],
     )
     assert config.rabbitmq_user != "guest"  # guest may only connect from localhost
+    # The service's own role, not the superuser: made by service_role.sql, given its password by
+    # the stack's login script, both run after the schema (in name order) on a fresh volume.
     postgres_env = services["postgres"]["environment"]
-    assert (config.postgres_user, config.postgres_password, config.postgres_db) == (
-        postgres_env["POSTGRES_USER"],
-        postgres_env["POSTGRES_PASSWORD"],
-        postgres_env["POSTGRES_DB"],
-    )
-    assert ("./init_db.sql", "/docker-entrypoint-initdb.d/init_db.sql") in _bind_mounts(services["postgres"])
+    assert config.postgres_db == postgres_env["POSTGRES_DB"]
+    assert config.postgres_user == "vote_aggregator" != postgres_env["POSTGRES_USER"]
+    mounts = {target: source for source, target in _bind_mounts(services["postgres"])}
+    init_scripts = sorted(t for t in mounts if t.startswith("/docker-entrypoint-initdb.d/"))
+    assert [mounts[t] for t in init_scripts] == [
+        "./init_db.sql",
+        "./service_role.sql",
+        "./deploy/postgres/compose-login.sql",
+    ]
+    login = (ROOT / "deploy/postgres/compose-login.sql").read_text()
+    assert f"ALTER ROLE {config.postgres_user} LOGIN PASSWORD '{config.postgres_password}';" in login
+    assert config.results_embargo
 
     assert f"{config.prometheus_port}:{config.prometheus_port}" in aggregator["ports"]
     assert timespan_s(aggregator["stop_grace_period"]) >= config.shutdown_timeout_s + 10
