@@ -1,6 +1,7 @@
 # Vote aggregation service.
 #   docker build -t vote-aggregator .
-#   docker run --rm -e RABBITMQ_HOST=rabbitmq -e POSTGRES_HOST=postgres -p 8001:8001 vote-aggregator
+#   docker run --rm --stop-timeout 30 -e RABBITMQ_HOST=rabbitmq -e POSTGRES_HOST=postgres \
+#       -p 127.0.0.1:8001:8001 vote-aggregator
 #   docker run --rm -e ... vote-aggregator --check      # any aggregator.py option works the same
 #   docker stop -t 30 <container>                      # above SHUTDOWN_TIMEOUT_SECONDS (15 s)
 # docs/deploying.md has the rest (compose, TLS).
@@ -24,8 +25,10 @@ RUN python -m compileall -q /app \
 USER 10001
 
 EXPOSE 8001
-# The service drains on SIGTERM within SHUTDOWN_TIMEOUT_SECONDS (15 s by default): stop it with
-# `docker stop -t 30` (compose: stop_grace_period: 30s), or the votes in flight are redelivered.
+# The service drains on SIGTERM within SHUTDOWN_TIMEOUT_SECONDS (15 s by default) plus about a
+# second; docker's default grace is 10 s. Run it with `docker run --stop-timeout 30` or stop it with
+# `docker stop -t 30` (compose: stop_grace_period: 30s), or the drain is killed: nothing is lost,
+# but the votes in flight are redelivered.
 STOPSIGNAL SIGTERM
 # /healthz fails (503) when the service has stopped counting: its connection loop stuck, or a vote
 # held unacked past STALL_TIMEOUT_SECONDS while PostgreSQL answers. /readyz would also turn
