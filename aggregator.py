@@ -15,19 +15,23 @@ import argparse
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
 
+import pika.exceptions
+
 import db
+import deadletters
 import httpauth
 import logsetup
 import results
 import verify
 from commands import check, init_db
 from config import HELP, Config, ConfigError, load_config, load_env_file, variables, version
-from consumer import Consumer
+from consumer import Consumer, amqp_parameters, describe_error, refused_by_broker
 from exits import CONFIG as EXIT_CONFIG
 from exits import FAILURE as EXIT_FAILURE
 from exits import OK as EXIT_OK
@@ -83,7 +87,27 @@ def _parser() -> argparse.ArgumentParser:
         metavar="CHAIN:SEQ:DIGEST",
         help="a chain head as the service logged it; fails unless the chain still leads to it (repeatable)",
     )
+    _add_dead_letters(commands)
     return parser
+
+
+def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dead = commands.add_parser(
+        "dead-letters", help="list, show or replay the messages in the dead-letter queue (RABBITMQ_DEAD_LETTER_QUEUE)"
+    )
+    actions = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="count by reason, then every message oldest first")
+    show = actions.add_parser("show", help="one message, headers and body")
+    show.add_argument("index", type=int, help="its number in `list`")
+    for sub in (listing, show):
+        sub.add_argument("--show-citizens", action="store_true", help="print citizen ids (hidden by default)")
+        sub.add_argument("--limit", type=int, default=10_000, help="read at most this many messages (10000)")
+    replay = actions.add_parser(
+        "replay", help="move messages to RABBITMQ_QUEUE, each confirmed there before it leaves the dead-letter queue"
+    )
+    replay.add_argument("--all", action="store_true", help="every message")
+    replay.add_argument("--reason", action="append", metavar="R", help="messages refused for this reason (repeatable)")
+    replay.add_argument("--vote-hash", action="append", metavar="H", help="the message of this vote (repeatable)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return results.print_results(config, law_id=args.law, fmt=args.format)
         if args.command == "verify":
             return verify.print_verify(config, heads=args.head)
+        if args.command == "dead-letters":
+            return _dead_letters(config, args)
     except (db.DatabaseMissing, db.DatabaseConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -119,6 +145,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return serve(config)
+
+
+def _dead_letters(config: Config, args: argparse.Namespace) -> int:
+    try:
+        return deadletters.run(config, args, parameters=amqp_parameters(config, name="vote-aggregator dead-letters"))
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        print(f"error: RabbitMQ {config.rabbitmq_url_for_logs()}: {describe_error(exc)}", file=sys.stderr)
+        certain = refused_by_broker(exc) or isinstance(exc, ssl.SSLCertVerificationError)
+        return EXIT_CONFIG if certain else EXIT_FAILURE
 
 
 def serve(config: Config) -> int:

@@ -634,7 +634,9 @@ def _translate(exc: psycopg2.Error, *, lost: bool = False) -> tuple[DatabaseErro
         # schema to create): retrying cannot help until someone grants it.
         return DatabaseConfigError(f"permission denied: {message}"), True
     if isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)):
-        return DatabaseRejected(message), True
+        # The primary message only: its DETAIL line quotes the failing row, citizen id and choice
+        # included, which must not reach the logs or the dead-letter headers.
+        return DatabaseRejected(exc.diag.message_primary or message.split(" DETAIL:")[0]), True
     return DatabaseError(message), True
 
 
