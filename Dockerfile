@@ -1,6 +1,7 @@
 # Vote aggregation service.
 #   docker build -t vote-aggregator .
-#   docker run --rm -e RABBITMQ_HOST=rabbitmq -e POSTGRES_HOST=postgres -p 8001:8001 vote-aggregator
+#   docker run --rm --stop-timeout 30 -e RABBITMQ_HOST=rabbitmq -e POSTGRES_HOST=postgres \
+#       -p 127.0.0.1:8001:8001 vote-aggregator
 #   docker run --rm -e ... vote-aggregator --check      # any aggregator.py option works the same
 #   docker stop -t 30 <container>                      # above SHUTDOWN_TIMEOUT_SECONDS (15 s)
 # docs/deploying.md has the rest (compose, TLS).
@@ -17,20 +18,24 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
 # Every module aggregator.py imports, and the schema db.py applies (tests/test_deploy.py checks the list).
-COPY aggregator.py commands.py config.py consumer.py db.py exits.py health.py logsetup.py metrics.py pipeline.py results.py summary.py systemd.py votes.py init_db.sql pyproject.toml ./
+COPY aggregator.py commands.py config.py consumer.py db.py deadletters.py exits.py health.py httpauth.py logsetup.py metrics.py pipeline.py results.py summary.py systemd.py verify.py votes.py init_db.sql pyproject.toml ./
 # Compiled once here, as root: the service's user cannot write to /app.
 RUN python -m compileall -q /app \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin aggregator
 USER 10001
 
 EXPOSE 8001
-# The service drains on SIGTERM within SHUTDOWN_TIMEOUT_SECONDS (15 s by default): stop it with
-# `docker stop -t 30` (compose: stop_grace_period: 30s), or the votes in flight are redelivered.
+# The service drains on SIGTERM within SHUTDOWN_TIMEOUT_SECONDS (15 s by default) plus about a
+# second; docker's default grace is 10 s. Run it with `docker run --stop-timeout 30` or stop it with
+# `docker stop -t 30` (compose: stop_grace_period: 30s), or the drain is killed: nothing is lost,
+# but the votes in flight are redelivered.
 STOPSIGNAL SIGTERM
 # /healthz fails (503) when the service has stopped counting: its connection loop stuck, or a vote
 # held unacked past STALL_TIMEOUT_SECONDS while PostgreSQL answers. /readyz would also turn
 # unhealthy during a database outage, which the service rides out by itself.
+# With PROMETHEUS_TLS_CERT_FILE set the port speaks TLS: the probe then uses https without checking
+# the certificate, whose name is not 127.0.0.1 (a local probe reading only ok or not ok).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PROMETHEUS_PORT', '8001'), timeout=2)"]
+    CMD ["python", "-c", "import os, ssl, urllib.request; tls = bool(os.environ.get('PROMETHEUS_TLS_CERT_FILE')); context = ssl.create_default_context(); context.check_hostname = False; context.verify_mode = ssl.CERT_NONE; urllib.request.urlopen('%s://127.0.0.1:%s/healthz' % ('https' if tls else 'http', os.environ.get('PROMETHEUS_PORT', '8001')), timeout=2, context=context)"]
 
 ENTRYPOINT ["python", "aggregator.py"]

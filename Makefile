@@ -29,7 +29,7 @@ run: init-db
 test: $(VENV)/.dev check-services test-tools lint
 	$(PY) -m pytest -n 3 --dist loadfile
 
-## System tools the tests run: promtool/prometheus, systemd-analyze, openssl.
+## System tools the tests run: promtool/prometheus, systemd-analyze.
 test-tools:
 	@scripts/install_test_tools.sh
 

@@ -1,4 +1,4 @@
-"""The vote aggregation service's entry point: `python aggregator.py [--check | --init-db | results]`.
+"""The vote aggregation service's entry point: `python aggregator.py [--check | --init-db | results | verify]`.
 
 It parses the command line, reads the configuration, wires the parts and
 handles signals; each part lives in its own module (docs/design.md has the
@@ -15,17 +15,23 @@ import argparse
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
 
+import pika.exceptions
+
 import db
+import deadletters
+import httpauth
 import logsetup
 import results
+import verify
 from commands import check, init_db
 from config import HELP, Config, ConfigError, load_config, load_env_file, variables, version
-from consumer import Consumer
+from consumer import Consumer, amqp_parameters, describe_error, refused_by_broker
 from exits import CONFIG as EXIT_CONFIG
 from exits import FAILURE as EXIT_FAILURE
 from exits import OK as EXIT_OK
@@ -70,7 +76,38 @@ def _parser() -> argparse.ArgumentParser:
     results_parser = commands.add_parser("results", help="print the counts stored in PostgreSQL and exit")
     results_parser.add_argument("--law", metavar="ID", help="only this law")
     results_parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    verify_parser = commands.add_parser(
+        "verify",
+        help="recount vote_audit against vote_results and check the hash chains; exit 0 when all agree, 1 if not",
+    )
+    verify_parser.add_argument(
+        "--head",
+        action="append",
+        default=[],
+        metavar="CHAIN:SEQ:DIGEST",
+        help="a chain head as the service logged it; fails unless the chain still leads to it (repeatable)",
+    )
+    _add_dead_letters(commands)
     return parser
+
+
+def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dead = commands.add_parser(
+        "dead-letters", help="list, show or replay the messages in the dead-letter queue (RABBITMQ_DEAD_LETTER_QUEUE)"
+    )
+    actions = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="count by reason, then every message oldest first")
+    show = actions.add_parser("show", help="one message, headers and body")
+    show.add_argument("index", type=int, help="its number in `list`")
+    for sub in (listing, show):
+        sub.add_argument("--show-citizens", action="store_true", help="print citizen ids (hidden by default)")
+        sub.add_argument("--limit", type=int, default=10_000, help="read at most this many messages (10000)")
+    replay = actions.add_parser(
+        "replay", help="move messages to RABBITMQ_QUEUE, each confirmed there before it leaves the dead-letter queue"
+    )
+    replay.add_argument("--all", action="store_true", help="every message")
+    replay.add_argument("--reason", action="append", metavar="R", help="messages refused for this reason (repeatable)")
+    replay.add_argument("--vote-hash", action="append", metavar="H", help="the message of this vote (repeatable)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return init_db(config)
         if args.command == "results":
             return results.print_results(config, law_id=args.law, fmt=args.format)
+        if args.command == "verify":
+            return verify.print_verify(config, heads=args.head)
+        if args.command == "dead-letters":
+            return _dead_letters(config, args)
     except (db.DatabaseMissing, db.DatabaseConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -104,6 +145,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return serve(config)
+
+
+def _dead_letters(config: Config, args: argparse.Namespace) -> int:
+    try:
+        return deadletters.run(config, args, parameters=amqp_parameters(config, name="vote-aggregator dead-letters"))
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        print(f"error: RabbitMQ {config.rabbitmq_url_for_logs()}: {describe_error(exc)}", file=sys.stderr)
+        certain = refused_by_broker(exc) or isinstance(exc, ssl.SSLCertVerificationError)
+        return EXIT_CONFIG if certain else EXIT_FAILURE
 
 
 def serve(config: Config) -> int:
@@ -124,7 +174,7 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    metrics = Metrics(max_laws=config.metrics_max_laws, version=VERSION)
+    metrics = Metrics(max_laws=config.metrics_max_laws, version=VERSION, embargo=config.results_embargo)
     health = Health(stall_timeout_s=config.stall_timeout_s, notifier=notifier)
     if not _serve_http(config, metrics, health):
         return EXIT_CONFIG
@@ -162,6 +212,8 @@ def serve(config: Config) -> int:
             consumer.request_stop()
         pipeline.start()
         code = _exit_code(consumer.run(pipeline), pipeline)
+        # The last heads, so that a log kept elsewhere anchors every committed batch.
+        summary.log_heads()
     finally:
         replication.stop()
         database.close()
@@ -180,13 +232,20 @@ def _replication_watch(config: Config, database: db.Database, metrics: Metrics) 
 
 
 def _serve_http(config: Config, metrics: Metrics, health: Health) -> bool:
-    """/metrics, /healthz and /readyz; False (logged) when the port cannot be had."""
+    """/metrics, /healthz and /readyz; False (logged) when the port cannot be had or its lock cannot be read."""
+    try:
+        lock = httpauth.load(config)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return False
     try:
         metrics.serve(
             port=config.prometheus_port,
             addr=config.prometheus_bind_address,
             readiness=health.readiness,
             liveness=health.liveness,
+            tls=lock.tls,
+            auth=lock.auth,
         )
     except OSError as exc:
         logger.error(
@@ -208,6 +267,7 @@ def _open_database(config: Config, stop: threading.Event) -> db.Database | None:
             database.open()
             database.ensure_schema()
             logger.info("connected to PostgreSQL at %s", config.postgres_target_for_logs())
+            _warn_about_privileges(database)
             return database
         except db.RetryableError as exc:
             database.close()
@@ -215,6 +275,17 @@ def _open_database(config: Config, stop: threading.Event) -> db.Database | None:
         stop.wait(delay)
         delay = min(delay * 2, config.retry_max_delay_s)
     return None
+
+
+def _warn_about_privileges(database: db.Database) -> None:
+    """Least privilege (docs/security.md): say so when the service's role could rewrite the audit trail."""
+    try:
+        warnings = database.privilege_warnings()
+    except db.DatabaseError as exc:
+        logger.warning("could not check the PostgreSQL role's rights (%s)", exc)
+        return
+    for warning in warnings:
+        logger.warning("%s", warning)
 
 
 def _read_totals(database: db.Database, metrics: Metrics) -> None:

@@ -1,4 +1,4 @@
-"""One-shot commands: `--check` and `--init-db` (`results` lives in results.py)."""
+"""One-shot commands: `--check` and `--init-db` (`results` lives in results.py, `verify` in verify.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pika.exceptions
 
 import db
 import exits
+import httpauth
 from config import Config
 from consumer import amqp_parameters, describe_error, refused_by_broker
 from health import describe_replication
@@ -39,8 +40,11 @@ class Problem:
 
 
 def check(config: Config) -> list[Problem]:
-    """Connect to both servers and verify the schema; one line per problem (for ExecStartPre=, CI)."""
-    return [*_check_rabbitmq(config), *_check_postgres(config)]
+    """Connect to both servers and verify the schema; one line per problem (for ExecStartPre=, CI).
+
+    Rights beyond the service's needs (a superuser, say) are `warning:` lines on stdout, not problems.
+    """
+    return [*_check_rabbitmq(config), *_check_postgres(config), *_check_metrics_port(config)]
 
 
 def _check_rabbitmq(config: Config) -> list[Problem]:
@@ -89,6 +93,7 @@ def _check_postgres(config: Config) -> list[Problem]:
     try:
         database.open()
         missing = database.missing_schema_objects()
+        warnings = [] if missing else database.privilege_warnings()
         replication = database.replication_state() if _replicated(config) else None
     except db.DatabaseError as exc:
         return [Problem(f"PostgreSQL: {exc}", certain=isinstance(exc, (db.DatabaseMissing, db.DatabaseConfigError)))]
@@ -103,6 +108,13 @@ def _check_postgres(config: Config) -> list[Problem]:
         ]
     primary = f" (writes go to {database.server})" if len(config.postgres_servers) > 1 else ""
     print(f"ok: PostgreSQL {config.postgres_target_for_logs()}, schema complete{primary}")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    return _check_replication(config, replication)
+
+
+def _check_replication(config: Config, replication: db.ReplicationState | None) -> list[Problem]:
+    """What a failover could lose, when several servers are configured or a synchronous standby required."""
     if replication is None:
         return []
     said = describe_replication(replication, user=config.postgres_user)
@@ -114,6 +126,17 @@ def _check_postgres(config: Config) -> list[Problem]:
                 "the service would not consume"
             )
         ]
+    return []
+
+
+def _check_metrics_port(config: Config) -> list[Problem]:
+    """The metrics port's TLS files and users file, read as the service reads them."""
+    try:
+        lock = httpauth.load(config)
+    except ValueError as exc:
+        return [Problem(f"metrics port: {exc}", certain=True)]
+    if lock.tls is not None or lock.auth is not None:
+        print(f"ok: metrics port {'TLS' if lock.tls else 'plain HTTP'}, {'basic auth' if lock.auth else 'open'}")
     return []
 
 

@@ -100,7 +100,14 @@ class Config:
     stall_timeout_s: float = 120.0
 
     prometheus_port: int = 8001
-    prometheus_bind_address: str = "0.0.0.0"
+    # All interfaces: Prometheus scrapes from another host or container. Lock the port with
+    # PROMETHEUS_TLS_* and PROMETHEUS_BASIC_AUTH_USERS_FILE, or bind 127.0.0.1 (docs/security.md).
+    prometheus_bind_address: str = "0.0.0.0"  # noqa: S104
+    prometheus_tls_cert_file: str = ""
+    prometheus_tls_key_file: str = ""
+    prometheus_basic_auth_users_file: str = ""
+    # Withhold per-law counts from metrics, logs and health answers (docs/security.md#the-results-embargo).
+    results_embargo: bool = True
     log_level: str = "INFO"
     log_format: str = "text"
     log_summary_interval_s: float = 10.0
@@ -393,6 +400,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
     "STALL_TIMEOUT_SECONDS": ("stall_timeout_s", _parse_float, _positive),
     "PROMETHEUS_PORT": ("prometheus_port", _parse_int, _port),
     "PROMETHEUS_BIND_ADDRESS": ("prometheus_bind_address", _parse_str, None),
+    "PROMETHEUS_TLS_CERT_FILE": ("prometheus_tls_cert_file", _file, None),
+    "PROMETHEUS_TLS_KEY_FILE": ("prometheus_tls_key_file", _file, None),
+    "PROMETHEUS_BASIC_AUTH_USERS_FILE": ("prometheus_basic_auth_users_file", _file, None),
+    "RESULTS_EMBARGO": ("results_embargo", _bool, None),
     "LOG_LEVEL": ("log_level", _log_level, None),
     "LOG_FORMAT": ("log_format", _log_format, None),
     "LOG_SUMMARY_INTERVAL_SECONDS": ("log_summary_interval_s", _parse_float, _at_least(0)),
@@ -458,13 +469,19 @@ HELP: dict[str, str] = {
     "long for its ack while PostgreSQL answers",
     "PROMETHEUS_PORT": "port of /metrics, /healthz and /readyz",
     "PROMETHEUS_BIND_ADDRESS": "address that port listens on (:: for every IPv6 and IPv4 address)",
+    "PROMETHEUS_TLS_CERT_FILE": "serve that port over TLS with this certificate (chain), PEM",
+    "PROMETHEUS_TLS_KEY_FILE": "the certificate's private key, PEM",
+    "PROMETHEUS_BASIC_AUTH_USERS_FILE": "user:bcrypt-hash lines (htpasswd -nB); /metrics then requires one of them "
+    "(/healthz, /readyz stay open)",
+    "RESULTS_EMBARGO": "withhold per-law counts and shares from metrics and logs (true while polls are open)",
     "LOG_LEVEL": "DEBUG, INFO, WARNING, ERROR or CRITICAL",
     "LOG_FORMAT": "text, or json for one JSON object per line",
     "LOG_SUMMARY_INTERVAL_SECONDS": "how often an INFO line sums up throughput and errors (0: never)",
 }
 
-assert {f.name for f in fields(Config)} == {spec[0] for spec in _VARIABLES.values()}
-assert set(HELP) == set(_VARIABLES)
+# Developer invariants, checked on import by every test run; not input validation.
+assert {f.name for f in fields(Config)} == {spec[0] for spec in _VARIABLES.values()}  # noqa: S101
+assert set(HELP) == set(_VARIABLES)  # noqa: S101
 
 
 def variables() -> dict[str, object]:
@@ -488,6 +505,8 @@ def load_config(environ: Mapping[str, str]) -> Config:
     config = Config(**values)  # type: ignore[arg-type]
     if bool(config.rabbitmq_tls_cert_file) != bool(config.rabbitmq_tls_key_file):
         raise ConfigError("RABBITMQ_TLS_CERT_FILE and RABBITMQ_TLS_KEY_FILE must be set together")
+    if bool(config.prometheus_tls_cert_file) != bool(config.prometheus_tls_key_file):
+        raise ConfigError("PROMETHEUS_TLS_CERT_FILE and PROMETHEUS_TLS_KEY_FILE must be set together")
     if config.flush_workers >= config.postgres_max_connections:
         raise ConfigError(
             "FLUSH_WORKERS must be below POSTGRES_MAX_CONNECTIONS (each writer holds a connection), got "

@@ -23,6 +23,7 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.spec import Basic, BasicProperties
 
 from config import Config, node_text
+from deadletters import DeadLetterer
 from exits import CONFIG as EXIT_CONFIG
 from exits import FAILURE as EXIT_FAILURE
 from exits import OK as EXIT_OK
@@ -91,6 +92,7 @@ class Consumer:
         # The current connection got as far as consuming, or as deliberately not consuming (hold).
         self._consumed = False
         self._ready_sent = False
+        self._dead_letterer = DeadLetterer(config)
         self._received = 0  # this thread's running counts; reported once per loop turn
         self._rejected = 0
 
@@ -117,7 +119,7 @@ class Consumer:
         acks: dict[int, int] = {}  # session -> highest committed tag
         for d in committed:
             acks[d.session] = max(d.tag, acks.get(d.session, 0))
-        rejects = [(d.session, d.tag) for d in rejected]
+        rejects = [(d.session, d.tag, d.body, d.refusal or ("unexpected", "")) for d in rejected]
         connection = self._connection
         try:
             if connection is None:
@@ -196,6 +198,7 @@ class Consumer:
         try:
             connection = pika.BlockingConnection(amqp_parameters(self._config, node))
             self._connection = connection
+            self._dead_letterer.attach(connection)
             self._connected_once = True
             self._metrics.record_rabbitmq_node(self._nodes, node_text(*node))
             return "clean" if self._consume(connection, node) else "unclean"
@@ -260,6 +263,7 @@ class Consumer:
         self._forget_channel()
         self._metrics.record_rabbitmq_node(self._nodes, None)
         self._connection = None
+        self._dead_letterer.attach(None)
         if connection is not None and connection.is_open:
             _close_quietly(connection.close)
 
@@ -426,15 +430,15 @@ class Consumer:
                 body, max_bytes=self._config.max_message_bytes, law_id_pattern=self._config.law_id_pattern
             )
         except InvalidVote as exc:
-            self._reject_invalid(channel, tag, len(body), exc)
+            self._reject_invalid(channel, tag, body, exc)
             return
         except Exception:
             logger.exception("validation failed unexpectedly (delivery tag %d)", tag)
-            self._reject_invalid(channel, tag, len(body), InvalidVote("unexpected", "validation raised an error"))
+            self._reject_invalid(channel, tag, body, InvalidVote("unexpected", "validation raised an error"))
             return
         if parsed.extra_fields:
             self._note_extra_fields(parsed.extra_fields)
-        self._pipeline.buffer.add(Delivery(parsed.vote, tag, self._session, time.monotonic()))
+        self._pipeline.buffer.add(Delivery(parsed.vote, tag, self._session, time.monotonic(), body))
 
     def _note_extra_fields(self, names: tuple[str, ...]) -> None:
         # A producer that adds a field during a rolling upgrade must not send
@@ -450,15 +454,20 @@ class Consumer:
             self._summary.received(received, rejected)
             self._received = self._rejected = 0
 
-    def _reject_invalid(self, channel: BlockingChannel, tag: int, size: int, exc: InvalidVote) -> None:
-        # Never requeued: it would fail the same way forever. A dead-letter
-        # exchange on the queue keeps it for audit.
-        channel.basic_reject(tag, requeue=False)
+    def _reject_invalid(self, channel: BlockingChannel, tag: int, body: bytes, exc: InvalidVote) -> None:
+        self._dead_letter(channel, tag, body, reason=exc.reason, detail=exc.detail)
         self._metrics.record_rejected(exc.reason)
         self._rejected += 1
-        logger.warning("rejected message (delivery tag %d, %d bytes): %s", tag, size, exc)
+        logger.warning("rejected message (delivery tag %d, %d bytes): %s", tag, len(body), exc)
 
-    def _settle_here(self, acks: dict[int, int], rejects: list[tuple[int, int]]) -> None:
+    def _dead_letter(self, channel: BlockingChannel, tag: int, body: bytes, *, reason: str, detail: str) -> None:
+        """Never requeued: it would fail the same way forever. Kept for audit, with why."""
+        if self._dead_letterer.put(body, reason=reason, detail=detail):
+            channel.basic_ack(tag)  # the dead-letter queue confirmed its copy
+        else:
+            channel.basic_reject(tag, requeue=False)
+
+    def _settle_here(self, acks: dict[int, int], rejects: list[tuple[int, int, bytes, tuple[str, str]]]) -> None:
         """Rejects first, then one multiple-ack up to the batch's highest committed tag.
 
         Runs in batch order, so every earlier delivery on the channel has already
@@ -469,9 +478,9 @@ class Consumer:
         if channel is None or not channel.is_open:
             logger.warning("channel closed before a batch was settled; RabbitMQ will redeliver it")
             return
-        for session, tag in rejects:
+        for session, tag, body, (reason, detail) in rejects:
             if session == self._session:
-                channel.basic_reject(tag, requeue=False)
+                self._dead_letter(channel, tag, body, reason=reason, detail=detail)
         last = acks.get(self._session)
         if last is not None:
             channel.basic_ack(last, multiple=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ import select
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from votes import Vote
 logger = logging.getLogger(__name__)
 
 SCHEMA_FILE = Path(__file__).with_name("init_db.sql")
-SCHEMA_OBJECTS = ("vote_results", "vote_audit", "duplicate_attempts", "vote_statistics")
+SCHEMA_OBJECTS = ("vote_results", "vote_audit", "duplicate_attempts", "vote_statistics", "vote_chain")
 # Any constant shared by every instance: serialises concurrent schema set-up.
 _SCHEMA_LOCK_KEY = 0x766F746573  # "votes"
 PAGE_SIZE = 100
@@ -83,7 +85,7 @@ class ReplicationState:
     standby_names: str  # synchronous_standby_names
     synchronous_commit: str  # this session's, the one its commits use
     # (application_name, sync_state, bytes of WAL the standby has not flushed) of each
-    # walsender; sync_state and the lag are None for a role without pg_monitor.
+    # walsender; sync_state and the lag are None for a role without pg_read_all_stats.
     standbys: tuple[tuple[str, str | None, int | None], ...]
 
     @property
@@ -102,7 +104,7 @@ class ReplicationState:
 
     @property
     def readable(self) -> bool:
-        """False when the role may not see pg_stat_replication's details (pg_monitor)."""
+        """False when the role may not see pg_stat_replication's details (pg_read_all_stats)."""
         return all(state is not None for _name, state, _lag in self.standbys)
 
     @property
@@ -120,6 +122,15 @@ class ReplicationState:
 _NUM_SYNC = re.compile(r"(?:(?:FIRST|ANY)\s+)?(\d+)\s*\(", re.IGNORECASE)
 
 
+@dataclass(frozen=True)
+class ChainLink:
+    """The link a committed batch added to its writer's hash chain (docs/security.md#tamper-evidence)."""
+
+    chain_id: str
+    seq: int
+    digest: bytes
+
+
 @dataclass
 class BatchOutcome:
     """What one committed batch did."""
@@ -128,6 +139,7 @@ class BatchOutcome:
     totals: dict[str, tuple[int, int]] = field(default_factory=dict)  # law_id -> (oui, non) after commit
     redeliveries: int = 0
     duplicate_attempts: int = 0
+    link: ChainLink | None = None  # None when the batch inserted no audit row
 
     @property
     def new_votes(self) -> int:
@@ -484,6 +496,8 @@ class Database:
         self._generation = 0
         self._server_lock = threading.Lock()
         self._server: str | None = None  # host:port of the server the last connection reached
+        # Names this process's hash chains: unique across hosts, processes and restarts.
+        self.instance_id = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     # -- pool ---------------------------------------------------------------
 
@@ -619,7 +633,14 @@ class Database:
         if not missing:
             return False
         logger.info("schema objects missing (%s): applying %s", ", ".join(missing), SCHEMA_FILE.name)
-        self.apply_schema()
+        try:
+            self.apply_schema()
+        except DatabaseConfigError as exc:
+            raise DatabaseConfigError(
+                f"schema objects missing ({', '.join(missing)}) and {self._config.postgres_user} may not create "
+                f"them ({exc}); apply {SCHEMA_FILE.name} as the schema's owner: "
+                "python aggregator.py --init-db with POSTGRES_USER set to an administrator"
+            ) from None
         return True
 
     def ping(self) -> None:
@@ -631,9 +652,7 @@ class Database:
         """Read the primary's synchronous replication settings and its standbys (one attempt)."""
         with self._transaction() as cur:
             cur.execute("SELECT current_setting('synchronous_standby_names'), current_setting('synchronous_commit')")
-            row = cur.fetchone()
-            assert row is not None  # a SELECT without FROM returns its one row
-            names, commit = row
+            names, commit = cur.fetchone() or ("", "")  # a SELECT without FROM returns its one row
             cur.execute(
                 "SELECT application_name, sync_state, pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint "
                 "FROM pg_stat_replication ORDER BY application_name"
@@ -648,15 +667,41 @@ class Database:
 
     # -- the batch ------------------------------------------------------------
 
-    def write_batch(self, votes: Sequence[Vote]) -> BatchOutcome:
+    def write_batch(self, votes: Sequence[Vote], *, chain: str | None = None) -> BatchOutcome:
         """Count `votes` exactly once, in one transaction (one attempt).
+
+        The audit rows it inserts extend hash chain `chain` in the same
+        transaction; by default the calling thread's own chain, so that each
+        flush worker extends its chain without waiting for the others.
 
         Raises RetryableError when trying again later may succeed (the whole
         batch is retried: nothing of a failed transaction stays), and
         DatabaseRejected when PostgreSQL refuses the data itself.
         """
+        if chain is None:
+            chain = f"{self.instance_id}/{threading.current_thread().name}"[:100]
         with self._transaction() as cur:
-            return _write_batch(cur, votes)
+            return _write_batch(cur, votes, chain=chain)
+
+    def privilege_warnings(self) -> list[str]:
+        """What this connection's role may do beyond the service's needs (docs/security.md#least-privilege)."""
+        with self._transaction() as cur:
+            cur.execute(_PRIVILEGES)
+            row = cur.fetchone()
+        if row is None:
+            return []
+        user, superuser, owner, rewrites = row
+        if superuser:
+            return [
+                f"PostgreSQL user {user} is a superuser: it can rewrite the audit trail; "
+                "run the service as a role made by service_role.sql"
+            ]
+        found = []
+        if owner:
+            found.append(f"PostgreSQL user {user} owns {owner}: it can drop the append-only triggers")
+        if rewrites:
+            found.append(f"PostgreSQL user {user} may {rewrites}: more than the service needs")
+        return found
 
 
 # What each SQLSTATE of a failed statement means for the batch. A conflict and a
@@ -672,6 +717,22 @@ _STATEMENT_TIMEOUT = "57014"
 # after a failover. The new primary is elsewhere: the connection goes, the batch is
 # retried on a new one, which libpq opens only on a server that accepts writes.
 _READ_ONLY = "25006"
+_INSUFFICIENT_PRIVILEGE = "42501"
+
+# The connection's role against what the service needs: superuser, owner of a
+# table (who can drop its triggers), or rights to rewrite the audit trail.
+_PRIVILEGES = """
+SELECT current_user,
+       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
+       (SELECT string_agg(relname, ', ' ORDER BY relname) FROM pg_class
+         WHERE relname IN ('vote_results', 'vote_audit', 'duplicate_attempts', 'vote_chain')
+           AND relkind = 'r' AND relnamespace = current_schema()::regnamespace
+           AND pg_has_role(current_user, relowner, 'USAGE')),
+       (SELECT string_agg(p || ' ' || t, ', ' ORDER BY t, p)
+          FROM unnest(ARRAY['vote_audit', 'duplicate_attempts', 'vote_chain']) AS t,
+               unnest(ARRAY['UPDATE', 'DELETE', 'TRUNCATE']) AS p
+         WHERE to_regclass(t) IS NOT NULL AND has_table_privilege(t, p))
+"""
 
 
 def _translate(exc: psycopg2.Error, *, lost: bool = False) -> tuple[DatabaseError, bool]:
@@ -693,8 +754,14 @@ def _translate(exc: psycopg2.Error, *, lost: bool = False) -> tuple[DatabaseErro
         return DatabaseUnavailable(f"statement timeout: {message}"), True
     if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
         return DatabaseUnavailable(message), False
+    if exc.pgcode == _INSUFFICIENT_PRIVILEGE:
+        # A role without a right it needs (least privilege gone too far, or the
+        # schema to create): retrying cannot help until someone grants it.
+        return DatabaseConfigError(f"permission denied: {message}"), True
     if isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)):
-        return DatabaseRejected(message), True
+        # The primary message only: its DETAIL line quotes the failing row, citizen id and choice
+        # included, which must not reach the logs or the dead-letter headers.
+        return DatabaseRejected(exc.diag.message_primary or message.split(" DETAIL:")[0]), True
     return DatabaseError(message), True
 
 
@@ -706,20 +773,57 @@ def _rollback(conn: psycopg2.extensions.connection) -> bool:
         return False
 
 
+def row_digest_sql(alias: str) -> str:
+    """SQL for the digest of one audit row of table alias `alias` (the batch and `verify` share it).
+
+    Every column: the text ones each prefixed with its length, so that no two
+    different rows encode alike, then both times in PostgreSQL's binary form
+    (microseconds, whatever the session's time zone).
+    """
+    return (
+        "sha256(convert_to(concat("
+        f"length({alias}.vote_hash), ':', {alias}.vote_hash, length({alias}.citizen_id), ':', {alias}.citizen_id, "
+        f"length({alias}.law_id), ':', {alias}.law_id, length({alias}.choice), ':', {alias}.choice), 'UTF8') "
+        f"""|| timestamptz_send({alias}."timestamp") || timestamptz_send({alias}.recorded_at))"""
+    )
+
+
+def genesis_digest(chain_id: str) -> bytes:
+    """The `previous digest` of a chain's first link."""
+    return hashlib.sha256(chain_id.encode()).digest()
+
+
+def link_digest_from_content(previous: bytes, seq: int, content: bytes) -> bytes:
+    """A link's digest, as the batch statement computes it; `content` is
+    sha256(the link's vote hashes joined by ',' || its row digests)."""
+    return hashlib.sha256(previous + seq.to_bytes(8, "big", signed=True) + content).digest()
+
+
 # One round trip counts a whole batch: insert the audit rows, aggregate the
-# ones that were new per law, add them to vote_results, and return the new
-# totals together with the hashes that were already stored. Rows are inserted
-# and locked in key order (vote_hash, then law_id) so that instances writing
-# overlapping batches cannot deadlock.
-_COUNT_BATCH = """
+# ones that were new per law, add them to vote_results, extend the writer's
+# hash chain with the new rows, and return the new totals, the link, and the
+# hashes that were already stored. Rows are inserted and locked in key order
+# (vote_hash, then law_id) so that instances writing overlapping batches cannot
+# deadlock. Only rows this statement inserted enter the link: a redelivered
+# vote is already in the link of the batch that first stored it. The chain's
+# head is read here, in the transaction, not kept in memory: after a commit
+# whose answer was lost, the next batch still links to what was committed.
+# Composed from this module's constants only (S608): every value travels as a parameter.
+_COUNT_BATCH = f"""
 WITH incoming AS (
-    SELECT * FROM unnest(%s::varchar[], %s::varchar[], %s::varchar[], %s::varchar[], %s::timestamptz[])
+    SELECT * FROM unnest(%(hashes)s::varchar[], %(citizens)s::varchar[], %(laws)s::varchar[],
+                         %(choices)s::varchar[], %(timestamps)s::timestamptz[])
         AS t(vote_hash, citizen_id, law_id, choice, ts)
+), last_link AS (
+    SELECT seq, digest FROM vote_chain WHERE chain_id = %(chain)s ORDER BY seq DESC LIMIT 1
+), head AS (
+    SELECT coalesce((SELECT seq FROM last_link), 0) + 1 AS seq,
+           coalesce((SELECT digest FROM last_link), sha256(convert_to(%(chain)s::text, 'UTF8'))) AS previous
 ), inserted AS (
     INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp")
     SELECT vote_hash, citizen_id, law_id, choice, ts FROM incoming ORDER BY vote_hash
     ON CONFLICT (vote_hash) DO NOTHING
-    RETURNING vote_hash, law_id, choice
+    RETURNING vote_hash, citizen_id, law_id, choice, "timestamp", recorded_at
 ), counted AS (
     SELECT law_id,
            count(*) FILTER (WHERE choice = 'oui') AS oui,
@@ -733,12 +837,26 @@ WITH incoming AS (
         non_count = r.non_count + EXCLUDED.non_count,
         updated_at = now()
     RETURNING law_id, oui_count, non_count
+), digested AS (
+    SELECT i.vote_hash, {row_digest_sql("i")} AS d FROM inserted i
+), link AS (
+    -- One pass feeds both aggregates, so hashes and digests come in the same order (whichever).
+    INSERT INTO vote_chain (chain_id, seq, vote_hashes, row_digests, digest)
+    SELECT %(chain)s, h.seq, r.hashes, r.digests,
+           sha256(h.previous || int8send(h.seq)
+                  || sha256(convert_to(array_to_string(r.hashes, ','), 'UTF8') || r.digests))
+    FROM head h, (SELECT array_agg(vote_hash) AS hashes, string_agg(d, ''::bytea) AS digests FROM digested) r
+    WHERE r.hashes IS NOT NULL
+    RETURNING seq, digest
 )
-SELECT c.law_id, c.oui, c.non, t.oui_count, t.non_count FROM counted c JOIN totals t USING (law_id)
+SELECT 'law', c.law_id, c.oui, c.non, t.oui_count, t.non_count, NULL::bytea
+FROM counted c JOIN totals t USING (law_id)
 UNION ALL
-SELECT i.vote_hash, NULL, NULL, NULL, NULL FROM incoming i
+SELECT 'stored', i.vote_hash, NULL, NULL, NULL, NULL, NULL FROM incoming i
 WHERE NOT EXISTS (SELECT 1 FROM inserted n WHERE n.vote_hash = i.vote_hash)
-"""
+UNION ALL
+SELECT 'link', NULL, seq, NULL, NULL, NULL, digest FROM link
+"""  # noqa: S608
 _SELECT_STORED = 'SELECT vote_hash, citizen_id, law_id, choice, "timestamp" FROM vote_audit WHERE vote_hash = ANY(%s)'
 _INSERT_ATTEMPTS = (
     "INSERT INTO duplicate_attempts (vote_hash, citizen_id, law_id, choice, vote_timestamp) VALUES %s "
@@ -750,7 +868,7 @@ def _row(vote: Vote) -> tuple[str, str, str, str, Any]:
     return (vote.vote_hash, vote.citizen_id, vote.law_id, vote.choice, vote.timestamp)
 
 
-def _write_batch(cur: psycopg2.extensions.cursor, votes: Sequence[Vote]) -> BatchOutcome:
+def _write_batch(cur: psycopg2.extensions.cursor, votes: Sequence[Vote], *, chain: str) -> BatchOutcome:
     outcome = BatchOutcome()
     # The first copy of each hash is the candidate; later copies in the batch are
     # judged against whichever vote ends up stored under that hash.
@@ -763,34 +881,39 @@ def _write_batch(cur: psycopg2.extensions.cursor, votes: Sequence[Vote]) -> Batc
             candidates[vote.vote_hash] = vote
     if not candidates:
         return outcome
-    conflicting = _count_new(cur, list(candidates.values()), outcome)
+    conflicting = _count_new(cur, list(candidates.values()), outcome, chain=chain)
     if conflicting or copies:
         _judge_the_rest(cur, candidates, conflicting, copies, outcome)
     return outcome
 
 
-def _count_new(cur: psycopg2.extensions.cursor, candidates: list[Vote], outcome: BatchOutcome) -> list[str]:
-    """Insert and count the votes whose hash is new; returns the hashes already stored."""
+def _count_new(
+    cur: psycopg2.extensions.cursor, candidates: list[Vote], outcome: BatchOutcome, *, chain: str
+) -> list[str]:
+    """Insert and count the votes whose hash is new, and chain them; returns the hashes already stored."""
     cur.execute(
         _COUNT_BATCH,
-        (
-            [v.vote_hash for v in candidates],
-            [v.citizen_id for v in candidates],
-            [v.law_id for v in candidates],
-            [v.choice for v in candidates],
-            [v.timestamp for v in candidates],
-        ),
+        {
+            "hashes": [v.vote_hash for v in candidates],
+            "citizens": [v.citizen_id for v in candidates],
+            "laws": [v.law_id for v in candidates],
+            "choices": [v.choice for v in candidates],
+            "timestamps": [v.timestamp for v in candidates],
+            "chain": chain,
+        },
     )
     conflicting: list[str] = []
-    for key, oui, non, oui_total, non_total in cur.fetchall():
-        if oui is None:
+    for kind, key, oui, non, oui_total, non_total, digest in cur.fetchall():
+        if kind == "stored":
             conflicting.append(key)
-            continue
-        outcome.totals[key] = (oui_total, non_total)
-        if oui:
-            outcome.counted[(key, "oui")] = oui
-        if non:
-            outcome.counted[(key, "non")] = non
+        elif kind == "link":
+            outcome.link = ChainLink(chain_id=chain, seq=oui, digest=bytes(digest))
+        else:
+            outcome.totals[key] = (oui_total, non_total)
+            if oui:
+                outcome.counted[(key, "oui")] = oui
+            if non:
+                outcome.counted[(key, "non")] = non
     return conflicting
 
 

@@ -218,7 +218,7 @@ def describe_replication(state: db.ReplicationState, *, user: str) -> str:
     if not state.readable:
         return (
             f"{where}: unknown, role {user} cannot see the standbys' state in pg_stat_replication "
-            f"(GRANT pg_monitor TO {user}); assume a failover could lose acked votes"
+            f"(GRANT pg_read_all_stats TO {user}); assume a failover could lose acked votes"
         )
     if state.failover_safe:
         return (

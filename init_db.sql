@@ -66,3 +66,109 @@ SELECT
     END AS leading_choice,
     updated_at
 FROM vote_results;
+
+-- ---------------------------------------------------------------------------
+-- Tamper evidence: hash chains (docs/security.md#tamper-evidence).
+--
+-- Each flush worker of each running instance keeps a chain of its own. Every
+-- committed batch that inserted audit rows adds one link, in the same
+-- transaction: the new rows' vote_hash values, their digests (32 bytes each, in
+-- the same order), and
+--     digest = sha256(previous digest || int8send(seq) || sha256(hashes joined by ',' || row_digests))
+-- (the first link's previous digest is sha256(chain_id)). vote_audit itself is
+-- unchanged: a row's link is found by its vote_hash.
+-- `python aggregator.py verify` recomputes all of it.
+CREATE TABLE IF NOT EXISTS vote_chain (
+    chain_id     varchar(100)  NOT NULL,
+    seq          bigint        NOT NULL CHECK (seq > 0),
+    vote_hashes  varchar(64)[] NOT NULL,
+    row_digests  bytea         NOT NULL,
+    digest       bytea         NOT NULL,
+    committed_at timestamptz   NOT NULL DEFAULT now(),
+    PRIMARY KEY (chain_id, seq)
+);
+-- Digests do not compress: spare the server the attempt.
+ALTER TABLE vote_chain ALTER COLUMN row_digests SET STORAGE EXTERNAL;
+
+-- ---------------------------------------------------------------------------
+-- Append-only (docs/security.md#the-append-only-audit).
+--
+-- vote_audit, duplicate_attempts and vote_chain refuse UPDATE, DELETE and
+-- TRUNCATE; vote_results refuses DELETE and TRUNCATE, and an UPDATE that would
+-- lower a count. The only way past is the maintenance path: a role that owns
+-- the table (or a superuser), inside a transaction that says so first:
+--     BEGIN; SET LOCAL vote_aggregator.maintenance = 'on'; ...; COMMIT;
+-- verify then reports whatever the maintenance changed in the audit trail.
+CREATE OR REPLACE FUNCTION vote_maintenance_allowed(relation oid) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(current_setting('vote_aggregator.maintenance', true), '') = 'on'
+       AND pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = relation), 'USAGE')
+$$;
+
+CREATE OR REPLACE FUNCTION vote_append_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF vote_maintenance_allowed(TG_RELID) THEN
+        RAISE WARNING 'maintenance: % on % by %', TG_OP, TG_TABLE_NAME, current_user;
+        RETURN CASE WHEN TG_LEVEL = 'STATEMENT' THEN NULL WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+    END IF;
+    -- Nested, not AND-ed: PL/pgSQL does not promise to stop at the first false operand.
+    IF TG_TABLE_NAME = 'vote_results' AND TG_OP = 'UPDATE' THEN
+        IF NEW.law_id = OLD.law_id AND NEW.oui_count >= OLD.oui_count AND NEW.non_count >= OLD.non_count THEN
+            RETURN NEW;  -- totals only move forward
+        END IF;
+    END IF;
+    RAISE EXCEPTION '% on % refused: the table is append-only', TG_OP, TG_TABLE_NAME
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'maintenance path: docs/security.md#the-append-only-audit';
+END $$;
+
+DO $$
+DECLARE
+    rel text;
+BEGIN
+    FOREACH rel IN ARRAY ARRAY['vote_audit', 'duplicate_attempts', 'vote_chain', 'vote_results'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                       WHERE tgrelid = rel::regclass AND tgname = 'append_only_rows') THEN
+            EXECUTE format('CREATE TRIGGER append_only_rows BEFORE UPDATE OR DELETE ON %I '
+                           'FOR EACH ROW EXECUTE FUNCTION vote_append_only()', rel);
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                       WHERE tgrelid = rel::regclass AND tgname = 'append_only_truncate') THEN
+            EXECUTE format('CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON %I '
+                           'FOR EACH STATEMENT EXECUTE FUNCTION vote_append_only()', rel);
+        END IF;
+    END LOOP;
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- The service's role (docs/security.md#least-privilege): exactly what the
+-- service does, nothing more. Creating the role is a separate step,
+-- service_role.sql; applying this file again re-grants to it.
+CREATE OR REPLACE FUNCTION vote_aggregator_grant(grantee name) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- From nothing, so that a right granted by hand earlier does not linger.
+    EXECUTE format('REVOKE ALL ON vote_results, vote_audit, duplicate_attempts, vote_chain, vote_statistics FROM %I',
+                   grantee);
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), grantee);
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', current_schema(), grantee);
+    -- INSERT ... ON CONFLICT DO NOTHING RETURNING, and reading stored votes back.
+    EXECUTE format('GRANT SELECT, INSERT ON vote_audit, vote_chain TO %I', grantee);
+    -- ON CONFLICT ON CONSTRAINT reads the key's columns; RETURNING id tells a new attempt from one on record.
+    EXECUTE format('GRANT SELECT, INSERT ON duplicate_attempts TO %I', grantee);
+    -- INSERT ... ON CONFLICT DO UPDATE of the counts; the trigger lets them only grow.
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE (oui_count, non_count, updated_at) ON vote_results TO %I', grantee);
+    -- `python aggregator.py results` with the service's settings.
+    EXECUTE format('GRANT SELECT ON vote_statistics TO %I', grantee);
+END $$;
+REVOKE ALL ON FUNCTION vote_aggregator_grant(name) FROM PUBLIC;
+
+DO $$
+DECLARE
+    grantee name := coalesce(nullif(current_setting('vote_aggregator.service_role', true), ''), 'vote_aggregator');
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = grantee) AND grantee <> current_user THEN
+        PERFORM vote_aggregator_grant(grantee);
+    END IF;
+END $$;

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import platform
 import socket
+import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,12 +21,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.process_collector import ProcessCollector
 
 from db import BatchOutcome
+from httpauth import HANDSHAKE_TIMEOUT_S, BasicAuth
 from votes import REASONS
 
 logger = logging.getLogger(__name__)
 
 # Label value for votes of laws beyond METRICS_MAX_LAWS.
 OTHER_LAWS = "_other"
+# law_id and choice of the one votes_aggregated_total series kept under RESULTS_EMBARGO.
+EMBARGOED = "_embargoed"
 
 BATCH_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -55,9 +60,18 @@ class _LawSeries:
 
 class Metrics:
     def __init__(
-        self, registry: CollectorRegistry | None = None, *, max_laws: int = 1000, version: str = "unknown"
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        max_laws: int = 1000,
+        version: str = "unknown",
+        embargo: bool = False,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # Under the results embargo no series carries a law or a choice: votes counted
+        # are summed into one (the throughput the alerts and dashboard need), and
+        # current_vote_totals has no series at all.
+        self._embargo = embargo
         # law_id comes from message data: the label set is capped so that a
         # flood of distinct ids cannot grow Prometheus' series without bound.
         self._max_laws = max_laws
@@ -68,6 +82,7 @@ class Metrics:
         self._define_counting_metrics(self.registry)
         self._define_health_metrics(self.registry)
         self._define_ha_metrics(self.registry)
+        self._define_security_metrics(self.registry)
         Info("vote_aggregator_build", "Version of the service and of Python", registry=self.registry).info(
             {"version": version, "python": platform.python_version()}
         )
@@ -184,6 +199,26 @@ class Metrics:
         for node in nodes:
             self.rabbitmq_node_connected.labels(node).set(1 if node == current else 0)
 
+    def _define_security_metrics(self, r: CollectorRegistry) -> None:
+        """The results embargo and the metrics port's lock."""
+        Gauge("results_embargo", "1 while RESULTS_EMBARGO withholds per-law counts from the metrics", registry=r).set(
+            1 if self._embargo else 0
+        )
+        self._embargoed_counted = self.votes_aggregated.labels(EMBARGOED, EMBARGOED) if self._embargo else None
+        self.auth_failures = Counter(
+            "metrics_auth_failures",
+            "Requests to the metrics port refused with 401: no basic credentials (missing) or wrong ones",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("missing", "wrong"):
+            self.auth_failures.labels(reason)
+        self.tls_failures = Counter(
+            "metrics_tls_handshake_failures",
+            "Connections to the metrics port dropped because their TLS handshake failed (or was plain HTTP)",
+            registry=r,
+        )
+
     def _law_series(self, law_id: str) -> _LawSeries | None:
         """The series of a law, or None once METRICS_MAX_LAWS laws have theirs.
 
@@ -201,6 +236,8 @@ class Metrics:
 
     def set_totals(self, totals: dict[str, tuple[int, int]]) -> None:
         # Past the cap, a law has no per-law gauge: its totals are in vote_results.
+        if self._embargo:
+            return
         with self._totals_lock:
             for law_id in sorted(totals):
                 series = self._law_series(law_id)
@@ -215,6 +252,11 @@ class Metrics:
                         series.totals[choice].set(value)
 
     def record_batch(self, outcome: BatchOutcome, *, size: int) -> None:
+        if self._embargoed_counted is not None:
+            if outcome.new_votes:
+                self._embargoed_counted.inc(outcome.new_votes)
+            self._record_the_rest(outcome, size=size)
+            return
         with self._totals_lock:  # several flush workers record batches
             for (law_id, choice), count in outcome.counted.items():
                 series = self._law_series(law_id)
@@ -224,6 +266,9 @@ class Metrics:
                 else:
                     series.counted[choice].inc(count)
         self.set_totals(outcome.totals)
+        self._record_the_rest(outcome, size=size)
+
+    def _record_the_rest(self, outcome: BatchOutcome, *, size: int) -> None:
         self.batch_size_processed.inc(size)
         if outcome.redeliveries:
             self.votes_redelivered.inc(outcome.redeliveries)
@@ -250,8 +295,21 @@ class Metrics:
         self.aggregation_errors.labels(reason).inc()
         self.votes_rejected.labels(reason).inc()
 
-    def serve(self, *, port: int, addr: str, readiness: Readiness, liveness: Readiness) -> WSGIServer:
-        """/metrics, /healthz (it is still counting) and /readyz (it can take votes now) on one port."""
+    def serve(
+        self,
+        *,
+        port: int,
+        addr: str,
+        readiness: Readiness,
+        liveness: Readiness,
+        tls: ssl.SSLContext | None = None,
+        auth: BasicAuth | None = None,
+    ) -> WSGIServer:
+        """/metrics, /healthz (it is still counting) and /readyz (it can take votes now) on one port.
+
+        With `tls`, every connection is TLS. With `auth`, everything but the two
+        health endpoints (open for probes) needs basic credentials: 401 otherwise.
+        """
         metrics_app = make_wsgi_app(self.registry)
         checks = {"/healthz": liveness, "/readyz": readiness}
 
@@ -260,23 +318,62 @@ class Metrics:
             if check is not None:
                 ok, reason = check()
                 return _text(start_response, "200 OK" if ok else "503 Service Unavailable", reason + "\n")
+            if auth is not None:
+                refused = auth.refusal(environ.get("HTTP_AUTHORIZATION"))
+                if refused is not None:
+                    self.auth_failures.labels(refused).inc()
+                    return _text(start_response, "401 Unauthorized", "unauthorized\n", _CHALLENGE)
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
         # An IPv6 address (":" in it, e.g. "::") needs an AF_INET6 socket; "::" also takes IPv4.
         server_class = _ThreadingWSGIServer6 if ":" in addr else _ThreadingWSGIServer
         server = make_server(addr, port, app, server_class, handler_class=_QuietHandler)
+        server.tls = tls
+        server.on_tls_failure = self.tls_failures.inc
         threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
         return server
 
 
-def _text(start_response: Callable[..., Any], status: str, body: str) -> list[bytes]:
+_CHALLENGE = [("WWW-Authenticate", 'Basic realm="vote-aggregator", charset="UTF-8"')]
+
+
+def _text(
+    start_response: Callable[..., Any], status: str, body: str, headers: list[tuple[str, str]] | None = None
+) -> list[bytes]:
     data = body.encode()
-    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))])
+    start_response(
+        status,
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data))), *(headers or [])],
+    )
     return [data]
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    tls: ssl.SSLContext | None = None
+    on_tls_failure: Callable[[], None] = staticmethod(lambda: None)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """The TLS handshake happens here, on the connection's own thread, never on the accepting one."""
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        # Bounds the handshake and every later read: a client that stalls cannot hold a thread.
+        request.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            secured = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            self.on_tls_failure()
+            logger.debug("TLS handshake with %s failed: %s", client_address, exc)
+            return
+        try:
+            super().finish_request(secured, client_address)
+        finally:
+            self.shutdown_request(secured)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that vanished mid-request is not worth a traceback on stderr (socketserver's default)."""
+        logger.debug("HTTP connection from %s ended with an error: %r", client_address, sys.exc_info()[1])
 
 
 class _ThreadingWSGIServer6(_ThreadingWSGIServer):

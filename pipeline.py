@@ -32,12 +32,17 @@ _IDLE_CHECK_S = 10.0
 
 @dataclass(slots=True)
 class Delivery:
-    """A valid vote waiting for its batch, and how to settle it: its tag on channel `session`."""
+    """A valid vote waiting for its batch, and how to settle it: its tag on channel `session`.
+
+    `body` is kept for the dead-letter queue; `refusal` is (reason, detail) once the vote is refused.
+    """
 
     vote: Vote
     tag: int
     session: int
     received_at: float
+    body: bytes = b""
+    refusal: tuple[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -393,6 +398,9 @@ class Pipeline:
 
     def _reject(self, delivery: Delivery, exc: Exception | None, *, unexpected: bool) -> None:
         vote, tag = delivery.vote.vote_hash, delivery.tag
+        # The first line only: PostgreSQL's DETAIL line may quote the row, citizen id included.
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        delivery.refusal = ("unexpected" if unexpected else "database_rejected", f"{type(exc).__name__}: {first_line}")
         if unexpected:
             self._metrics.record_rejected("unexpected")
             logger.error(

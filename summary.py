@@ -1,4 +1,8 @@
-"""The periodic INFO line: at 10,000 votes/s a line per batch is too much, one every few seconds is not."""
+"""The periodic INFO line: at 10,000 votes/s a line per batch is too much, one every few seconds is not.
+
+Along with it, the head of each hash chain that grew (docs/security.md#tamper-evidence):
+a log kept elsewhere then anchors the chains, and `aggregator.py verify --head` checks them.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from db import BatchOutcome
+from db import BatchOutcome, ChainLink
 
 logger = logging.getLogger(__name__)
+
+# Chain heads are logged this often when the summary line itself is off.
+HEADS_INTERVAL_S = 60.0
 
 
 @dataclass
@@ -37,6 +44,9 @@ class Summary:
         self._interval_s = interval_s
         self._lock = threading.Lock()
         self._counts = _Counts()
+        self._heads: dict[str, ChainLink] = {}  # chain id -> its latest link
+        self._heads_logged: dict[str, int] = {}  # chain id -> seq last logged
+        self._heads_at = time.monotonic()
 
     def received(self, messages: int, rejected: int) -> None:
         with self._lock:
@@ -49,6 +59,11 @@ class Summary:
             self._counts.redelivered += outcome.redeliveries
             self._counts.duplicates += outcome.duplicate_attempts
             self._counts.laws.update(law for law, _choice in outcome.counted)
+            link = outcome.link
+            if link is not None:
+                known = self._heads.get(link.chain_id)
+                if known is None or link.seq > known.seq:
+                    self._heads[link.chain_id] = link
 
     def batch_settled(self, written: int) -> None:
         with self._lock:
@@ -59,8 +74,21 @@ class Summary:
         with self._lock:
             self._counts.errors += 1
 
+    def log_heads(self) -> None:
+        """A line per chain that grew since its last: `<chain id>:<seq>:<digest>`, as `verify --head` takes it."""
+        with self._lock:
+            self._heads_at = time.monotonic()
+            grown = [link for chain, link in self._heads.items() if self._heads_logged.get(chain) != link.seq]
+            for link in grown:
+                self._heads_logged[link.chain_id] = link.seq
+        for link in grown:
+            head = f"{link.chain_id}:{link.seq}:{link.digest.hex()}"
+            logger.info("hash chain head %s", head, extra={"chain_head": head})
+
     def maybe_log(self, *, buffered: int) -> None:
-        """Log the line if LOG_SUMMARY_INTERVAL_SECONDS have passed and anything happened."""
+        """Log the line if LOG_SUMMARY_INTERVAL_SECONDS have passed and anything happened, and the chain heads."""
+        if time.monotonic() - self._heads_at >= (self._interval_s or HEADS_INTERVAL_S):
+            self.log_heads()
         if not self._interval_s or time.monotonic() - self._counts.since < self._interval_s:
             return
         with self._lock:

@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # System tools the test suite runs for real: promtool and prometheus (Debian's prometheus package),
-# systemd-analyze and openssl. Installs what is missing when run as root; otherwise says what to install.
+# and systemd-analyze. Installs what is missing when run as root; otherwise says what to install.
 # Exits non-zero, saying why, when a tool is still missing afterwards.
 set -euo pipefail
 
 missing=()
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
-command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -46,7 +45,7 @@ run apt-get update -qq
 run env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 
 still=()
-for tool in promtool prometheus systemd-analyze openssl; do
+for tool in promtool prometheus systemd-analyze; do
   command -v "$tool" >/dev/null 2>&1 || still+=("$tool")
 done
 if [ ${#still[@]} -ne 0 ]; then

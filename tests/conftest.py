@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
+from tests.roles import ServiceRole, service_role
 from tests.support import Service, declare_queue, pg_connect, scratch_database, scratch_queues, stop_all
 
 
@@ -14,6 +16,13 @@ from tests.support import Service, declare_queue, pg_connect, scratch_database, 
 def dbname() -> Iterator[str]:
     with scratch_database(pg_connect("postgres"), prefix="agg_test") as name:
         yield name
+
+
+@pytest.fixture
+def svc_role(dbname: str) -> Iterator[ServiceRole]:
+    """The service's least-privilege role on `dbname`, schema applied (init_db.sql, service_role.sql)."""
+    with service_role(dbname) as role:
+        yield role
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +46,37 @@ def queue(queue_names: list[str]) -> str:
     return declare_queue(queue_names)
 
 
+# Settings that point the service at another server, database or user: the test's role does not apply.
+_ELSEWHERE = ("POSTGRES_HOST", "POSTGRES_DB", "POSTGRES_USER")
+
+
 @pytest.fixture
 def make_service(tmp_path: Path, dbname: str, queue: str) -> Iterator[Callable[..., Service]]:
+    """The service as users run it, connecting with the least-privilege role (service_role.sql).
+
+    The schema is applied by an administrator first, as docs/security.md says; a test about the
+    service applying the schema itself passes `as_superuser=True`.
+    """
     services: list[Service] = []
+    with ExitStack() as roles:
+        role: list[ServiceRole] = []
 
-    def make(env: dict[str, str] | None = None, *, queue_name: str | None = None) -> Service:
-        svc = Service(
-            queue=queue_name or queue,
-            dbname=dbname,
-            log_path=tmp_path / f"service-{len(services)}.log",
-            env=env,
-        )
-        services.append(svc)
-        return svc
+        def make(
+            env: dict[str, str] | None = None, *, queue_name: str | None = None, as_superuser: bool = False
+        ) -> Service:
+            settings = dict(env or {})
+            if not as_superuser and not any(name in settings for name in _ELSEWHERE):
+                if not role:
+                    role.append(roles.enter_context(service_role(dbname)))
+                settings = {**role[0].env(), **settings}
+            svc = Service(
+                queue=queue_name or queue,
+                dbname=dbname,
+                log_path=tmp_path / f"service-{len(services)}.log",
+                env=settings,
+            )
+            services.append(svc)
+            return svc
 
-    yield make
-    stop_all(services)
+        yield make
+        stop_all(services)

@@ -22,6 +22,7 @@ from psycopg2 import sql
 
 import aggregator
 from config import Config, variables
+from tests.roles import ServiceRole
 from tests.support import (
     POSTGRES_HOST,
     POSTGRES_PORT,
@@ -144,15 +145,28 @@ def test_init_db_without_createdb_says_so_in_one_line(dbname: str) -> None:
 # -- --check -------------------------------------------------------------------------------------
 
 
-def test_check_passes_when_everything_is_ready(schema_db: str, queue: str) -> None:
-    result = run_cli("--check", env=service_env(dbname=schema_db, queue=queue))
+def test_check_passes_when_everything_is_ready(dbname: str, svc_role: ServiceRole, queue: str) -> None:
+    # As the service's own role (service_role.sql): nothing to warn about.
+    result = run_cli("--check", env=service_env(dbname=dbname, queue=queue, **svc_role.env()))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
     assert len(lines) == 2, lines
     assert all(line.startswith("ok: ") for line in lines), lines
     assert f"queue {queue} (0 ready, 0 consumers)" in lines[0]
-    assert lines[1] == f"ok: PostgreSQL {target(schema_db)}, schema complete"
+    as_role = f"postgresql://{svc_role.name}@{POSTGRES_HOST}:{POSTGRES_PORT}/{dbname}"
+    assert lines[1] == f"ok: PostgreSQL {as_role}, schema complete"
+
+
+def test_check_warns_when_the_service_would_run_as_a_superuser(schema_db: str, queue: str) -> None:
+    result = run_cli("--check", env=service_env(dbname=schema_db, queue=queue))
+    assert result.returncode == 0, result.stderr  # a warning, not a problem
+    assert result.stderr == ""
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        f"warning: PostgreSQL user {POSTGRES_USER} is a superuser: it can rewrite the audit trail; "
+        "run the service as a role made by service_role.sql"
+    ]
 
 
 def test_check_accepts_a_queue_the_service_will_declare(schema_db: str) -> None:

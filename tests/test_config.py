@@ -71,6 +71,10 @@ NON_DEFAULTS: dict[str, tuple[str, str, object]] = {
     "STALL_TIMEOUT_SECONDS": ("45", "stall_timeout_s", 45.0),
     "PROMETHEUS_PORT": ("9100", "prometheus_port", 9100),
     "PROMETHEUS_BIND_ADDRESS": ("127.0.0.1", "prometheus_bind_address", "127.0.0.1"),
+    "PROMETHEUS_TLS_CERT_FILE": (A_FILE, "prometheus_tls_cert_file", A_FILE),
+    "PROMETHEUS_TLS_KEY_FILE": (A_FILE, "prometheus_tls_key_file", A_FILE),
+    "PROMETHEUS_BASIC_AUTH_USERS_FILE": (A_FILE, "prometheus_basic_auth_users_file", A_FILE),
+    "RESULTS_EMBARGO": ("false", "results_embargo", False),
     "LOG_LEVEL": ("WARNING", "log_level", "WARNING"),
     "LOG_FORMAT": ("json", "log_format", "json"),
     "LOG_SUMMARY_INTERVAL_SECONDS": ("60", "log_summary_interval_s", 60.0),
@@ -134,7 +138,12 @@ def test_every_variable_is_read(name: str) -> None:
     assert getattr(Config(), attr) != expected, "the test value must differ from the default"
 
     # A client certificate and its key only come together.
-    partners = {"RABBITMQ_TLS_CERT_FILE": "RABBITMQ_TLS_KEY_FILE", "RABBITMQ_TLS_KEY_FILE": "RABBITMQ_TLS_CERT_FILE"}
+    partners = {
+        "RABBITMQ_TLS_CERT_FILE": "RABBITMQ_TLS_KEY_FILE",
+        "RABBITMQ_TLS_KEY_FILE": "RABBITMQ_TLS_CERT_FILE",
+        "PROMETHEUS_TLS_CERT_FILE": "PROMETHEUS_TLS_KEY_FILE",
+        "PROMETHEUS_TLS_KEY_FILE": "PROMETHEUS_TLS_CERT_FILE",
+    }
     environ = {name: raw}
     if name in partners:
         environ[partners[name]] = A_FILE

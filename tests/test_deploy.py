@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from config import Config, load_config, variables
-from tests.support import ROOT, Service, make_votes, publish, query, queue_state, wait_for
+from tests.support import ROOT, NotifyListener, Service, make_votes, publish, query, queue_state, wait_for
 from tools.ports import free_port
 
 UNIT = ROOT / "deploy" / "vote-aggregator.service"
@@ -43,6 +42,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA_PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
+DASHBOARD = ROOT / "deploy" / "grafana" / "aggregator.json"
+DEPLOYING = ROOT / "docs" / "deploying.md"
 
 # Where the unit expects the service; the tests point these at this checkout.
 INSTALL_DIR = "/opt/vote-aggregator"
@@ -204,53 +205,6 @@ def test_environment_file_example_names_only_real_variables() -> None:
 
 
 # -- the notify protocol, with a socket standing in for systemd's ---------------------------------
-
-
-class NotifyListener:
-    """Receives sd_notify datagrams on a filesystem path or an abstract name ("@...")."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        self._sock.settimeout(0.1)
-        self._lock = threading.Lock()
-        self.messages: list[list[str]] = []
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._receive, name="notify-listener", daemon=True)
-        self._thread.start()
-
-    def _receive(self) -> None:
-        while not self._closed.is_set():
-            try:
-                data = self._sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.messages.append(data.decode().split("\n"))
-
-    def received(self) -> list[list[str]]:
-        with self._lock:
-            return list(self.messages)
-
-    def wait_for(self, state: str, *, timeout: float) -> list[str]:
-        """The first message carrying `state` (e.g. "READY=1")."""
-
-        def found() -> list[str] | None:
-            return next((m for m in self.received() if state in m), None)
-
-        message: list[str] = wait_for(found, timeout=timeout, interval=0.02, what=state)
-        return message
-
-    def count(self, state: str) -> int:
-        return sum(state in m for m in self.received())
-
-    def close(self) -> None:
-        self._closed.set()
-        self._thread.join(5)
-        self._sock.close()
 
 
 @pytest.fixture
@@ -592,16 +546,152 @@ def test_compose_aggregator_configuration() -> None:
         rabbitmq_env["RABBITMQ_DEFAULT_PASS"],
     )
     assert config.rabbitmq_user != "guest"  # guest may only connect from localhost
+    # The service's own role, not the superuser: made by service_role.sql, given its password by
+    # the stack's login script, both run after the schema (in name order) on a fresh volume.
     postgres_env = services["postgres"]["environment"]
-    assert (config.postgres_user, config.postgres_password, config.postgres_db) == (
-        postgres_env["POSTGRES_USER"],
-        postgres_env["POSTGRES_PASSWORD"],
-        postgres_env["POSTGRES_DB"],
-    )
-    assert ("./init_db.sql", "/docker-entrypoint-initdb.d/init_db.sql") in _bind_mounts(services["postgres"])
+    assert config.postgres_db == postgres_env["POSTGRES_DB"]
+    assert config.postgres_user == "vote_aggregator" != postgres_env["POSTGRES_USER"]
+    mounts = {target: source for source, target in _bind_mounts(services["postgres"])}
+    init_scripts = sorted(t for t in mounts if t.startswith("/docker-entrypoint-initdb.d/"))
+    assert [mounts[t] for t in init_scripts] == [
+        "./init_db.sql",
+        "./service_role.sql",
+        "./deploy/postgres/compose-login.sql",
+    ]
+    login = (ROOT / "deploy/postgres/compose-login.sql").read_text()
+    assert f"ALTER ROLE {config.postgres_user} LOGIN PASSWORD '{config.postgres_password}';" in login
+    assert config.results_embargo
 
-    assert f"{config.prometheus_port}:{config.prometheus_port}" in aggregator["ports"]
+    published = [_published(entry, {}) for entry in aggregator["ports"]]
+    assert ("127.0.0.1", str(config.prometheus_port), str(config.prometheus_port)) in published
+    # docker stops a container after 10 s by default: the drain gets its whole budget, plus the
+    # last acks and closing the connections (the unit's TimeoutStopSec keeps the same margin).
     assert timespan_s(aggregator["stop_grace_period"]) >= config.shutdown_timeout_s + 10
+
+
+def _interpolate(value: str, environment: dict[str, str]) -> str:
+    """Compose's variable interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, $VAR."""
+
+    def one(match: re.Match[str]) -> str:
+        name, operator, default = match.group("name") or match.group("bare"), match.group("op"), match.group("default")
+        if operator == ":-":
+            return environment.get(name) or default
+        if operator == "-":
+            return environment.get(name, default)
+        return environment.get(name, "")
+
+    pattern = r"\$\{(?P<name>\w+)(?:(?P<op>:?-)(?P<default>[^}]*))?\}|\$(?P<bare>\w+)"
+    return re.sub(pattern, one, value)
+
+
+def _published(entry: str | dict[str, Any], environment: dict[str, str]) -> tuple[str, str, str]:
+    """(host address, published port, container port) of one `ports` entry; "" for no address."""
+    if isinstance(entry, dict):
+        return str(entry.get("host_ip", "")), str(entry.get("published", "")), str(entry["target"])
+    text = _interpolate(entry, environment).split("/")[0]  # [ADDRESS:][PUBLISHED:]TARGET[/PROTOCOL]
+    address = ""
+    if text.startswith("["):  # an IPv6 address
+        address, _, text = text.partition("]:")
+        address += "]"
+    parts = text.split(":")
+    assert 1 <= len(parts) <= (2 if address else 3), f"cannot read ports entry {entry!r}"
+    if len(parts) == 3:
+        address = parts.pop(0)
+    published = parts[0] if len(parts) == 2 else ""
+    return address, published, parts[-1]
+
+
+@pytest.mark.parametrize(
+    ("entry", "environment", "expected"),
+    [
+        ("${PUBLISH_ADDRESS:-127.0.0.1}:8001:8001", {}, ("127.0.0.1", "8001", "8001")),
+        ("${PUBLISH_ADDRESS:-127.0.0.1}:8001:8001", {"PUBLISH_ADDRESS": ""}, ("127.0.0.1", "8001", "8001")),
+        ("${PUBLISH_ADDRESS:-127.0.0.1}:8001:8001", {"PUBLISH_ADDRESS": "0.0.0.0"}, ("0.0.0.0", "8001", "8001")),
+        ("8001:8001", {}, ("", "8001", "8001")),
+        ("8001", {}, ("", "", "8001")),
+        ("[::1]:5432:5432/tcp", {}, ("[::1]", "5432", "5432")),
+        ({"target": 3000, "published": "3000", "host_ip": "127.0.0.1"}, {}, ("127.0.0.1", "3000", "3000")),
+    ],
+)
+def test_ports_entries_are_read_as_compose_reads_them(
+    entry: str | dict[str, Any], environment: dict[str, str], expected: tuple[str, str, str]
+) -> None:
+    assert _published(entry, environment) == expected
+
+
+def test_compose_publishes_ports_on_loopback_unless_told_otherwise() -> None:
+    services = _yaml(COMPOSE)["services"]
+    entries = [(name, entry) for name, service in services.items() for entry in service.get("ports", [])]
+    assert len(entries) >= 6
+    for name, entry in entries:
+        assert _published(entry, {})[0] == "127.0.0.1", f"{name} publishes {entry} beyond this machine"
+        # The documented way to expose the stack: PUBLISH_ADDRESS=0.0.0.0 docker compose up -d
+        assert _published(entry, {"PUBLISH_ADDRESS": "0.0.0.0"})[0] == "0.0.0.0", f"{name}: {entry}"
+    for name, service in services.items():
+        assert service.get("network_mode") != "host", name
+    assert "PUBLISH_ADDRESS=0.0.0.0 docker compose up -d" in COMPOSE.read_text()
+    assert "PUBLISH_ADDRESS=0.0.0.0 docker compose up -d" in DEPLOYING.read_text()
+
+
+def pinned(image: str) -> bool:
+    """Whether an image reference names one release: 3.13.7-management, v2.55.1, a digest; for
+    PostgreSQL, whose releases have two numbers since version 10, 16.4-bookworm."""
+    name, _, tag = image.partition("@")[0].rpartition(":")
+    numbers = 2 if name.rsplit("/", 1)[-1] == "postgres" else 3
+    digest = image.partition("@")[2]
+    return bool(
+        name
+        and re.fullmatch(rf"v?\d+(?:\.\d+){{{numbers - 1}}}(?:-[\w.-]+)?", tag)
+        and (not digest or re.fullmatch(r"sha256:[0-9a-f]{64}", digest))
+    )
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        ("rabbitmq:3.13.7-management", True),
+        ("prom/prometheus:v2.55.1", True),
+        ("postgres:16.4-bookworm", True),
+        (f"grafana/grafana:11.3.0@sha256:{'a' * 64}", True),
+        ("rabbitmq:3.13-management", False),
+        ("rabbitmq:3-management", False),
+        ("postgres:16", False),
+        ("postgres:16-bookworm", False),
+        ("grafana/grafana", False),
+        ("grafana/grafana:latest", False),
+        ("grafana/grafana:11.3.0@sha256:abc", False),
+    ],
+)
+def test_the_pinning_rule(image: str, expected: bool) -> None:
+    assert pinned(image) == expected
+
+
+def test_compose_pins_every_image() -> None:
+    for name, service in _yaml(COMPOSE)["services"].items():
+        image = service["image"]
+        if "build" in service:
+            # Built here from the Dockerfile, whose base image is pinned (see above); never pulled.
+            assert ":" in image, f"{name}: tag the local build"
+            assert not image.endswith(":latest"), name
+            continue
+        assert pinned(image), f"{name}: {image} is not pinned to a release"
+
+
+def _stop_timeouts(text: str) -> list[float]:
+    """The seconds every `docker stop -t N` / `docker run --stop-timeout N` of a text gives."""
+    return [float(s) for s in re.findall(r"docker (?:stop|run)\b[^\n]*?(?:-t|--time|--stop-timeout)[ =](\d+)", text)]
+
+
+def test_docker_commands_in_the_image_and_docs_keep_the_drain() -> None:
+    shutdown_s = max(
+        Config().shutdown_timeout_s,
+        float(env_file_assignments(ENV_EXAMPLE.read_text(), commented=False)["SHUTDOWN_TIMEOUT_SECONDS"]),
+    )
+    for path in (DOCKERFILE, DEPLOYING):
+        timeouts = _stop_timeouts(path.read_text())
+        assert timeouts, f"{path.name} gives no stop timeout"
+        assert min(timeouts) >= shutdown_s + 10, f"{path.name}: {timeouts}"
+    assert _stop_timeouts("docker stop -t 5 x\ndocker run --stop-timeout 30 y") == [5.0, 30.0]
 
 
 def test_prometheus_scrapes_the_aggregator_and_loads_the_alerts() -> None:
@@ -640,6 +730,21 @@ def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     assert broken.returncode != 0
 
 
+def test_prometheus_scrapes_rabbitmqs_queue_metrics() -> None:
+    services = _yaml(COMPOSE)["services"]
+    rabbitmq = services["rabbitmq"]
+    # The plugin is enabled by the stack itself, not only by the image's default.
+    plugins = str(rabbitmq["environment"]["RABBITMQ_ENABLED_PLUGINS"]).split(",")
+    assert "rabbitmq_prometheus" in plugins
+    assert "rabbitmq_management" in plugins  # the UI the header names
+    assert not [p for p in rabbitmq.get("ports", []) if _published(p, {})[2] == "15692"], "metrics published"
+    (job,) = [j for j in _yaml(PROMETHEUS_CONFIG)["scrape_configs"] if j["job_name"] == "rabbitmq-queues"]
+    assert job["metrics_path"] == "/metrics/detailed"
+    assert set(job["params"]["family"]) == {"queue_coarse_metrics", "queue_consumer_count"}
+    assert [t for sc in job["static_configs"] for t in sc["targets"]] == ["rabbitmq:15692"]
+    assert "rabbitmq" in services["prometheus"]["depends_on"]
+
+
 def test_grafana_provisioning_matches_the_mounts() -> None:
     services = _yaml(COMPOSE)["services"]
     mounts = dict((target, source) for source, target in _bind_mounts(services["grafana"]))
@@ -663,3 +768,9 @@ def test_grafana_provisioning_matches_the_mounts() -> None:
     assert any(d.get("type") == "prometheus" and "prometheus:9090" in d.get("url", "") for d in datasources), (
         datasources
     )
+    # The dashboard takes its datasource from a variable of type datasource, which starts on the
+    # default datasource: the provisioned Prometheus must be it.
+    variables = {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    (default,) = [d for d in datasources if d.get("isDefault")]
+    assert default["type"] == variables["DS_PROMETHEUS"]["query"] == "prometheus"

@@ -1,7 +1,9 @@
-"""Alert rules and the Grafana dashboard: promtool, and a real Prometheus scraping the service under load.
+"""Alert rules and the Grafana dashboard: promtool, and a real Prometheus scraping the service under
+load and a real RabbitMQ node's rabbitmq_prometheus plugin.
 
-promtool and prometheus come from Debian's `prometheus` package; these tests fail,
-never skip, when it is missing (.ci/run installs it).
+promtool and prometheus come from Debian's `prometheus` package, the node from Debian's
+`rabbitmq-server` (tests/rabbitmq_metrics_node.py); these tests fail, never skip, when one is
+missing (.ci/run installs them).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ruamel.yaml import YAML
 
+from config import Config
+from tests.rabbitmq_metrics_node import MetricsNode, remove_leftovers
 from tests.support import (
-    RABBITMQ_HOST,
-    RABBITMQ_PORT,
     ROOT,
     Service,
+    make_votes,
     outside_checkout,
     tool_command,
     tool_env,
@@ -40,12 +44,28 @@ ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "aggregator.json"
 DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "aggregator.yml"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 JOB = "vote-aggregator"
+RABBITMQ_JOB = "rabbitmq-queues"  # RabbitMQ's plugin, on /metrics/detailed
+# The job each group of alerts.yml reads.
+GROUP_JOBS = {"vote-aggregator": JOB, "vote-aggregator-queue": RABBITMQ_JOB}
+# The queues the queue alerts and the dashboard's defaults name: the service's defaults.
+VOTE_QUEUE = Config().rabbitmq_queue
+DEAD_LETTER_QUEUE = Config().dead_letter_queue
 SEVERITIES = {"critical", "warning", "info"}
 INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus (Debian's package; .ci/run installs it)"
+DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+# Units of per-second rates and of durations (Grafana's ids); "percentunit" is CPU seconds per second.
+RATE_UNITS = {"ops", "reqps", "cps", "s", "percentunit"}
 
 # What Grafana would put in place of its variables, for queries sent to Prometheus directly.
-SUBSTITUTIONS = {"$__rate_interval": "5s", "$__interval": "5s", "$instance": ".*"}
+SUBSTITUTIONS = {
+    "$__rate_interval": "5s",
+    "$__interval": "5s",
+    "$instance": ".*",
+    "$vote_queue": VOTE_QUEUE,
+    "$dead_letter_queue": DEAD_LETTER_QUEUE,
+}
 
 
 def binary(name: str) -> str:
@@ -67,6 +87,12 @@ def alert_blocks() -> dict[str, str]:
         name, _, body = part.partition("\n")
         blocks[name.strip()] = body
     return blocks
+
+
+def alert_groups() -> dict[str, str]:
+    """Alert name -> the name of its group in alerts.yml."""
+    groups = YAML(typ="safe", pure=True).load(ALERTS)["groups"]
+    return {rule["alert"]: group["name"] for group in groups for rule in group["rules"] if "alert" in rule}
 
 
 def alert_cases() -> list[tuple[str, bool]]:
@@ -132,9 +158,12 @@ def test_alert_rule_unit_tests_pass() -> None:
 
 def test_every_alert_has_labels_annotations_and_unit_tests() -> None:
     blocks = alert_blocks()
+    groups = alert_groups()
     assert len(blocks) >= 10
+    assert set(groups) == set(blocks)
     for name, body in blocks.items():
-        assert f'job="{JOB}"' in body, f"{name} does not select job={JOB}"
+        job = GROUP_JOBS[groups[name]]
+        assert f'job="{job}"' in body, f"{name} does not select job={job}"
         severity = re.search(r"^\s*severity:\s*(\S+)", body, flags=re.MULTILINE)
         assert severity is not None, f"{name}: severity"
         assert severity.group(1) in SEVERITIES, f"{name}: severity"
@@ -149,19 +178,73 @@ def test_every_alert_has_labels_annotations_and_unit_tests() -> None:
         assert (name, False) in cases, f"no case where {name} stays quiet"
 
 
+def test_queue_alerts_watch_the_services_queues() -> None:
+    """Each queue alert selects the vote queue or its dead-letter queue by the names the service
+    uses by default, and every dead-letter check names the dead-letter queue."""
+    blocks = alert_blocks()
+    queue_alerts = [name for name, group in alert_groups().items() if group == "vote-aggregator-queue"]
+    assert {"VoteQueueNoConsumer", "VoteQueueBacklogGrowing", "VoteQueueDeadLetters"} <= set(queue_alerts)
+    for name in queue_alerts:
+        named = set(re.findall(r'queue="([^"]*)"', blocks[name].partition("annotations:")[0]))
+        expected = {DEAD_LETTER_QUEUE} if "DeadLetter" in name else {VOTE_QUEUE}
+        assert named == expected, f"{name} selects {named}"
+        assert "queue=~" not in blocks[name], name
+    # The oldest unacked delivery is the service's own alert, not a second one.
+    assert "oldest_unacked_delivery_age_seconds" in blocks["VoteAggregatorStalled"]
+    others = [n for n, body in blocks.items() if "oldest_unacked_delivery_age_seconds" in body]
+    assert others == ["VoteAggregatorStalled"]
+
+
 # -- the dashboard ---------------------------------------------------------------------------------
 
 
-def test_dashboard_is_well_formed_and_uses_the_provisioned_datasource() -> None:
+def datasources_in(value: Any) -> list[Any]:
+    """Every "datasource" value anywhere in a piece of the dashboard."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += [item] if key == "datasource" else datasources_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            found += datasources_in(item)
+    return found
+
+
+def panel_unit(panel: dict[str, Any], ref_id: str) -> str | None:
+    """The unit Grafana shows a target's series in: an override for its query, or the panel's."""
+    field_config = panel.get("fieldConfig", {})
+    unit = field_config.get("defaults", {}).get("unit")
+    legend = next(t.get("legendFormat") for t in panel["targets"] if t["refId"] == ref_id)
+    for override in field_config.get("overrides", []):
+        matcher = override["matcher"]
+        if (matcher["id"], matcher["options"]) in (("byFrameRefID", ref_id), ("byName", legend)):
+            unit = next((p["value"] for p in override["properties"] if p["id"] == "unit"), unit)
+    return None if unit is None else str(unit)
+
+
+def test_dashboard_is_well_formed_and_takes_its_datasource_from_a_variable() -> None:
     board = dashboard()
     assert board["uid"]
     assert board["title"]
     assert 36 <= board["schemaVersion"] <= 41
-    uid = re.search(r"^\s*uid:\s*(\S+)", DATASOURCES.read_text(), flags=re.MULTILINE)
-    assert uid is not None
-    datasource = {"type": "prometheus", "uid": uid.group(1)}
     assert "url: http://prometheus:9090" in DATASOURCES.read_text()
+    assert "isDefault: true" in DATASOURCES.read_text()  # what the variable starts on
     assert "path: /var/lib/grafana/dashboards" in DASHBOARD_PROVIDERS.read_text()
+
+    # The datasource is a variable of type datasource, so the dashboard works with any
+    # Prometheus, whatever its uid; no panel, query or variable names one directly.
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert set(variables) == {"DS_PROMETHEUS", "instance", "vote_queue", "dead_letter_queue"}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
+    builtin = {"type": "grafana", "uid": "-- Grafana --"}  # the annotations' own
+    assert [d for d in datasources_in(board) if d not in (DATASOURCE, builtin)] == []
+    assert variables["instance"]["datasource"] == DATASOURCE
+    # The queue variables start on the service's default queue names.
+    for name, default in (("vote_queue", VOTE_QUEUE), ("dead_letter_queue", DEAD_LETTER_QUEUE)):
+        assert variables[name]["type"] == "textbox"
+        assert variables[name]["query"] == default
+        assert variables[name]["current"]["value"] == default
 
     panels = dashboard_panels()
     ids = [p["id"] for p in panels]
@@ -177,20 +260,28 @@ def test_dashboard_is_well_formed_and_uses_the_provisioned_datasource() -> None:
         cells |= area
         if panel["type"] == "row":
             continue
-        assert panel["datasource"] == datasource, panel["title"]
+        assert panel["datasource"] == DATASOURCE, panel["title"]
         assert panel.get("description"), f"panel {panel['title']!r} has no description"
         targets = panel["targets"]
         assert targets, f"panel {panel['title']!r} has no query"
         assert len({t["refId"] for t in targets}) == len(targets)
         for target in targets:
-            assert target["datasource"] == datasource
-            assert target["expr"].strip()
-            # Every selector reads this service's job and honours the instance picker.
-            for selector in re.findall(r"\{([^}]*)\}", target["expr"]):
-                assert f'job="{JOB}"' in selector, target["expr"]
-                assert 'instance=~"$instance"' in selector, target["expr"]
-    variables = {v["name"] for v in board["templating"]["list"]}
-    assert variables == {"instance"}
+            assert target["datasource"] == DATASOURCE
+            expr = target["expr"]
+            assert expr.strip()
+            # Every selector reads this service's job and honours the instance picker, or
+            # reads RabbitMQ's job and the queue variables.
+            for selector in re.findall(r"\{([^}]*)\}", expr):
+                if f'job="{RABBITMQ_JOB}"' in selector:
+                    assert re.search(r'queue="\$(vote_queue|dead_letter_queue)"', selector), expr
+                else:
+                    assert f'job="{JOB}"' in selector, expr
+                    assert 'instance=~"$instance"' in selector, expr
+            # A rate is shown per second (or, for a quantile of durations, in seconds);
+            # only a ratio of two rates is a plain number.
+            if "rate(" in expr and " / " not in expr:
+                unit = panel_unit(panel, target["refId"])
+                assert unit in RATE_UNITS, f"{panel['title']} [{target['refId']}]: unit {unit} for {expr}"
 
     titles = " | ".join(p["title"] for p in panels).lower()
     exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
@@ -203,6 +294,19 @@ def test_dashboard_is_well_formed_and_uses_the_provisioned_datasource() -> None:
         assert f"histogram_quantile({quantile}," in exprs
     assert "postgresql" in titles
     assert "rabbitmq" in titles
+    # The queue: its depth, its consumers and the dead-letter queue.
+    assert 'rabbitmq_detailed_queue_messages_ready{job="rabbitmq-queues", queue="$vote_queue"}' in exprs
+    assert 'rabbitmq_detailed_queue_consumers{job="rabbitmq-queues", queue="$vote_queue"}' in exprs
+    assert 'rabbitmq_detailed_queue_messages{job="rabbitmq-queues", queue="$dead_letter_queue"}' in exprs
+    assert "dead-letter" in titles
+
+
+def test_the_unit_check_sees_a_rate_in_plain_numbers() -> None:
+    panel = next(p for p in dashboard_panels() if p["title"] == "Batches per second and messages per batch")
+    assert panel_unit(panel, "A") == "ops"
+    assert panel_unit(panel, "B") == "short"  # messages per batch: a ratio of two rates
+    panel["fieldConfig"]["defaults"]["unit"] = "short"
+    assert panel_unit(panel, "A") not in RATE_UNITS
 
 
 # -- a real Prometheus -------------------------------------------------------------------------------
@@ -230,24 +334,54 @@ class Prometheus:
         result: list[dict[str, Any]] = data["result"] if data["resultType"] == "vector" else [data]
         return result
 
+    def value(self, expr: str) -> float:
+        """The value of a query that answers with one sample."""
+        result = self.query(expr)
+        assert len(result) == 1, f"{expr}: {result}"
+        return float(result[0]["value"][1])
+
+    def rules(self) -> dict[str, dict[str, Any]]:
+        """Alert name -> its rule as Prometheus evaluates it (state, health, lastError)."""
+        groups = self.api("/api/v1/rules")["groups"]
+        return {r["name"]: r for g in groups for r in g["rules"]}
+
+    def wait_state(self, alert: str, *states: str, timeout: float = 20) -> None:
+        wait_for(
+            lambda: self.rules()[alert]["state"] in states,
+            timeout=timeout,
+            interval=0.5,
+            what=f"{alert} to be {' or '.join(states)}",
+        )
+
     def logs(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 
 
+def rabbitmq_job(metrics_port: int) -> dict[str, Any]:
+    """The compose stack's scrape job of RabbitMQ's plugin (its path and families, as committed),
+    pointed at a node on 127.0.0.1:`metrics_port`."""
+    jobs = YAML(typ="safe", pure=True).load(PROMETHEUS_CONFIG)["scrape_configs"]
+    (job,) = [j for j in jobs if j["job_name"] == RABBITMQ_JOB]
+    return {**job, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+
+
 @pytest.fixture
-def start_prometheus(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
+def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
+    """start(service metrics port, RabbitMQ node metrics port or None): Prometheus scraping
+    them every second and evaluating alerts.yml every second."""
     started: list[Prometheus] = []
 
-    def start(metrics_port: int) -> Prometheus:
+    def start(metrics_port: int, rabbitmq_metrics_port: int | None = None) -> Prometheus:
+        jobs = [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]
+        if rabbitmq_metrics_port is not None:
+            jobs.append(rabbitmq_job(rabbitmq_metrics_port))
         config = tmp_path / "prometheus.yml"
         config.write_text(
             json.dumps(  # JSON is YAML
                 {
                     "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                     "rule_files": [str(ALERTS)],
-                    "scrape_configs": [
-                        {"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
-                    ],
+                    "scrape_configs": jobs,
                 }
             )
         )
@@ -291,8 +425,9 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
                 prometheus.proc.wait(5)
 
 
-def start_load(queue: str, *, rate: int, seconds: int) -> subprocess.Popen[bytes]:
-    """The demo publisher: votes with duplicate attempts, replays and invalid messages, paced."""
+def start_load(queue: str, *, port: int, rate: int, seconds: int) -> subprocess.Popen[bytes]:
+    """The demo publisher: votes with duplicate attempts, replays and invalid messages, paced,
+    into a queue of the broker on 127.0.0.1:`port` (guest/guest)."""
     return subprocess.Popen(
         tool_command(
             f"--count={rate * seconds}",
@@ -303,33 +438,64 @@ def start_load(queue: str, *, rate: int, seconds: int) -> subprocess.Popen[bytes
             "--invalid=0.1",
             "--reuse-after=50",
             f"--queue={queue}",
-            f"--host={RABBITMQ_HOST}",
-            f"--port={RABBITMQ_PORT}",
+            "--host=127.0.0.1",
+            f"--port={port}",
             "--progress=none",
         ),
         cwd=outside_checkout(),
-        env=tool_env(),
+        env=tool_env(RABBITMQ_USER="guest", RABBITMQ_PASSWORD="guest"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
 
 
-def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
-    make_service: MakeService, queue: str, start_prometheus: Callable[[int], Prometheus]
-) -> None:
-    svc = make_service({"BATCH_TIMEOUT_SECONDS": "0.2"}).start()
-    load = start_load(queue, rate=300, seconds=60)
+@pytest.fixture(scope="module")
+def rabbit() -> Iterator[MetricsNode]:
+    """A RabbitMQ node of this module's own, with rabbitmq_prometheus, started once."""
+    remove_leftovers()
+    node = MetricsNode()
     try:
-        prometheus = start_prometheus(svc.metrics_port)
+        yield node.start()
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def node(rabbit: MetricsNode) -> Iterator[MetricsNode]:
+    """The module's node without the vote queue, its dead-letter queue and exchange, which the
+    service declares again when it starts: every test begins with no message and no consumer."""
+    names = {"queues": [VOTE_QUEUE, DEAD_LETTER_QUEUE], "exchanges": [Config().dead_letter_exchange]}
+    rabbit.delete(**names)
+    yield rabbit
+    rabbit.delete(**names)
+
+
+def node_env(node: MetricsNode) -> dict[str, str]:
+    """The service's settings for the node: its port, guest (allowed from loopback)."""
+    return {
+        "RABBITMQ_HOST": "127.0.0.1",
+        "RABBITMQ_PORT": str(node.amqp_port),
+        "RABBITMQ_USER": "guest",
+        "RABBITMQ_PASSWORD": "guest",
+    }
+
+
+def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
+    make_service: MakeService, node: MetricsNode, start_prometheus: Callable[..., Prometheus]
+) -> None:
+    svc = make_service({"BATCH_TIMEOUT_SECONDS": "0.2", **node_env(node)}, queue_name=VOTE_QUEUE).start()
+    load = start_load(VOTE_QUEUE, port=node.amqp_port, rate=300, seconds=60)
+    try:
+        prometheus = start_prometheus(svc.metrics_port, node.metrics_port)
         wait_for(
-            lambda: [s["value"][1] for s in prometheus.query(f'up{{job="{JOB}"}}')] == ["1"],
+            lambda: sorted(s["metric"]["job"] for s in prometheus.query("up == 1")) == sorted([JOB, RABBITMQ_JOB]),
             timeout=20,
-            what="Prometheus to scrape the service",
+            what=f"Prometheus to scrape jobs {JOB} and {RABBITMQ_JOB}",
         )
 
         # Every panel query answers with data once votes, rejects and duplicates flow.
         queries = dashboard_queries()
-        assert len(queries) >= 20
+        assert len(queries) >= 26
 
         def empty_queries() -> list[str]:
             return [f"{title} [{ref}]: {expr}" for title, ref, expr in queries if not prometheus.query(expr)]
@@ -346,9 +512,7 @@ def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
             raise AssertionError("queries without data:\n" + "\n".join(missing)) from None
         assert load.poll() is None, "the load ended too early"
 
-        def value(expr: str) -> float:
-            return float(prometheus.query(expr)[0]["value"][1])
-
+        value = prometheus.value
         assert value(f'sum(rate(votes_aggregated_total{{job="{JOB}"}}[5s]))') > 0
         assert value(f'database_up{{job="{JOB}"}}') == 1
         assert value(f'rabbitmq_connected{{job="{JOB}"}}') == 1
@@ -358,42 +522,41 @@ def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
         assert value(f'votes_redelivered_total{{job="{JOB}"}}') > 0
         laws = {s["metric"]["law_id"] for s in prometheus.query(f'current_vote_totals{{job="{JOB}"}}')}
         assert laws == {"law-001", "law-002", "law-003", "law-004"}
+        # The queue as RabbitMQ reports it: one consumer (this service), the rejected
+        # messages in the dead-letter queue.
+        queue_panels = {title: expr for title, _ref, expr in queries if RABBITMQ_JOB in expr}
+        assert value(queue_panels["Consumers on the queue"]) == 1
+        assert value(queue_panels["Dead-lettered messages"]) > 0
 
-        # Every metric the rules and the dashboard name is one the service exports:
+        # Every metric the rules and the dashboard name is one the service or RabbitMQ exports:
         # a misspelt name would not fail a query, it would only never return data.
         exported = set(prometheus.api("/api/v1/label/__name__/values"))
         named = metric_names(ALERTS.read_text()) | {n for _t, _r, e in queries for n in metric_names(e)}
-        assert named <= exported, f"not exported by the service: {sorted(named - exported)}"
+        assert named <= exported, f"not exported: {sorted(named - exported)}"
 
         # The rule file loads and every rule evaluates without error.
-        def rules() -> dict[str, dict[str, Any]]:
-            groups = prometheus.api("/api/v1/rules")["groups"]
-            return {r["name"]: r for g in groups for r in g["rules"]}
-
-        def all_evaluated() -> bool:
-            return all(r["health"] == "ok" for r in rules().values())
-
-        wait_for(all_evaluated, timeout=15, what="every rule to be evaluated")
-        loaded = rules()
+        wait_for(
+            lambda: all(r["health"] == "ok" for r in prometheus.rules().values()),
+            timeout=15,
+            what="every rule to be evaluated",
+        )
+        loaded = prometheus.rules()
         assert set(loaded) == set(alert_blocks())
         for name, rule in loaded.items():
             assert rule["type"] == "alerting", name
             assert rule["labels"]["severity"] in SEVERITIES, name
             assert rule.get("lastError", "") == "", f"{name}: {rule['lastError']}"
-        # 10% invalid and 5% duplicate attempts are spikes by the rules' standards;
-        # a healthy service trips none of the others.
-        wait_for(
-            lambda: (
-                rules()["VoteAggregatorRejectedVotesSpike"]["state"] in ("pending", "firing")
-                and rules()["VoteAggregatorDuplicateAttemptsSpike"]["state"] in ("pending", "firing")
-            ),
-            timeout=15,
-            what="the reject and duplicate spike alerts to become pending",
-        )
+        # 10% invalid and 5% duplicate attempts are spikes by the rules' standards, and the
+        # invalid messages wait in the dead-letter queue; a healthy service trips none of the others.
+        for name in ("VoteAggregatorRejectedVotesSpike", "VoteAggregatorDuplicateAttemptsSpike"):
+            prometheus.wait_state(name, "pending", "firing", timeout=15)
+        prometheus.wait_state("VoteQueueDeadLetters", "firing", timeout=15)
+        rules = prometheus.rules()
         for name in (
             "VoteAggregatorDown",
             "VoteAggregatorAbsent",
             "VoteAggregatorNotFlushing",
+            "VoteAggregatorStalled",
             "VoteAggregatorDatabaseDown",
             "VoteAggregatorRabbitMQDisconnected",
             "VoteAggregatorErrors",
@@ -402,8 +565,11 @@ def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
             "VoteAggregatorDatabaseRetries",
             "VoteAggregatorRestarting",
             "VoteAggregatorLawLabelCapReached",
+            "VoteQueueNoConsumer",
+            "VoteQueueBacklogGrowing",
+            "VoteQueueMetricsAbsent",
         ):
-            assert rules()[name]["state"] == "inactive", f"{name} is {rules()[name]['state']} on a healthy service"
+            assert rules[name]["state"] == "inactive", f"{name} is {rules[name]['state']} on a healthy service"
     finally:
         if load.poll() is None:
             load.send_signal(signal.SIGTERM)
@@ -415,6 +581,65 @@ def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
         assert load.stderr is not None
         load.stderr.close()
     assert svc.stop() == 0
+
+
+def firing(prometheus: Prometheus, alert: str) -> list[dict[str, Any]]:
+    """The instances of an alert Prometheus has firing or pending: labels, state and value."""
+    return [a for a in prometheus.api("/api/v1/alerts")["alerts"] if a["labels"]["alertname"] == alert]
+
+
+def test_queue_alerts_follow_a_real_rabbitmq_queue(
+    make_service: MakeService, node: MetricsNode, start_prometheus: Callable[..., Prometheus]
+) -> None:
+    """Each queue alert's expression on RabbitMQ's real series: quiet while the service consumes,
+    matching once the queue is in the state it describes (pending is enough: the durations of
+    `for` are promtool's business)."""
+    svc = make_service(node_env(node), queue_name=VOTE_QUEUE).start()
+    prometheus = start_prometheus(svc.metrics_port, node.metrics_port)
+    consumers = f'rabbitmq_detailed_queue_consumers{{job="{RABBITMQ_JOB}", queue="{VOTE_QUEUE}"}}'
+    ready = f'rabbitmq_detailed_queue_messages_ready{{job="{RABBITMQ_JOB}", queue="{VOTE_QUEUE}"}}'
+    wait_for(lambda: prometheus.query(f"{consumers} == 1"), timeout=20, what="the service's consumer in Prometheus")
+    queue_alerts = ("VoteQueueNoConsumer", "VoteQueueBacklogGrowing", "VoteQueueDeadLetters", "VoteQueueMetricsAbsent")
+    states: dict[str, str] = {}
+
+    def all_quiet() -> bool:
+        # Evaluated before the first scrape, VoteQueueMetricsAbsent is pending for a moment.
+        rules = prometheus.rules()
+        assert all(rules[a]["health"] in ("ok", "unknown") for a in queue_alerts), rules
+        states.update({a: f"{rules[a]['state']} ({rules[a]['health']})" for a in queue_alerts})
+        return set(states.values()) == {"inactive (ok)"}
+
+    try:
+        wait_for(all_quiet, timeout=15, interval=0.5, what="the queue alerts to be evaluated, and quiet")
+    except AssertionError:
+        raise AssertionError(f"while the service consumes: {states}") from None
+
+    # A message the service rejects waits in the dead-letter queue.
+    node.publish(VOTE_QUEUE, [b"not json"])
+    prometheus.wait_state("VoteQueueDeadLetters", "firing")
+    (dead,) = firing(prometheus, "VoteQueueDeadLetters")
+    assert dead["labels"]["queue"] == DEAD_LETTER_QUEUE
+    assert float(dead["value"]) == 1
+
+    # The service stops: the queue has no consumer.
+    assert svc.stop() == 0
+    prometheus.wait_state("VoteQueueNoConsumer", "pending")
+    (nobody,) = firing(prometheus, "VoteQueueNoConsumer")
+    assert nobody["labels"]["queue"] == VOTE_QUEUE
+
+    # Votes keep arriving with nobody to count them: growing, but up to 1000 it is no backlog yet.
+    votes = make_votes(1800, laws=2)
+    node.publish(VOTE_QUEUE, [v.body() for v in votes[:900]])
+    wait_for(lambda: prometheus.query(f"{ready} == 900"), timeout=20, what="900 votes waiting, in Prometheus")
+    assert prometheus.rules()["VoteQueueBacklogGrowing"]["state"] == "inactive"
+    node.publish(VOTE_QUEUE, [v.body() for v in votes[900:]])
+    prometheus.wait_state("VoteQueueBacklogGrowing", "pending")
+    (backlog,) = firing(prometheus, "VoteQueueBacklogGrowing")
+    assert float(backlog["value"]) == 1800
+
+    # The queue is gone: nothing is known about it any more.
+    node.delete(queues=[VOTE_QUEUE])
+    prometheus.wait_state("VoteQueueMetricsAbsent", "pending")
 
 
 def test_prometheus_scrapes_the_service_down_as_up_zero(

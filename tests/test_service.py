@@ -46,6 +46,20 @@ from tests.support import (
 MakeService = Callable[..., Service]
 
 
+def test_an_administrator_service_applies_a_missing_schema_itself(
+    make_service: MakeService, queue: str, dbname: str
+) -> None:
+    # Run as an administrator (not the least-privilege role the other tests use), on an empty
+    # database, the service applies init_db.sql itself before it consumes.
+    votes = make_votes(100, laws=3)
+    publish(queue, (v.body() for v in votes))
+    svc = make_service(as_superuser=True).start()
+    wait_for(lambda: audit_count(dbname) == len(votes), timeout=30, what="every vote counted")
+    assert svc.stop() == 0
+    assert "schema objects missing (vote_results, vote_audit" in svc.logs()
+    assert_all_counted_once(dbname, queue, votes)
+
+
 def test_thousands_of_votes_over_many_laws_are_counted_exactly(
     make_service: MakeService, queue: str, dbname: str
 ) -> None:

@@ -56,7 +56,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         ca=ca,
         wrong_ca=Authority.create(directory, "other"),
         server=ca.issue("server", common_name="localhost", dns_names=("localhost",)),
-        client=ca.issue("client", common_name="vote-aggregator", client=True),
+        client=ca.issue("client", common_name="vote-aggregator"),
     )
 
 

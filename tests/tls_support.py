@@ -1,7 +1,6 @@
 """TLS test helpers: throwaway certificates, a TLS-terminating proxy, a short-lived PostgreSQL with ssl=on.
 
-Certificates are made with the `openssl` command line tool (Debian's `openssl` package), so the
-tests need no Python crypto dependency.
+Certificates are made with trustme (a test CA in a few lines; it brings `cryptography`).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+import trustme
 
 from tests.support import wait_for
 from tools.ports import free_port
@@ -36,10 +36,6 @@ def _pg_bin() -> Path:
 PG_BIN = _pg_bin()
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
 @dataclass(frozen=True)
 class KeyPair:
     cert: Path
@@ -48,49 +44,27 @@ class KeyPair:
 
 @dataclass(frozen=True)
 class Authority:
-    """A throwaway certificate authority that signs server and client certificates."""
+    """A throwaway certificate authority (trustme) that signs server and client certificates."""
 
     directory: Path
     name: str
     cert: Path
-    key: Path
+    ca: trustme.CA
 
     @classmethod
     def create(cls, directory: Path, name: str) -> Authority:
         directory.mkdir(parents=True, exist_ok=True)
-        cert, key = directory / f"{name}-ca.pem", directory / f"{name}-ca.key"
-        _openssl(
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name} test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-            cwd=directory,
-        )  # fmt: skip
-        return cls(directory=directory, name=name, cert=cert, key=key)
+        ca = trustme.CA(organization_name=f"{name} test CA")
+        cert = directory / f"{name}-ca.pem"
+        ca.cert_pem.write_to_path(str(cert))
+        return cls(directory=directory, name=name, cert=cert, ca=ca)
 
-    def issue(self, stem: str, *, common_name: str, dns_names: tuple[str, ...] = (), client: bool = False) -> KeyPair:
-        """A leaf certificate signed by this CA; server certificates name `dns_names` in subjectAltName."""
-        cert, key, csr = (self.directory / f"{stem}{ext}" for ext in (".pem", ".key", ".csr"))
-        extensions = self.directory / f"{stem}.ext"
-        lines = [
-            "basicConstraints=critical,CA:FALSE",
-            "keyUsage=critical,digitalSignature",
-            f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}",
-            "subjectKeyIdentifier=hash",
-            "authorityKeyIdentifier=keyid",
-        ]
-        if dns_names:
-            lines.append("subjectAltName=" + ",".join(f"DNS:{name}" for name in dns_names))
-        extensions.write_text("\n".join(lines) + "\n")
-        _openssl(
-            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={common_name}",
-            cwd=self.directory,
-        )  # fmt: skip
-        _openssl(
-            "x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(self.key), "-CAcreateserial",
-            "-out", str(cert), "-days", "2", "-extfile", str(extensions),
-            cwd=self.directory,
-        )  # fmt: skip
+    def issue(self, stem: str, *, common_name: str, dns_names: tuple[str, ...] = ()) -> KeyPair:
+        """A leaf certificate signed by this CA, for servers (naming `dns_names`) and clients alike."""
+        leaf = self.ca.issue_cert(*dns_names, common_name=common_name)
+        cert, key = self.directory / f"{stem}.pem", self.directory / f"{stem}.key"
+        leaf.cert_chain_pems[0].write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
         key.chmod(0o600)
         return KeyPair(cert=cert, key=key)
 

@@ -1,0 +1,249 @@
+"""The dead-letter queue: how the service puts a refused vote there, and the operator's command for it.
+
+The service does not let RabbitMQ dead-letter a refused message (a reject keeps no reason). It
+publishes a copy to RABBITMQ_DEAD_LETTER_EXCHANGE with why in its headers, waits for the broker's
+confirm, and only then acks the original. A crash between the two leaves the original unacked:
+it is redelivered, refused again, and the dead-letter queue holds it twice; nothing is lost.
+
+`python aggregator.py dead-letters` lists what the queue holds (by reason, oldest first, citizen
+ids hidden unless asked), shows one message, and replays messages to the vote queue: each copy is
+confirmed by the vote queue before its dead-letter original is acked, so an interrupted replay
+loses nothing (a message may then be in both queues; the service counts a vote once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+
+import exits
+from config import Config
+
+logger = logging.getLogger(__name__)
+
+REASON = "x-rejected-reason"  # the error_type: invalid_timestamp, database_rejected, unexpected, ...
+DETAIL = "x-rejected-detail"  # one line saying why (never a field's value)
+AT = "x-rejected-at"  # ISO 8601, UTC
+BY = "x-rejected-by"  # vote-aggregator@host:pid
+QUEUE = "x-original-queue"
+_DETAIL_MAX = 300
+
+
+class DeadLetterer:
+    """On the connection thread: a confirmed copy of a refused message in the dead-letter exchange.
+
+    Uses a channel of its own in confirm mode, so that a missing exchange (which closes the
+    channel) never touches the consuming one. When the copy cannot be made (dead-lettering off,
+    the exchange missing, nothing bound to it), `put` returns False and the caller rejects the
+    message as before: RabbitMQ then applies whatever dead-lettering the queue has, without a reason.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._connection: BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._broken = True
+        self._by = f"vote-aggregator@{socket.gethostname()}:{os.getpid()}"
+
+    def attach(self, connection: BlockingConnection | None) -> None:
+        """A new connection (or none): a new channel, opened when first needed."""
+        self._connection, self._channel = connection, None
+        self._broken = connection is None or not self._config.rabbitmq_dead_lettering
+
+    def put(self, body: bytes, *, reason: str, detail: str) -> bool:
+        """True once the broker confirmed the copy: the original may be acked."""
+        if self._broken or self._connection is None:
+            return False
+        headers = {
+            REASON: reason,
+            DETAIL: detail[:_DETAIL_MAX],
+            AT: datetime.now(UTC).isoformat(timespec="milliseconds"),
+            BY: self._by,
+            QUEUE: self._config.rabbitmq_queue,
+        }
+        properties = pika.BasicProperties(delivery_mode=2, content_type="application/json", headers=headers)
+        try:
+            if self._channel is None or not self._channel.is_open:
+                self._channel = self._connection.channel()
+                self._channel.confirm_delivery()
+            self._channel.basic_publish(
+                self._config.dead_letter_exchange, self._config.rabbitmq_queue, body, properties, mandatory=True
+            )
+            return True
+        except (
+            pika.exceptions.UnroutableError,
+            pika.exceptions.NackError,
+            pika.exceptions.ChannelClosedByBroker,
+        ) as exc:
+            # Not worth trying for every message: until the next connection, reject as before.
+            self._broken = True
+            logger.warning(
+                "cannot dead-letter to exchange %s (%s): refused messages are rejected without their reason",
+                self._config.dead_letter_exchange,
+                exc,
+            )
+            return False
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Letter:
+    """One message of the dead-letter queue, as read (not acked)."""
+
+    tag: int
+    body: bytes
+    headers: dict[str, Any]
+
+    @property
+    def reason(self) -> str:
+        reason = self.headers.get(REASON)
+        if isinstance(reason, bytes):
+            reason = reason.decode(errors="replace")
+        return str(reason) if reason else _rabbitmq_reason(self.headers)
+
+    @property
+    def at(self) -> str:
+        value = self.headers.get(AT)
+        if isinstance(value, bytes):
+            value = value.decode(errors="replace")
+        if value:
+            return str(value)
+        deaths = self.headers.get("x-death") or [{}]
+        time = deaths[0].get("time")
+        return time.isoformat() if isinstance(time, datetime) else ""
+
+    def fields(self) -> dict[str, Any]:
+        try:
+            value = json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+
+def _rabbitmq_reason(headers: dict[str, Any]) -> str:
+    """A message RabbitMQ dead-lettered itself carries x-death, without the service's reason."""
+    deaths = headers.get("x-death")
+    if deaths:
+        why = deaths[0].get("reason", b"")
+        return f"({why.decode() if isinstance(why, bytes) else why} by RabbitMQ, reason not recorded)"
+    return "(unknown)"
+
+
+def read_all(channel: BlockingChannel, queue: str, *, limit: int) -> list[Letter]:
+    """Up to `limit` messages, unacked: they go back to the queue when the channel closes."""
+    letters: list[Letter] = []
+    while len(letters) < limit:
+        method, properties, body = channel.basic_get(queue, auto_ack=False)
+        if method is None or properties is None or body is None:
+            break
+        letters.append(Letter(int(method.delivery_tag or 0), body, dict(properties.headers or {})))
+    return letters
+
+
+def list_letters(letters: Sequence[Letter], *, show_citizens: bool, out: TextIO) -> None:
+    counts = Counter(letter.reason for letter in letters)
+    print(f"{len(letters)} messages", file=out)
+    for reason, count in counts.most_common():
+        print(f"  {count:6d}  {reason}", file=out)
+    print(file=out)
+    print(f"{'#':>5}  {'rejected at':29}  {'reason':22}  {'law':12}  {'citizen':14}  vote_hash", file=out)
+    for index, letter in sorted(enumerate(letters, 1), key=lambda item: item[1].at):
+        fields = letter.fields()
+        citizen = str(fields.get("citizen_id", "")) if show_citizens else "(hidden)"
+        print(
+            f"{index:5d}  {letter.at:29}  {letter.reason[:22]:22}  {str(fields.get('law_id', ''))[:12]:12}  "
+            f"{citizen[:14]:14}  {str(fields.get('vote_hash', ''))[:16]}",
+            file=out,
+        )
+
+
+def show_letter(letter: Letter, *, show_citizens: bool, out: TextIO) -> None:
+    for key in sorted(letter.headers):
+        if key.startswith("x-") and key != "x-death":
+            value = letter.headers[key]
+            print(f"{key}: {value.decode(errors='replace') if isinstance(value, bytes) else value}", file=out)
+    fields = letter.fields()
+    if fields and not show_citizens and "citizen_id" in fields:
+        fields["citizen_id"] = "(hidden: --show-citizens)"
+        print(json.dumps(fields, ensure_ascii=False), file=out)
+    else:
+        print(letter.body.decode(errors="replace"), file=out)
+
+
+def replay(
+    connection: BlockingConnection, config: Config, *, reasons: set[str], hashes: set[str], everything: bool
+) -> tuple[int, int]:
+    """Move the selected messages to the vote queue; returns (replayed, left).
+
+    Each copy is confirmed by the vote queue (mandatory, persistent) before its dead-letter
+    original is acked. Messages refused again by the service come back to the dead-letter
+    queue behind the ones read here, so the loop reads what was there when it started.
+    """
+    source = connection.channel()
+    target = connection.channel()
+    target.confirm_delivery()
+    total = source.queue_declare(config.dead_letter_queue, passive=True).method.message_count or 0
+    replayed = left = 0
+    for _ in range(total):
+        method, properties, body = source.basic_get(config.dead_letter_queue, auto_ack=False)
+        if method is None or properties is None or body is None:
+            break
+        letter = Letter(int(method.delivery_tag or 0), body, dict(properties.headers or {}))
+        chosen = everything or letter.reason in reasons or str(letter.fields().get("vote_hash", "")) in hashes
+        if not chosen:
+            left += 1
+            continue  # stays unacked: back in the dead-letter queue when the channel closes
+        headers = {key: value for key, value in letter.headers.items() if not key.startswith("x-")}
+        headers["x-replayed-from"] = config.dead_letter_queue
+        copy = pika.BasicProperties(
+            delivery_mode=2, content_type=properties.content_type or "application/json", headers=headers
+        )
+        target.basic_publish("", config.rabbitmq_queue, body, copy, mandatory=True)
+        source.basic_ack(letter.tag)  # only now: the vote queue holds the copy
+        replayed += 1
+    return replayed, left
+
+
+def run(config: Config, args: Any, *, parameters: pika.ConnectionParameters, out: TextIO = sys.stdout) -> int:
+    """`dead-letters list|show|replay`; exit codes as every command's (exits.py)."""
+    connection = pika.BlockingConnection(parameters)
+    try:
+        if args.action == "replay":
+            if not (args.all or args.reason or args.vote_hash):
+                print("replay what? --all, --reason R or --vote-hash H", file=sys.stderr)
+                return exits.CONFIG
+            replayed, left = replay(
+                connection,
+                config,
+                reasons=set(args.reason or ()),
+                hashes=set(args.vote_hash or ()),
+                everything=args.all,
+            )
+            print(f"replayed {replayed} messages to {config.rabbitmq_queue}; {left} left in {config.dead_letter_queue}")
+            return exits.OK
+        letters = read_all(connection.channel(), config.dead_letter_queue, limit=args.limit)
+        if args.action == "show":
+            if not 1 <= args.index <= len(letters):
+                print(f"no message #{args.index}: the queue holds {len(letters)}", file=sys.stderr)
+                return exits.FAILURE
+            show_letter(letters[args.index - 1], show_citizens=args.show_citizens, out=out)
+        else:
+            list_letters(letters, show_citizens=args.show_citizens, out=out)
+        return exits.OK
+    finally:
+        if connection.is_open:
+            connection.close()

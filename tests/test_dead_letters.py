@@ -1,0 +1,161 @@
+"""The dead-letter queue: the reason the service records on each refused message, and the
+`dead-letters` command that lists, shows and replays them without ever losing one."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+
+from tests.support import (
+    Service,
+    VoteMsg,
+    aggregator_command,
+    amqp_connection,
+    assert_all_counted_once,
+    audit_count,
+    make_votes,
+    outside_checkout,
+    publish,
+    query,
+    queue_state,
+    run_cli,
+    service_env,
+    wait_for,
+)
+
+MakeService = Callable[..., Service]
+
+
+def fresh_queue(queue_names: list[str]) -> str:
+    """A queue name nobody declared: the service declares it, with its dead-letter queue."""
+    name = f"agg.test.{uuid.uuid4().hex[:12]}"
+    queue_names.append(name)
+    return name
+
+
+def dead_headers(queue: str) -> list[tuple[dict[str, object], bytes]]:
+    """Headers and bodies in the dead-letter queue, read and put back."""
+    conn = amqp_connection()
+    try:
+        ch = conn.channel()
+        out: list[tuple[dict[str, object], bytes]] = []
+        while True:
+            method, properties, body = ch.basic_get(f"{queue}.dead", auto_ack=False)
+            if method is None or properties is None or body is None:
+                return out
+            headers: dict[str, object] = {
+                k: v.decode() if isinstance(v, bytes) else v for k, v in (properties.headers or {}).items()
+            }
+            out.append((headers, body))
+    finally:
+        conn.close()  # unacked: every message goes back
+
+
+def test_refused_messages_carry_why_and_the_command_lists_shows_and_replays_them(
+    make_service: MakeService, queue_names: list[str], dbname: str
+) -> None:
+    queue = fresh_queue(queue_names)
+    svc = make_service(queue_name=queue).start()
+    query(dbname, "ALTER TABLE vote_audit ADD CONSTRAINT no_refused CHECK (citizen_id NOT LIKE 'refused-%')")
+    good = make_votes(50, laws=2, seed=5)
+    refused = [VoteMsg(f"{i:064x}", f"refused-{i}", "law-000", "oui") for i in range(1, 4)]
+    invalid = [b"not json", json.dumps({**json.loads(good[0].body()), "choice": "maybe"}).encode()]
+    publish(queue, [*invalid, *(v.body() for v in good + refused)])
+    wait_for(lambda: queue_state(f"{queue}.dead")[0] == 5, timeout=30, what="five messages dead-lettered")
+    wait_for(lambda: audit_count(dbname) == len(good), timeout=30, what="the good votes counted")
+
+    letters = dead_headers(queue)
+    by_reason: dict[object, int] = {}
+    for headers, _body in letters:
+        by_reason[headers["x-rejected-reason"]] = by_reason.get(headers["x-rejected-reason"], 0) + 1
+        assert headers["x-original-queue"] == queue
+        assert str(headers["x-rejected-at"]).endswith("+00:00")
+        assert "refused-" not in str(headers["x-rejected-detail"])  # never a field's value
+    assert by_reason == {"invalid_json": 1, "invalid_choice": 1, "database_rejected": 3}
+    assert sorted(body for _h, body in letters) == sorted([*invalid, *(v.body() for v in refused)])
+
+    env = service_env(dbname=dbname, queue=queue)
+    listing = run_cli("dead-letters", "list", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.splitlines()[0] == "5 messages"
+    assert "      3  database_rejected" in listing.stdout
+    assert "refused-1" not in listing.stdout  # citizen ids hidden unless asked
+    assert "refused-1" in run_cli("dead-letters", "list", "--show-citizens", env=env).stdout
+    shown = run_cli("dead-letters", "show", "5", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "x-rejected-reason: database_rejected" in shown.stdout
+    assert "(hidden: --show-citizens)" in shown.stdout
+    assert run_cli("dead-letters", "show", "6", env=env).returncode == 1
+    assert queue_state(f"{queue}.dead")[0] == 5  # reading takes nothing away
+
+    # The cause fixed, the refused votes are replayed and counted; the invalid ones stay.
+    query(dbname, "ALTER TABLE vote_audit DROP CONSTRAINT no_refused")
+    replayed = run_cli("dead-letters", "replay", "--reason", "database_rejected", env=env)
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout.strip() == f"replayed 3 messages to {queue}; 2 left in {queue}.dead"
+    wait_for(lambda: audit_count(dbname) == len(good) + len(refused), timeout=30, what="the replayed votes counted")
+    assert svc.stop() == 0
+    assert sorted(body for _h, body in dead_headers(queue)) == sorted(invalid)
+    # PostgreSQL's refusal quotes the failing row: it reached neither the log nor the headers.
+    assert "refused-1" not in svc.logs()
+
+
+def test_an_interrupted_replay_loses_nothing(make_service: MakeService, queue_names: list[str], dbname: str) -> None:
+    queue = fresh_queue(queue_names)
+    make_service(queue_name=queue).start().stop()  # declares the queue and its dead-letter queue
+    votes = make_votes(3_000, laws=3, seed=9)
+    publish(f"{queue}.dead", [v.body() for v in votes])
+    env = service_env(dbname=dbname, queue=queue)
+
+    replay = subprocess.Popen(
+        aggregator_command("dead-letters", "replay", "--all"),
+        cwd=outside_checkout(),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: queue_state(queue)[0] >= 300, timeout=30, interval=0.01, what="the replay under way")
+    finally:
+        replay.send_signal(signal.SIGKILL)
+        replay.wait(10)
+    time.sleep(0.5)  # the broker requeues what the killed connection held
+    moved, left = queue_state(queue)[0], queue_state(f"{queue}.dead")[0]
+    assert 0 < left < len(votes)  # killed half-way
+    # Every message is in one queue or the other (one confirmed copy may be in both).
+    assert len(votes) <= moved + left <= len(votes) + 1
+
+    finished = run_cli("dead-letters", "replay", "--all", env=env)
+    assert finished.returncode == 0, finished.stderr
+    assert queue_state(f"{queue}.dead") == (0, 0)
+    svc = make_service(queue_name=queue).start()
+    wait_for(lambda: audit_count(dbname) == len(votes), timeout=60, what="every replayed vote counted")
+    wait_for(lambda: queue_state(queue)[0] == 0, timeout=30, what="the queue drained")
+    assert svc.stop() == 0
+    assert_all_counted_once(dbname, queue, votes)
+
+
+def test_without_a_dead_letter_exchange_refused_messages_are_rejected_as_before(
+    make_service: MakeService, queue: str, dbname: str
+) -> None:
+    # The queue exists without dead-lettering and "<queue>.dlx" does not exist: no copy can be
+    # made, so the message is rejected (RabbitMQ drops it) and the service says so once.
+    svc = make_service().start()
+    publish(queue, [b"not json", b"[]", make_votes(1, laws=1)[0].body()])
+    wait_for(lambda: audit_count(dbname) == 1, timeout=30, what="the vote counted")
+    wait_for(lambda: queue_state(queue)[0] == 0, timeout=10, what="both refused messages gone")
+    assert svc.stop() == 0
+    assert svc.logs().count("cannot dead-letter to exchange") == 1
+    assert svc.logs().count("rejected message") == 2
+
+
+def test_replay_needs_to_be_told_what(make_service: MakeService, queue_names: list[str], dbname: str) -> None:
+    queue = fresh_queue(queue_names)
+    make_service(queue_name=queue).start().stop()
+    result = run_cli("dead-letters", "replay", env=service_env(dbname=dbname, queue=queue))
+    assert result.returncode == 2
+    assert "--all, --reason R or --vote-hash H" in result.stderr
