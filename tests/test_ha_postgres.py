@@ -22,6 +22,7 @@ import pytest
 from tests import pg_servers
 from tests.pg_replication import STANDBY_NAME, pair
 from tests.pg_servers import PgServer
+from tests.roles import INIT_DB, SERVICE_ROLE
 from tests.support import (
     Service,
     VoteMsg,
@@ -339,6 +340,41 @@ def test_a_standby_listed_first_is_skipped_for_the_primary(services: MakeService
         svc = services(hosts(standby, primary)).start()
         wait_for(lambda: counted(primary) == len(votes), timeout=30, what="votes counted on the primary")
         assert f"writing to the PostgreSQL primary at 127.0.0.1:{primary.port}" in svc.logs()
+        assert svc.stop() == 0
+        assert_counted_once(primary, queue, votes)
+    finally:
+        standby.remove()
+        primary.remove()
+
+
+def test_the_least_privilege_role_needs_pg_read_all_stats_to_see_the_standbys(
+    services: MakeService, queue: str
+) -> None:
+    primary, standby = pair(synchronous=False)
+    try:
+        primary.execute(f"CREATE DATABASE {DB}")
+        role = "agg_ha_reader"
+        conn = primary.connect(DB)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(INIT_DB.read_text())
+                cur.execute(f"CREATE ROLE {role} LOGIN")
+                cur.execute("SET vote_aggregator.service_role = %s", (role,))
+                cur.execute(SERVICE_ROLE.read_text())
+        finally:
+            conn.close()
+        votes = make_votes(300, laws=3, seed=70)
+        publish(queue, [v.body() for v in votes])
+        svc = services(hosts(primary, standby, POSTGRES_USER=role, POSTGRES_REPLICATION_CHECK_INTERVAL_SECONDS="0.5"))
+        svc.start()
+        wait_for(lambda: counted(primary) == len(votes), timeout=30, what="votes counted under the role")
+        assert f"unknown, role {role} cannot see the standbys' state in pg_stat_replication" in svc.logs()
+        assert f"(GRANT pg_read_all_stats TO {role})" in svc.logs()
+        assert svc.metric("database_failover_safe") == 0
+        assert svc.metric("database_standbys") == 1
+
+        primary.execute(f"GRANT pg_read_all_stats TO {role}")
+        wait_for(lambda: f"asynchronous to {STANDBY_NAME}" in svc.logs(), timeout=30, what="the state read")
         assert svc.stop() == 0
         assert_counted_once(primary, queue, votes)
     finally:
