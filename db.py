@@ -653,8 +653,14 @@ class Database:
         with self._transaction() as cur:
             cur.execute("SELECT current_setting('synchronous_standby_names'), current_setting('synchronous_commit')")
             names, commit = cur.fetchone() or ("", "")  # a SELECT without FROM returns its one row
+            # Through init_db.sql's SECURITY DEFINER function where it exists: the service's role sees
+            # the standbys' sync state without pg_read_all_stats. An older schema: the view itself.
+            cur.execute("SELECT has_function_privilege(to_regprocedure('vote_replication_standbys()'), 'EXECUTE')")
+            row = cur.fetchone()
             cur.execute(
-                "SELECT application_name, sync_state, pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint "
+                "SELECT * FROM vote_replication_standbys()"
+                if row and row[0]
+                else "SELECT application_name, sync_state, pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint "
                 "FROM pg_stat_replication ORDER BY application_name"
             )
             standbys = tuple((str(name), state, lag) for name, state, lag in cur.fetchall())

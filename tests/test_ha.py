@@ -275,7 +275,7 @@ def state(names: str, commit: str = "on", *standbys: tuple[str, str | None]) -> 
         (state("standby1", "local", ("standby1", "sync")), False, "synchronous_commit=local"),
         (state("", "on", ("standby1", "async")), False, "asynchronous to standby1"),
         (state("", "on"), False, "no standby"),
-        (state("standby1", "on", ("standby1", None)), False, "GRANT pg_read_all_stats TO aggregator"),
+        (state("standby1", "on", ("standby1", None)), False, "apply init_db.sql and service_role.sql again"),
     ],
 )
 def test_what_a_failover_could_lose_is_said_in_one_line(
