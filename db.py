@@ -9,18 +9,14 @@ psycopg2's exceptions stop here. Callers see:
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import logging
 import os
 import re
-import select
 import socket
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +27,45 @@ import psycopg2._psycopg
 import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.pool
-from psycopg2 import sql
 from psycopg2.extras import execute_values
 from psycopg2.pool import ThreadedConnectionPool
 
 from config import Config, node_text
+from dbconnect import (
+    PooledConnection,
+    Watchdog,
+    classify_connect_error,
+    connect_kwargs,
+    create_database,
+)
+from dberrors import (
+    DatabaseConfigError,
+    DatabaseError,
+    DatabaseMissing,
+    DatabaseRejected,
+    DatabaseUnavailable,
+    RetryableError,
+    TransactionConflict,
+    translate,
+)
 from votes import Vote
+
+__all__ = [
+    "BatchOutcome",
+    "ChainLink",
+    "Database",
+    "DatabaseConfigError",
+    "DatabaseError",
+    "DatabaseMissing",
+    "DatabaseRejected",
+    "DatabaseUnavailable",
+    "ReplicationState",
+    "RetryableError",
+    "TransactionConflict",
+    "classify_connect_error",
+    "connect_kwargs",
+    "create_database",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,36 +74,6 @@ SCHEMA_OBJECTS = ("vote_results", "vote_audit", "duplicate_attempts", "vote_stat
 # Any constant shared by every instance: serialises concurrent schema set-up.
 _SCHEMA_LOCK_KEY = 0x766F746573  # "votes"
 PAGE_SIZE = 100
-
-
-class DatabaseError(Exception):
-    """Base of every error this module raises."""
-
-
-class RetryableError(DatabaseError):
-    """The same transaction may succeed if tried again later."""
-
-
-class DatabaseUnavailable(RetryableError):
-    """PostgreSQL could not be reached, or the connection broke."""
-
-
-class TransactionConflict(RetryableError):
-    """Deadlock, serialization failure or lock wait timeout: the whole transaction
-    is retried. PostgreSQL itself is fine (the connection is kept)."""
-
-
-class DatabaseRejected(DatabaseError):
-    """PostgreSQL refused the data itself (constraint, type, length)."""
-
-
-class DatabaseMissing(DatabaseError):
-    """The configured database does not exist."""
-
-
-class DatabaseConfigError(DatabaseError):
-    """We cannot connect as configured and retrying cannot help (authentication,
-    role, pg_hba.conf, permissions, TLS files or certificate)."""
 
 
 @dataclass(frozen=True)
@@ -146,340 +145,6 @@ class BatchOutcome:
         return sum(self.counted.values())
 
 
-# SQLSTATEs of connection failures that retrying can never fix: the service
-# cannot run as configured until someone changes the configuration or the server.
-# Everything else a server answers while we connect (57P03 starting up, shutting
-# down, standby not accepting connections; 53300 too many connections; ...) is
-# retried. 28000 also covers an LDAP or RADIUS server behind PostgreSQL being down:
-# PostgreSQL reports it as the same failed authentication.
-_CONFIG_SQLSTATES = {
-    "28P01": "authentication failed",
-    "28000": "not authorized (pg_hba.conf, missing role, login not permitted)",
-    "42501": "no permission to connect to the database",
-}
-_MISSING_DATABASE = "3D000"
-# libpq's failures of its own, before or instead of any server answer: the
-# client's TLS files, the server's certificate, a missing password. English
-# unless libpq's own translations are installed and in use; a translated one
-# is retried, the safe side.
-_CLIENT_CONFIG_PHRASES = (
-    "certificate verify failed",
-    "does not match host name",
-    "certificate file",
-    "private key file",
-    "no password supplied",  # the server wants a password and POSTGRES_PASSWORD is empty
-)
-# The same certainties in English server messages, for when no SQLSTATE can be had.
-_CONFIG_PHRASES = (
-    "password authentication failed",
-    "authentication failed for user",
-    "no pg_hba.conf entry",
-    "pg_hba.conf rejects connection",
-    "is not permitted to log in",
-    "permission denied for database",
-)
-_ROLE_MISSING = re.compile(r'role ".*" does not exist')
-_DATABASE_MISSING = re.compile(r'database ".*" does not exist')
-# A server error in a libpq message: "<severity>:  <text>", two spaces after the
-# severity (translated by the server), so it is found in any language.
-_SERVER_ANSWER = re.compile(r"\S:  \S")
-# With PQERRORS_VERBOSE the SQLSTATE follows the severity: "FATAL:  28P01: ...".
-_VERBOSE_SQLSTATE = re.compile(r"\S:  ([0-9A-Z]{5}): ")
-_PQERRORS_VERBOSE = 2
-
-
-def classify_connect_error(
-    exc: psycopg2.OperationalError, config: Config, *, dbname: str | None = None
-) -> DatabaseError:
-    """DatabaseMissing / DatabaseConfigError only when retrying can never help; otherwise DatabaseUnavailable."""
-    dbname = dbname or config.postgres_db
-    message = str(exc).strip()
-    first = _first_line(message)
-    if any(phrase in message for phrase in _CLIENT_CONFIG_PHRASES):
-        return DatabaseConfigError(f"PostgreSQL refused {config.postgres_target_for_logs()}: {first}")
-    # libpq reports connection failures without an SQLSTATE (psycopg2's pgcode is
-    # None), in the server's language: ask the server again, verbosely.
-    codes = (
-        _connect_sqlstates(connect_kwargs(config, dbname=dbname), config) if _SERVER_ANSWER.search(message) else None
-    )
-    if codes is None:
-        return _classify_by_text(message, config, dbname=dbname)
-    if codes and all(code == _MISSING_DATABASE for code in codes):
-        return _database_missing(config, dbname, first)
-    if codes and all(code in _CONFIG_SQLSTATES or code == _MISSING_DATABASE for code in codes):
-        # The meaning in English too: the server's text may be in any language.
-        meaning = _CONFIG_SQLSTATES.get(codes[0], "database does not exist")
-        return DatabaseConfigError(
-            f"PostgreSQL refused {config.postgres_target_for_logs()}: {first} (SQLSTATE {codes[0]}: {meaning})"
-        )
-    # A code we do not know for certain, or the server let the second attempt in.
-    suffix = f" (SQLSTATE {', '.join(codes)})" if codes else ""
-    return DatabaseUnavailable(f"cannot reach PostgreSQL at {config.postgres_target_for_logs()}: {first}{suffix}")
-
-
-def _classify_by_text(message: str, config: Config, *, dbname: str) -> DatabaseError:
-    """The fallback without SQLSTATE: English phrases that are certain; anything else is retried."""
-    first = _first_line(message)
-    if _DATABASE_MISSING.search(message):
-        return _database_missing(config, dbname, first)
-    if any(phrase in message for phrase in _CONFIG_PHRASES) or _ROLE_MISSING.search(message):
-        return DatabaseConfigError(f"PostgreSQL refused {config.postgres_target_for_logs()}: {first}")
-    return DatabaseUnavailable(f"cannot reach PostgreSQL at {config.postgres_target_for_logs()}: {first}")
-
-
-def _database_missing(config: Config, dbname: str, first: str) -> DatabaseError:
-    if dbname != config.postgres_db:  # a maintenance database (create_database), not ours
-        return DatabaseConfigError(f"PostgreSQL refused {config.postgres_target_for_logs()}: {first}")
-    servers = ",".join(node_text(host, port) for host, port in config.postgres_servers)
-    return DatabaseMissing(
-        f'database "{config.postgres_db}" does not exist on {servers}; '
-        f"create it with: createdb -h {config.postgres_host} -p {config.postgres_libpq_port} "
-        f"-U {config.postgres_user} {config.postgres_db}   (or: python aggregator.py --init-db)"
-    )
-
-
-def _connect_sqlstates(kwargs: dict[str, Any], config: Config) -> list[str] | None:
-    """The SQLSTATEs a fresh connection attempt fails with: [] if it succeeds, None if unknown.
-
-    The attempt is made asynchronously so that libpq's error verbosity can be
-    raised before the server answers; libpq then writes the SQLSTATE into the
-    message ("FATAL:  28P01: ..."), whatever language the server speaks.
-    """
-    set_verbosity = _libpq_set_error_verbosity()
-    if set_verbosity is None:
-        return None
-    try:
-        conn = psycopg2.connect(psycopg2.extensions.make_dsn(**kwargs), async_=True)
-    except (psycopg2.Error, UnicodeError):
-        return None
-    deadline = time.monotonic() + config.postgres_connect_timeout_s
-    try:
-        if conn.pgconn_ptr is None:
-            return None
-        set_verbosity(conn.pgconn_ptr, _PQERRORS_VERBOSE)
-        while True:
-            state = conn.poll()
-            if state == psycopg2.extensions.POLL_OK:
-                return []
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            if state == psycopg2.extensions.POLL_READ:
-                select.select([conn.fileno()], [], [], remaining)
-            else:
-                select.select([], [conn.fileno()], [], remaining)
-    except psycopg2.OperationalError as exc:
-        return list(dict.fromkeys(_VERBOSE_SQLSTATE.findall(str(exc)))) or None  # each once (prefer tries twice)
-    except (psycopg2.Error, OSError, ValueError, UnicodeError):
-        return None
-    finally:
-        conn.close()
-
-
-@functools.cache
-def _libpq_set_error_verbosity() -> Callable[[int, int], int] | None:
-    """PQsetErrorVerbosity of the libpq psycopg2 itself is linked with, or None.
-
-    Looked up through psycopg2's extension module, so it is the very library that
-    made the connection (psycopg2-binary bundles its own libpq).
-    """
-    try:
-        function = ctypes.CDLL(psycopg2._psycopg.__file__).PQsetErrorVerbosity
-    except (OSError, AttributeError, TypeError):
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return cast(Callable[[int, int], int], function)
-
-
-def _first_line(message: str) -> str:
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return " ".join(lines[:2]) if lines else message
-
-
-def _session_options(config: Config) -> str:
-    """Server settings for every session, sent at connection time (libpq `options`)."""
-    statement_ms = int(config.postgres_query_timeout_s * 1000)
-    idle_ms = int(config.postgres_idle_in_transaction_timeout_s * 1000)
-    settings: dict[str, object] = {
-        # Timestamps are read back exactly as written whatever the database's or
-        # role's timezone: west of UTC, 0001-01-01T00:00:00Z would come back as a
-        # BC date that Python cannot represent.
-        "TimeZone": "UTC",
-        # The server aborts a statement that runs too long; a server or network
-        # that stops answering altogether is the watchdog's job (see _Watchdog).
-        "statement_timeout": statement_ms,
-        # A lock wait ends a little earlier, as 55P03, so contention is told apart
-        # from a slow server (57014): a conflict, retried on the same connection.
-        "lock_timeout": max(statement_ms - 1000, statement_ms * 9 // 10),
-        # The service's own transactions never sit idle (one statement, then
-        # commit), so only a frozen, dead or cut-off instance reaches this: the
-        # server ends its session and releases its row locks on vote_results,
-        # instead of holding them until TCP gives up (hours).
-        "idle_in_transaction_session_timeout": idle_ms,
-        # The server's side of the keepalives below: a vanished client's session
-        # (and its connection slot) goes within about 30 s even when idle, or
-        # when the server is blocked sending to it.
-        "tcp_keepalives_idle": 15,
-        "tcp_keepalives_interval": 5,
-        "tcp_keepalives_count": 3,
-        "tcp_user_timeout": 30_000,
-    }
-    return " ".join(f"-c {name}={value}" for name, value in settings.items())
-
-
-def connect_kwargs(config: Config, *, dbname: str | None = None) -> dict[str, Any]:
-    tls = {
-        key: value
-        for key, value in (
-            ("sslrootcert", config.postgres_sslrootcert),
-            ("sslcert", config.postgres_sslcert),
-            ("sslkey", config.postgres_sslkey),
-        )
-        if value
-    }
-    return {
-        "sslmode": config.postgres_sslmode,
-        **tls,
-        "host": config.postgres_host,
-        "port": config.postgres_libpq_port,
-        # With several hosts libpq tries each in turn and keeps the first that accepts
-        # writes: the primary, wherever a failover has put it. With one host, a standby
-        # is refused the same way, and retried, rather than failing every batch.
-        "target_session_attrs": "read-write",
-        "dbname": dbname or config.postgres_db,
-        "user": config.postgres_user,
-        "password": config.postgres_password,
-        "connect_timeout": config.postgres_connect_timeout_s,
-        "application_name": "vote-aggregator",
-        "options": _session_options(config),
-        # Notice a dead peer within about a minute instead of the kernel's two hours.
-        "keepalives": 1,
-        "keepalives_idle": 15,
-        "keepalives_interval": 5,
-        "keepalives_count": 3,
-    }
-
-
-def create_database(config: Config) -> bool:
-    """Create the configured database if it is missing. True when it was created.
-
-    The database itself is tried first: a role that may use it but not create
-    databases, or see the maintenance database, still gets "already there".
-    """
-    try:
-        psycopg2.connect(**connect_kwargs(config)).close()
-        return False
-    except psycopg2.OperationalError as exc:
-        error = classify_connect_error(exc, config)
-        if not isinstance(error, DatabaseMissing):
-            raise error from None
-    conn = _maintenance_connection(config)
-    try:
-        conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
-        with conn.cursor() as cur:
-            try:
-                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(config.postgres_db)))
-            except psycopg2.errors.DuplicateDatabase:
-                return False  # another instance created it meanwhile
-            except psycopg2.errors.InsufficientPrivilege:
-                raise DatabaseConfigError(
-                    f'database "{config.postgres_db}" does not exist and role "{config.postgres_user}" may not '
-                    f"create it (no CREATEDB): have an administrator run: createdb -O {config.postgres_user} "
-                    f"{config.postgres_db}"
-                ) from None
-            return True
-    finally:
-        conn.close()
-
-
-def _maintenance_connection(config: Config) -> psycopg2.extensions.connection:
-    """A connection to `postgres`, or to `template1` where `postgres` was dropped."""
-    conn: psycopg2.extensions.connection
-    try:
-        conn = psycopg2.connect(**connect_kwargs(config, dbname="postgres"))
-        return conn
-    except psycopg2.OperationalError as exc:
-        first = exc
-    try:
-        conn = psycopg2.connect(**connect_kwargs(config, dbname="template1"))
-        return conn
-    except psycopg2.OperationalError:
-        raise classify_connect_error(first, config, dbname="postgres") from None
-
-
-class _Watchdog:
-    """Breaks connections whose transaction overran its deadline (or all of them, at shutdown).
-
-    A server that is paused, or a network path that silently drops packets,
-    leaves libpq waiting forever for an answer; TCP keepalives do not help when
-    something still acknowledges the packets. Shutting the socket down makes
-    the blocked call fail at once with a connection error, so the connection is
-    discarded and the batch retried.
-    """
-
-    def __init__(self, timeout_s: float) -> None:
-        self._timeout_s = timeout_s
-        self._lock = threading.Lock()
-        self._deadlines: dict[int, tuple[psycopg2.extensions.connection, float]] = {}
-        self._thread: threading.Thread | None = None
-
-    def watch(self, conn: psycopg2.extensions.connection) -> None:
-        with self._lock:
-            self._deadlines[id(conn)] = (conn, time.monotonic() + self._timeout_s)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="db-watchdog", daemon=True)
-                self._thread.start()
-
-    def unwatch(self, conn: psycopg2.extensions.connection) -> None:
-        with self._lock:
-            self._deadlines.pop(id(conn), None)
-
-    def break_all(self) -> None:
-        """Break every connection in a transaction now (shutdown)."""
-        with self._lock:
-            # Under the lock, as in _loop: a connection is unwatched before it is
-            # closed, so no descriptor broken here can have been reused.
-            for conn, _deadline in self._deadlines.values():
-                _break(conn)
-
-    def _loop(self) -> None:
-        while True:
-            time.sleep(min(1.0, self._timeout_s / 4))
-            now = time.monotonic()
-            with self._lock:
-                overdue = [conn for conn, deadline in self._deadlines.values() if deadline <= now]
-                for conn in overdue:
-                    del self._deadlines[id(conn)]
-                    logger.warning("PostgreSQL did not answer within %.0fs; dropping the connection", self._timeout_s)
-                    # Under the lock: unwatch() comes before the connection is
-                    # closed, so its descriptor cannot have been reused meanwhile.
-                    _break(conn)
-
-
-def _break(conn: psycopg2.extensions.connection) -> None:
-    """Make every call blocked on `conn`, and every later one, fail at once."""
-    try:
-        # A duplicate of the descriptor: libpq keeps (and later closes) its own.
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
-    except (OSError, psycopg2.Error):
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.close()
-
-
-class _Connection(psycopg2.extensions.connection):
-    """A pooled connection that remembers the pool's generation when it was opened (Database._checkout)."""
-
-    def __init__(self, dsn: str, *args: Any, generation: int = 0, **kwargs: Any) -> None:
-        super().__init__(dsn, *args, **kwargs)
-        self.generation = generation
-
-
 class Database:
     """A connection pool and the statements the service runs. Each call is one attempt:
     the retry policy is the caller's (pipeline.py)."""
@@ -490,7 +155,7 @@ class Database:
         # The client-side bound sits above the server's statement_timeout, so the
         # server gets the first chance to cancel cleanly. It also knows which
         # connections are in use, for interrupt().
-        self._watchdog = _Watchdog(config.postgres_query_timeout_s + 5.0)
+        self._watchdog = Watchdog(config.postgres_query_timeout_s + 5.0)
         # Bumped by every connection-level failure; pooled connections opened
         # before it are closed instead of used (see _checkout).
         self._generation = 0
@@ -536,10 +201,10 @@ class Database:
         """host:port of the server the last connection reached (the primary, with several hosts)."""
         return self._server
 
-    def _new_connection(self, dsn: str, *args: Any, **kwargs: Any) -> _Connection:
-        return _Connection(dsn, *args, generation=self._generation, **kwargs)
+    def _new_connection(self, dsn: str, *args: Any, **kwargs: Any) -> PooledConnection:
+        return PooledConnection(dsn, *args, generation=self._generation, **kwargs)
 
-    def _checkout(self, pool: ThreadedConnectionPool) -> _Connection:
+    def _checkout(self, pool: ThreadedConnectionPool) -> PooledConnection:
         """A pooled connection opened since the last connection-level failure.
 
         After a failover or a restart, every idle connection points at a server
@@ -548,16 +213,16 @@ class Database:
         (libpq finds the server that accepts writes).
         """
         for _ in range(self._config.postgres_max_connections):
-            conn = cast(_Connection, pool.getconn())
+            conn = cast(PooledConnection, pool.getconn())
             if conn.generation >= self._generation:
                 self._note_server(conn)
                 return conn
             pool.putconn(conn, close=True)
-        conn = cast(_Connection, pool.getconn())
+        conn = cast(PooledConnection, pool.getconn())
         self._note_server(conn)
         return conn
 
-    def _note_server(self, conn: _Connection) -> None:
+    def _note_server(self, conn: PooledConnection) -> None:
         server = node_text(conn.info.host, conn.info.port)
         if server == self._server:
             return
@@ -595,7 +260,7 @@ class Database:
                 yield cur
             conn.commit()
         except psycopg2.Error as exc:
-            error, usable = _translate(exc, lost=bool(conn.closed))
+            error, usable = translate(exc, lost=bool(conn.closed))
             discard = not (usable and _rollback(conn))
             if not usable:
                 self._generation += 1  # the server may be gone: so are the idle connections to it
@@ -710,21 +375,6 @@ class Database:
         return found
 
 
-# What each SQLSTATE of a failed statement means for the batch. A conflict and a
-# statement timeout leave the session healthy: the transaction is rolled back
-# and the connection reused.
-_CONFLICTS = {
-    "40P01": "deadlock",
-    "40001": "serialization failure",
-    "55P03": "lock wait timeout",
-}
-_STATEMENT_TIMEOUT = "57014"
-# The server refuses writes: a primary demoted or fenced (default_transaction_read_only)
-# after a failover. The new primary is elsewhere: the connection goes, the batch is
-# retried on a new one, which libpq opens only on a server that accepts writes.
-_READ_ONLY = "25006"
-_INSUFFICIENT_PRIVILEGE = "42501"
-
 # The connection's role against what the service needs: superuser, owner of a
 # table (who can drop its triggers), or rights to rewrite the audit trail.
 _PRIVILEGES = """
@@ -739,36 +389,6 @@ SELECT current_user,
                unnest(ARRAY['UPDATE', 'DELETE', 'TRUNCATE']) AS p
          WHERE to_regclass(t) IS NOT NULL AND has_table_privilege(t, p))
 """
-
-
-def _translate(exc: psycopg2.Error, *, lost: bool = False) -> tuple[DatabaseError, bool]:
-    """This module's error for psycopg2's, and whether the connection may be kept after a rollback.
-
-    `lost`: the connection is closed (broken at shutdown, or by the server);
-    psycopg2 then raises plain DatabaseError or InterfaceError as often as OperationalError.
-    """
-    message = _first_line(str(exc))
-    if lost:
-        return DatabaseUnavailable(message), False
-    if exc.pgcode in _CONFLICTS:
-        return TransactionConflict(f"{_CONFLICTS[exc.pgcode]}: {message}"), True
-    if exc.pgcode == _READ_ONLY:
-        return DatabaseUnavailable(f"the server accepts no writes: {message}"), False
-    if exc.pgcode == _STATEMENT_TIMEOUT:
-        # Lock waits end earlier (lock_timeout), so this is a server too slow to
-        # answer in time: retried, but not a conflict.
-        return DatabaseUnavailable(f"statement timeout: {message}"), True
-    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
-        return DatabaseUnavailable(message), False
-    if exc.pgcode == _INSUFFICIENT_PRIVILEGE:
-        # A role without a right it needs (least privilege gone too far, or the
-        # schema to create): retrying cannot help until someone grants it.
-        return DatabaseConfigError(f"permission denied: {message}"), True
-    if isinstance(exc, (psycopg2.DataError, psycopg2.IntegrityError)):
-        # The primary message only: its DETAIL line quotes the failing row, citizen id and choice
-        # included, which must not reach the logs or the dead-letter headers.
-        return DatabaseRejected(exc.diag.message_primary or message.split(" DETAIL:")[0]), True
-    return DatabaseError(message), True
 
 
 def _rollback(conn: psycopg2.extensions.connection) -> bool:

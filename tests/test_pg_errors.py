@@ -14,6 +14,7 @@ import psycopg2
 import pytest
 
 import db
+import dberrors
 from config import Config
 from tests import pg_servers
 from tests.pg_servers import PgServer
@@ -233,4 +234,4 @@ def test_nothing_listening_is_retried() -> None:
 )
 def test_without_sqlstate_only_certain_english_phrases_exit_2(message: str, expected: type[db.DatabaseError]) -> None:
     config = Config(postgres_db="votes")
-    assert type(db._classify_by_text(message, config, dbname="votes")) is expected
+    assert type(dberrors._classify_by_text(message, config, dbname="votes")) is expected
