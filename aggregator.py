@@ -35,7 +35,7 @@ from consumer import Consumer, amqp_parameters, describe_error, refused_by_broke
 from exits import CONFIG as EXIT_CONFIG
 from exits import FAILURE as EXIT_FAILURE
 from exits import OK as EXIT_OK
-from health import Health
+from health import Health, ReplicationWatch
 from metrics import Metrics
 from pipeline import Pipeline
 from summary import Summary
@@ -186,10 +186,19 @@ def serve(config: Config) -> int:
         return EXIT_CONFIG
     if database is None:
         return EXIT_OK
+    replication = _replication_watch(config, database, metrics)
     try:
         _read_totals(database, metrics)
+        replication.start()  # said once before consuming, then on its own thread
         summary = Summary(interval_s=config.log_summary_interval_s)
-        consumer = Consumer(config=config, metrics=metrics, summary=summary, notifier=notifier, on_turn=health.turned)
+        consumer = Consumer(
+            config=config,
+            metrics=metrics,
+            summary=summary,
+            notifier=notifier,
+            on_turn=health.turned,
+            hold=replication.hold_reason,
+        )
         pipeline = Pipeline(
             config=config,
             database=database,
@@ -198,7 +207,7 @@ def serve(config: Config) -> int:
             settle=consumer.settle,
             on_fatal=lambda _reason: consumer.request_stop() if consumer is not None else None,
         )
-        health.watch(consumer=consumer, pipeline=pipeline)
+        health.watch(consumer=consumer, pipeline=pipeline, hold=replication.hold_reason)
         if stop.is_set():
             consumer.request_stop()
         pipeline.start()
@@ -206,9 +215,20 @@ def serve(config: Config) -> int:
         # The last heads, so that a log kept elsewhere anchors every committed batch.
         summary.log_heads()
     finally:
+        replication.stop()
         database.close()
     logger.info("stopped (exit code %d)", code)
     return code
+
+
+def _replication_watch(config: Config, database: db.Database, metrics: Metrics) -> ReplicationWatch:
+    return ReplicationWatch(
+        read=database.replication_state,
+        metrics=metrics,
+        interval_s=config.postgres_replication_check_interval_s,
+        require_sync=config.postgres_require_sync_standby,
+        user=config.postgres_user,
+    )
 
 
 def _serve_http(config: Config, metrics: Metrics, health: Health) -> bool:

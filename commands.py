@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import sys
 from dataclasses import dataclass
 
 import pika
@@ -14,6 +15,7 @@ import exits
 import httpauth
 from config import Config
 from consumer import amqp_parameters, describe_error, refused_by_broker
+from health import describe_replication
 
 
 def init_db(config: Config) -> int:
@@ -46,28 +48,44 @@ def check(config: Config) -> list[Problem]:
 
 
 def _check_rabbitmq(config: Config) -> list[Problem]:
+    """Every node of RABBITMQ_HOST; with several, one that answers is enough (the others are warnings)."""
+    nodes = config.rabbitmq_nodes
+    failures = [problem for node in nodes if (problem := _check_rabbitmq_node(config, node)) is not None]
+    if len(nodes) == 1:
+        return failures
+    if len(failures) == len(nodes):
+        # As at start-up: certain (exit 2) only when every node refused for good.
+        certain = all(problem.certain for problem in failures)
+        return [Problem(problem.text, certain=certain) for problem in failures]
+    for problem in failures:
+        print(f"warning: {problem.text} (the service uses the other nodes)", file=sys.stderr)
+    return []
+
+
+def _check_rabbitmq_node(config: Config, node: tuple[str, int]) -> Problem | None:
+    url = config.rabbitmq_url_for_logs(node)
+    nodes = config.rabbitmq_nodes
+    if len(nodes) > 1:
+        url += f" (node {nodes.index(node) + 1} of {len(nodes)})"
     try:
-        connection = pika.BlockingConnection(amqp_parameters(config))
+        connection = pika.BlockingConnection(amqp_parameters(config, node))
     except (pika.exceptions.AMQPError, OSError) as exc:
         refused = refused_by_broker(exc) or isinstance(exc, ssl.SSLCertVerificationError)
-        return [Problem(f"RabbitMQ {config.rabbitmq_url_for_logs()}: {describe_error(exc)}", certain=refused)]
+        return Problem(f"RabbitMQ {url}: {describe_error(exc)}", certain=refused)
     try:
         ok = connection.channel().queue_declare(config.rabbitmq_queue, passive=True).method
         print(
-            f"ok: RabbitMQ {config.rabbitmq_url_for_logs()}, queue {config.rabbitmq_queue} "
+            f"ok: RabbitMQ {url}, queue {config.rabbitmq_queue} "
             f"({ok.message_count} ready, {ok.consumer_count} consumers)"
         )
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code != 404:
-            return [Problem(f"RabbitMQ queue {config.rabbitmq_queue}: {exc.reply_text}")]
-        print(
-            f"ok: RabbitMQ {config.rabbitmq_url_for_logs()}, queue {config.rabbitmq_queue} "
-            "does not exist yet (the service declares it)"
-        )
+            return Problem(f"RabbitMQ queue {config.rabbitmq_queue}: {exc.reply_text}")
+        print(f"ok: RabbitMQ {url}, queue {config.rabbitmq_queue} does not exist yet (the service declares it)")
     finally:
         with contextlib.suppress(pika.exceptions.AMQPError, OSError):  # closing something already broken
             connection.close()
-    return []
+    return None
 
 
 def _check_postgres(config: Config) -> list[Problem]:
@@ -76,6 +94,7 @@ def _check_postgres(config: Config) -> list[Problem]:
         database.open()
         missing = database.missing_schema_objects()
         warnings = [] if missing else database.privilege_warnings()
+        replication = database.replication_state() if _replicated(config) else None
     except db.DatabaseError as exc:
         return [Problem(f"PostgreSQL: {exc}", certain=isinstance(exc, (db.DatabaseMissing, db.DatabaseConfigError)))]
     finally:
@@ -87,9 +106,26 @@ def _check_postgres(config: Config) -> list[Problem]:
                 "apply it with: python aggregator.py --init-db"
             )
         ]
-    print(f"ok: PostgreSQL {config.postgres_target_for_logs()}, schema complete")
+    primary = f" (writes go to {database.server})" if len(config.postgres_servers) > 1 else ""
+    print(f"ok: PostgreSQL {config.postgres_target_for_logs()}, schema complete{primary}")
     for warning in warnings:
         print(f"warning: {warning}")
+    return _check_replication(config, replication)
+
+
+def _check_replication(config: Config, replication: db.ReplicationState | None) -> list[Problem]:
+    """What a failover could lose, when several servers are configured or a synchronous standby required."""
+    if replication is None:
+        return []
+    said = describe_replication(replication, user=config.postgres_user)
+    print(f"{'ok' if replication.failover_safe else 'warning'}: {said}")
+    if config.postgres_require_sync_standby and not replication.failover_safe:
+        return [
+            Problem(
+                "PostgreSQL: POSTGRES_REQUIRE_SYNC_STANDBY=true and no synchronous standby has every commit: "
+                "the service would not consume"
+            )
+        ]
     return []
 
 
@@ -102,3 +138,8 @@ def _check_metrics_port(config: Config) -> list[Problem]:
     if lock.tls is not None or lock.auth is not None:
         print(f"ok: metrics port {'TLS' if lock.tls else 'plain HTTP'}, {'basic auth' if lock.auth else 'open'}")
     return []
+
+
+def _replicated(config: Config) -> bool:
+    """Whether --check reports the replication state: several servers, or a standby required."""
+    return len(config.postgres_servers) > 1 or config.postgres_require_sync_standby

@@ -7,6 +7,7 @@ in docs/configuration.md (generated from this file) and in `.env.example`.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -57,6 +58,9 @@ class Config:
     rabbitmq_dead_lettering: bool = True
     rabbitmq_dead_letter_exchange: str = ""
     rabbitmq_dead_letter_queue: str = ""
+    # The type of a queue the service declares itself; an existing queue is used as it is.
+    rabbitmq_queue_type: str = "quorum"
+    rabbitmq_delivery_limit: int = 20
     rabbitmq_tls: bool = False
     rabbitmq_tls_ca_file: str = ""
     rabbitmq_tls_cert_file: str = ""
@@ -64,8 +68,8 @@ class Config:
     rabbitmq_tls_verify_hostname: bool = True
     rabbitmq_tls_server_name: str = ""
 
-    postgres_host: str = "localhost"
-    postgres_port: int = 5432
+    postgres_host: str = "localhost"  # libpq's list: "db1,db2"
+    postgres_port: int | tuple[int, ...] = 5432  # one port for every host, or one per host
     postgres_db: str = "election_votes"
     postgres_user: str = "postgres"
     postgres_password: str = field(default="", repr=False)
@@ -78,6 +82,8 @@ class Config:
     postgres_sslrootcert: str = ""
     postgres_sslcert: str = ""
     postgres_sslkey: str = ""
+    postgres_require_sync_standby: bool = False
+    postgres_replication_check_interval_s: float = 5.0
 
     batch_size: int = 200
     batch_timeout_s: float = 1.0
@@ -106,10 +112,16 @@ class Config:
     log_format: str = "text"
     log_summary_interval_s: float = 10.0
 
-    def rabbitmq_url_for_logs(self) -> str:
-        """Where RabbitMQ is, for log lines: never the password."""
+    def rabbitmq_url_for_logs(self, node: tuple[str, int] | None = None) -> str:
+        """Where RabbitMQ is (one node, or every node), for log lines: never the password."""
         vhost = self.rabbitmq_vhost if self.rabbitmq_vhost.startswith("/") else f"/{self.rabbitmq_vhost}"
-        return f"amqp://{self.rabbitmq_user}@{self.rabbitmq_host}:{self.rabbitmq_port}{vhost}"
+        where = ",".join(node_text(host, port) for host, port in ([node] if node else self.rabbitmq_nodes))
+        return f"amqp://{self.rabbitmq_user}@{where}{vhost}"
+
+    @property
+    def rabbitmq_nodes(self) -> tuple[tuple[str, int], ...]:
+        """(host, port) of every RABBITMQ_HOST entry, in the order given."""
+        return tuple(_split_node(entry, self.rabbitmq_port) for entry in self.rabbitmq_host.split(","))
 
     @property
     def dead_letter_exchange(self) -> str:
@@ -120,7 +132,23 @@ class Config:
         return self.rabbitmq_dead_letter_queue or f"{self.rabbitmq_queue}.dead"
 
     def postgres_target_for_logs(self) -> str:
-        return f"postgresql://{self.postgres_user}@{self.postgres_host}:{self.postgres_port}/{self.postgres_db}"
+        where = ",".join(node_text(host, port) for host, port in self.postgres_servers)
+        return f"postgresql://{self.postgres_user}@{where}/{self.postgres_db}"
+
+    @property
+    def postgres_servers(self) -> tuple[tuple[str, int], ...]:
+        """(host, port) of every POSTGRES_HOST entry, as libpq pairs them."""
+        hosts = self.postgres_host.split(",")
+        ports = self.postgres_port if isinstance(self.postgres_port, tuple) else (self.postgres_port,)
+        if len(ports) == 1:
+            ports = ports * len(hosts)
+        return tuple(zip(hosts, ports, strict=True))
+
+    @property
+    def postgres_libpq_port(self) -> str:
+        """POSTGRES_PORT as libpq's `port` takes it: "5432", or "5451,5452"."""
+        ports = self.postgres_port if isinstance(self.postgres_port, tuple) else (self.postgres_port,)
+        return ",".join(str(port) for port in ports)
 
     @property
     def log_level_number(self) -> int:
@@ -163,6 +191,96 @@ def _queue_name(name: str, raw: str) -> str:
     value = raw.strip()
     if not _QUEUE_NAME.fullmatch(value):
         raise ConfigError(f"{name} must be 1-255 letters, digits or . _ : -, got {raw!r}")
+    return value
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,253}")
+
+
+def node_text(host: str, port: int) -> str:
+    """host:port for messages and metric labels, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _split_node(entry: str, default_port: int) -> tuple[str, int]:
+    """`host`, `host:port`, `[ipv6]` or `[ipv6]:port` as (host, port); ValueError when malformed."""
+    host, port = entry, None
+    if entry.startswith("["):
+        host, bracket, rest = entry[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(entry)
+        port = rest[1:] if rest else None
+        ipaddress.IPv6Address(host)
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+    elif ":" in entry:
+        ipaddress.IPv6Address(entry)  # a bare IPv6 address, without a port
+    if ":" not in host and not _HOST_NAME.fullmatch(host):
+        raise ValueError(entry)
+    if port is None:
+        return host, default_port
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(entry)
+    return host, int(port)
+
+
+def _node_list(name: str, raw: str) -> str:
+    """RABBITMQ_HOST: one host, or cluster nodes as `host` / `host:port` entries separated by commas."""
+    entries = [entry.strip() for entry in raw.split(",")]
+    for entry in entries:
+        try:
+            _split_node(entry, 1)
+        except ValueError:
+            raise ConfigError(
+                f"{name} must be host or host:port entries (port 1-65535) separated by commas, "
+                f"got {raw!r} (entry {entry!r})"
+            ) from None
+    return ",".join(entries)
+
+
+def _libpq_hosts(name: str, raw: str) -> str:
+    """POSTGRES_HOST: libpq's list of hosts, addresses or socket directories, separated by commas."""
+    entries = [entry.strip() for entry in raw.split(",")]
+    for entry in entries:
+        if not entry or any(c.isspace() for c in entry):
+            raise ConfigError(f"{name} must be hosts separated by commas, got {raw!r}")
+        if not entry.startswith("/") and ":" in entry and not _is_ipv6(entry):
+            # libpq would look up "db1:5433" as a host name and fail on every attempt.
+            raise ConfigError(
+                f"{name} takes hosts only, ports go in POSTGRES_PORT (one for all, or one per host), "
+                f"got {raw!r} (entry {entry!r})"
+            )
+    return ",".join(entries)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _libpq_ports(name: str, raw: str) -> int | tuple[int, ...]:
+    """POSTGRES_PORT: one port (an int, as always), or one per POSTGRES_HOST entry (a tuple)."""
+    if "," not in raw:
+        return _parse_int(name, raw)  # the range is checked with the other ports (_port)
+    ports = []
+    for part in raw.split(","):
+        port = part.strip()
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{name} must be TCP ports between 1 and 65535 separated by commas, got {raw!r}")
+        ports.append(int(port))
+    return tuple(ports)
+
+
+_QUEUE_TYPES = ("quorum", "classic")
+
+
+def _queue_type(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in _QUEUE_TYPES:
+        raise ConfigError(f"{name} must be one of {', '.join(_QUEUE_TYPES)}, got {raw!r}")
     return value
 
 
@@ -233,7 +351,7 @@ def _port(name: str, value: float) -> None:
 
 # variable name -> (dataclass field, parser, extra check)
 _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, float], None] | None]] = {
-    "RABBITMQ_HOST": ("rabbitmq_host", _parse_str, None),
+    "RABBITMQ_HOST": ("rabbitmq_host", _node_list, None),
     "RABBITMQ_PORT": ("rabbitmq_port", _parse_int, _port),
     "RABBITMQ_USER": ("rabbitmq_user", _parse_str, None),
     "RABBITMQ_PASSWORD": ("rabbitmq_password", _password, None),
@@ -245,14 +363,16 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
     "RABBITMQ_DEAD_LETTERING": ("rabbitmq_dead_lettering", _bool, None),
     "RABBITMQ_DEAD_LETTER_EXCHANGE": ("rabbitmq_dead_letter_exchange", _queue_name, None),
     "RABBITMQ_DEAD_LETTER_QUEUE": ("rabbitmq_dead_letter_queue", _queue_name, None),
+    "RABBITMQ_QUEUE_TYPE": ("rabbitmq_queue_type", _queue_type, None),
+    "RABBITMQ_DELIVERY_LIMIT": ("rabbitmq_delivery_limit", _parse_int, _at_least(1)),
     "RABBITMQ_TLS": ("rabbitmq_tls", _bool, None),
     "RABBITMQ_TLS_CA_FILE": ("rabbitmq_tls_ca_file", _file, None),
     "RABBITMQ_TLS_CERT_FILE": ("rabbitmq_tls_cert_file", _file, None),
     "RABBITMQ_TLS_KEY_FILE": ("rabbitmq_tls_key_file", _file, None),
     "RABBITMQ_TLS_VERIFY_HOSTNAME": ("rabbitmq_tls_verify_hostname", _bool, None),
     "RABBITMQ_TLS_SERVER_NAME": ("rabbitmq_tls_server_name", _parse_str, None),
-    "POSTGRES_HOST": ("postgres_host", _parse_str, None),
-    "POSTGRES_PORT": ("postgres_port", _parse_int, _port),
+    "POSTGRES_HOST": ("postgres_host", _libpq_hosts, None),
+    "POSTGRES_PORT": ("postgres_port", _libpq_ports, _port),
     "POSTGRES_DB": ("postgres_db", _parse_str, None),
     "POSTGRES_USER": ("postgres_user", _parse_str, None),
     "POSTGRES_PASSWORD": ("postgres_password", _password, None),
@@ -265,6 +385,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
     "POSTGRES_SSLROOTCERT": ("postgres_sslrootcert", _file, None),
     "POSTGRES_SSLCERT": ("postgres_sslcert", _file, None),
     "POSTGRES_SSLKEY": ("postgres_sslkey", _file, None),
+    "POSTGRES_REQUIRE_SYNC_STANDBY": ("postgres_require_sync_standby", _bool, None),
+    "POSTGRES_REPLICATION_CHECK_INTERVAL_SECONDS": ("postgres_replication_check_interval_s", _parse_float, _positive),
     "BATCH_SIZE": ("batch_size", _parse_int, _at_least(1)),
     "BATCH_TIMEOUT_SECONDS": ("batch_timeout_s", _parse_float, _positive),
     "FLUSH_WORKERS": ("flush_workers", _parse_int, _at_least(1)),
@@ -289,8 +411,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
 
 # One line per variable, for --help (and kept in step with .env.example by a test).
 HELP: dict[str, str] = {
-    "RABBITMQ_HOST": "broker host",
-    "RABBITMQ_PORT": "broker port (5671 is the usual one for TLS)",
+    "RABBITMQ_HOST": "broker host, or the nodes of a cluster: host or host:port entries separated by commas",
+    "RABBITMQ_PORT": "broker port (5671 is the usual one for TLS), for RABBITMQ_HOST entries without one",
     "RABBITMQ_USER": "broker user",
     "RABBITMQ_PASSWORD": "broker password (never logged)",
     "RABBITMQ_VHOST": "virtual host",
@@ -301,14 +423,20 @@ HELP: dict[str, str] = {
     "RABBITMQ_DEAD_LETTERING": "declare a dead-letter exchange and queue with a queue the service declares",
     "RABBITMQ_DEAD_LETTER_EXCHANGE": "dead-letter exchange (default <RABBITMQ_QUEUE>.dlx)",
     "RABBITMQ_DEAD_LETTER_QUEUE": "dead-letter queue (default <RABBITMQ_QUEUE>.dead)",
+    "RABBITMQ_QUEUE_TYPE": "quorum (replicated across a cluster) or classic: the type of the queues the service "
+    "declares; an existing queue is used as it is",
+    "RABBITMQ_DELIVERY_LIMIT": "deliveries of one message from a quorum queue the service declares before it is "
+    "dead-lettered (a message that keeps killing consumers)",
     "RABBITMQ_TLS": "connect with TLS (amqps)",
     "RABBITMQ_TLS_CA_FILE": "CA certificates to verify the broker with (default: the system's)",
     "RABBITMQ_TLS_CERT_FILE": "client certificate, for brokers that require one",
     "RABBITMQ_TLS_KEY_FILE": "client certificate's private key",
     "RABBITMQ_TLS_VERIFY_HOSTNAME": "check that the broker's certificate names the host",
-    "RABBITMQ_TLS_SERVER_NAME": "name expected in the broker's certificate (default RABBITMQ_HOST)",
-    "POSTGRES_HOST": "database host",
-    "POSTGRES_PORT": "database port",
+    "RABBITMQ_TLS_SERVER_NAME": "name expected in the broker's certificate (default: the host of each "
+    "RABBITMQ_HOST entry)",
+    "POSTGRES_HOST": "database host, or several separated by commas (primary and standbys): only a server that "
+    "accepts writes is used",
+    "POSTGRES_PORT": "database port, or one per POSTGRES_HOST entry separated by commas",
     "POSTGRES_DB": "database name",
     "POSTGRES_USER": "database user",
     "POSTGRES_PASSWORD": "database password (never logged)",
@@ -323,6 +451,10 @@ HELP: dict[str, str] = {
     "POSTGRES_SSLROOTCERT": "CA certificates to verify the server with (verify-ca, verify-full)",
     "POSTGRES_SSLCERT": "client certificate",
     "POSTGRES_SSLKEY": "client certificate's private key",
+    "POSTGRES_REQUIRE_SYNC_STANDBY": "stop consuming (votes stay in RabbitMQ) while no synchronous standby has every "
+    "commit, so that an acked vote survives losing the primary",
+    "POSTGRES_REPLICATION_CHECK_INTERVAL_SECONDS": "how often the primary's replication state is read (logged when "
+    "it changes, exported as metrics)",
     "BATCH_SIZE": "votes per batch",
     "BATCH_TIMEOUT_SECONDS": "a batch is written once its oldest vote has waited this long",
     "FLUSH_WORKERS": "batches written at once, each on its own connection; acks stay in delivery order",
@@ -380,9 +512,31 @@ def load_config(environ: Mapping[str, str]) -> Config:
             "FLUSH_WORKERS must be below POSTGRES_MAX_CONNECTIONS (each writer holds a connection), got "
             f"{config.flush_workers} >= {config.postgres_max_connections}"
         )
+    _check_server_lists(config)
     if config.postgres_min_connections > config.postgres_max_connections:
         raise ConfigError(
             "POSTGRES_MIN_CONNECTIONS must not exceed POSTGRES_MAX_CONNECTIONS, got "
             f"{config.postgres_min_connections} > {config.postgres_max_connections}"
         )
     return config
+
+
+def _check_server_lists(config: Config) -> None:
+    """libpq takes one port for every host or one per host; anything else fails on every connection."""
+    hosts = config.postgres_host.split(",")
+    if isinstance(config.postgres_port, tuple) and len(config.postgres_port) != len(hosts):
+        raise ConfigError(
+            f"POSTGRES_PORT must give one port, or one per POSTGRES_HOST entry: {len(config.postgres_port)} ports "
+            f"for {len(hosts)} host{'' if len(hosts) == 1 else 's'}, got POSTGRES_PORT={config.postgres_libpq_port!r} "
+            f"POSTGRES_HOST={config.postgres_host!r}"
+        )
+    if config.postgres_require_sync_standby and (
+        config.postgres_replication_check_interval_s >= config.postgres_query_timeout_s
+    ):
+        # A commit left waiting for a standby that went away is cancelled by statement_timeout, and
+        # PostgreSQL then reports it committed; the check must stop consuming before that happens.
+        raise ConfigError(
+            "POSTGRES_REPLICATION_CHECK_INTERVAL_SECONDS must be below POSTGRES_QUERY_TIMEOUT_SECONDS with "
+            f"POSTGRES_REQUIRE_SYNC_STANDBY=true, got {config.postgres_replication_check_interval_s:g} >= "
+            f"{config.postgres_query_timeout_s:g}"
+        )

@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 import pika
@@ -21,7 +22,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import Basic, BasicProperties
 
-from config import Config
+from config import Config, node_text
 from deadletters import DeadLetterer
 from exits import CONFIG as EXIT_CONFIG
 from exits import FAILURE as EXIT_FAILURE
@@ -36,6 +37,21 @@ logger = logging.getLogger(__name__)
 
 # How long the connection thread blocks in pika between checks of the stop flag.
 _POLL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class _Then:
+    """What follows a failed connection attempt, for its log line: the backoff, and the next node."""
+
+    delay: float
+    following: str | None  # the next node of RABBITMQ_HOST, if there are several
+    more: bool  # nodes of this round not tried yet
+
+    def phrase(self, consumed: bool) -> str:
+        """ "now on <node>" when the next node is tried at once, else "in <seconds>"."""
+        if self.following is not None and (consumed or self.more):
+            return f"now on {self.following}"
+        return f"in {1.0 if consumed else self.delay:.1f}s"
 
 
 class ConsumerCancelled(Exception):
@@ -53,12 +69,16 @@ class Consumer:
         summary: Summary,
         notifier: Notifier,
         on_turn: Callable[[], None],
+        hold: Callable[[], str | None] | None = None,
     ) -> None:
         self._config = config
         self._metrics = metrics
         self._summary = summary
         self._notifier = notifier
         self._on_turn = on_turn
+        # Why not to consume right now (ReplicationWatch.hold_reason), or None; read on every turn.
+        self._hold = hold or (lambda: None)
+        self._nodes = [node_text(host, port) for host, port in config.rabbitmq_nodes]
         self._stop = threading.Event()
         self._deadline = float("inf")
         self._pipeline: Pipeline | None = None
@@ -69,7 +89,8 @@ class Consumer:
         self._session = 0
         self._cancelled = False
         self._connected_once = False  # a connection has been established since start-up
-        self._consumed = False  # the current connection got as far as consuming
+        # The current connection got as far as consuming, or as deliberately not consuming (hold).
+        self._consumed = False
         self._ready_sent = False
         self._dead_letterer = DeadLetterer(config)
         self._received = 0  # this thread's running counts; reported once per loop turn
@@ -111,19 +132,45 @@ class Consumer:
     # -- the connection thread -------------------------------------------------------
 
     def run(self, pipeline: Pipeline) -> int:
-        """Consume until a stop is requested; reconnect on connection loss. Returns the exit code."""
+        """Consume until a stop is requested; on a lost connection, go on with the next node. Returns the exit code.
+
+        The nodes of RABBITMQ_HOST are tried in turn, starting after the one just lost, so
+        that it comes last. The backoff only grows once every node failed in a row: while
+        another node answers, nothing waits.
+        """
         self._pipeline = pipeline
         self._warn_about_prefetch()
+        nodes = self._config.rabbitmq_nodes
+        self._metrics.record_rabbitmq_node(self._nodes, None)
         delay = 1.0
         code = EXIT_OK
+        index = 0
+        failed = refused = 0  # nodes failed in a row, and those of this round that refused us for good
         while not self._stop.is_set():
-            outcome = self._connect_and_consume(delay)
-            if outcome == "refused":
-                return self._finish(EXIT_CONFIG)
+            following = node_text(*nodes[(index + 1) % len(nodes)]) if len(nodes) > 1 else None
+            then = _Then(delay, following, more=(failed + 1) % len(nodes) != 0)
+            outcome = self._connect_and_consume(nodes[index], then)
+            self._on_turn()
+            index = (index + 1) % len(nodes)
             if outcome == "unclean":
                 code = EXIT_FAILURE
             if self._consumed:
-                delay = 1.0  # the last connection worked: start the backoff over
+                # The node worked: the backoff starts over, and the next node is tried at once.
+                failed = refused = 0
+                delay = 1.0
+                if len(nodes) > 1:
+                    continue
+            else:
+                failed += 1
+                refused += outcome == "refused"
+                if failed % len(nodes):
+                    continue  # nodes not yet tried in this round
+                if refused == len(nodes):
+                    # Every node refused the credentials, the vhost or the certificate: retrying cannot help.
+                    return self._finish(EXIT_CONFIG)
+                refused = 0
+                if len(nodes) > 1:
+                    logger.warning("no RabbitMQ node answered (%d tried); trying again in %.0fs", len(nodes), delay)
             if not self._stop.is_set():
                 self._notifier.notify(f"STATUS=RabbitMQ unavailable; reconnecting in {delay:.0f}s")
                 self._wait(delay)
@@ -140,69 +187,85 @@ class Consumer:
             code = EXIT_FAILURE
         return code
 
-    def _connect_and_consume(self, delay: float) -> str:
-        """One connection's life: "clean" or "unclean" after a stop, "lost", or "refused" (do not retry).
+    def _connect_and_consume(self, node: tuple[str, int], then: _Then) -> str:
+        """One connection's life: "clean" or "unclean" after a stop, "lost", or "refused" (by this node, for good).
 
-        `delay` is the wait before the next attempt, for the log lines; a connection
-        that got as far as consuming starts the backoff over.
+        `then` says when the next attempt comes, for the log lines.
         """
         connection: BlockingConnection | None = None
         self._consumed = False
+        url = self._config.rabbitmq_url_for_logs(node)
         try:
-            connection = pika.BlockingConnection(amqp_parameters(self._config))
+            connection = pika.BlockingConnection(amqp_parameters(self._config, node))
             self._connection = connection
             self._dead_letterer.attach(connection)
             self._connected_once = True
-            return "clean" if self._consume(connection) else "unclean"
+            self._metrics.record_rabbitmq_node(self._nodes, node_text(*node))
+            return "clean" if self._consume(connection, node) else "unclean"
         except ConsumerCancelled as exc:
             self._metrics.record_error("consumer_cancelled")
-            logger.warning("%s; consuming again in 1.0s", exc)
-        except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
+            logger.warning("%s; consuming again %s", exc, then.phrase(self._consumed))
+        except (
+            pika.exceptions.ProbableAuthenticationError,
+            pika.exceptions.ProbableAccessDeniedError,
+            ssl.SSLCertVerificationError,
+        ) as exc:
             self._metrics.record_error("rabbitmq_connection")
-            if not self._connected_once and refused_by_broker(exc):
-                # Wrong credentials or vhost: retrying will not help, and the
-                # operator needs to see it at once.
-                logger.error("RabbitMQ refused %s: %s", self._config.rabbitmq_url_for_logs(), exc)
+            if self._refused_for_good(exc, url):
                 return "refused"
             # pika guesses "authentication" whenever the connection drops during
             # the handshake, also when a node is merely stopping.
             logger.error(
-                "RabbitMQ connection to %s failed during the handshake (%s); retrying in %.1fs",
-                self._config.rabbitmq_url_for_logs(),
+                "RabbitMQ TLS certificate of %s not accepted (%s); retrying %s"
+                if isinstance(exc, ssl.SSLCertVerificationError)
+                else "RabbitMQ connection to %s failed during the handshake (%s); retrying %s",
+                url,
                 describe_error(exc),
-                self._retry_in(delay),
+                then.phrase(self._consumed),
             )
-        except ssl.SSLCertVerificationError as exc:
-            self._metrics.record_error("rabbitmq_connection")
-            if not self._connected_once:
-                # A CA file or server name that does not match: retrying will not help.
-                logger.error(
-                    "RabbitMQ at %s: TLS certificate not accepted: %s (check RABBITMQ_TLS_CA_FILE, "
-                    "RABBITMQ_HOST and RABBITMQ_TLS_SERVER_NAME)",
-                    self._config.rabbitmq_url_for_logs(),
-                    exc,
-                )
-                return "refused"
-            logger.error("RabbitMQ TLS certificate not accepted (%s); retrying in %.1fs", exc, self._retry_in(delay))
         except (pika.exceptions.AMQPError, OSError) as exc:
             # OSError: ssl.SSLError and socket errors that pika lets through.
             self._metrics.record_error("rabbitmq_connection")
             logger.warning(
-                "RabbitMQ connection to %s lost or refused (%s); retrying in %.1fs",
-                self._config.rabbitmq_url_for_logs(),
+                "RabbitMQ connection to %s lost or refused (%s); retrying %s",
+                url,
                 describe_error(exc),
-                self._retry_in(delay),
+                then.phrase(self._consumed),
             )
         finally:
-            self._forget_channel()
-            self._connection = None
-            self._dead_letterer.attach(None)
-            if connection is not None and connection.is_open:
-                _close_quietly(connection.close)
+            self._disconnected(connection)
         return "lost"
 
-    def _retry_in(self, delay: float) -> float:
-        return 1.0 if self._consumed else delay
+    def _refused_for_good(self, exc: Exception, url: str) -> bool:
+        """Whether this node refused us for a reason retrying cannot fix; said at once if so.
+
+        Only certain before the first connection: later, a node that is merely
+        stopping drops handshakes in ways pika reports the same.
+        """
+        if self._connected_once:
+            return False
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            # A CA file or server name that does not match: retrying will not help.
+            logger.error(
+                "RabbitMQ at %s: TLS certificate not accepted: %s (check RABBITMQ_TLS_CA_FILE, "
+                "RABBITMQ_HOST and RABBITMQ_TLS_SERVER_NAME)",
+                url,
+                exc,
+            )
+            return True
+        if refused_by_broker(exc):
+            # Wrong credentials or vhost: the operator needs to see it at once.
+            logger.error("RabbitMQ refused %s: %s", url, exc)
+            return True
+        return False
+
+    def _disconnected(self, connection: BlockingConnection | None) -> None:
+        self._forget_channel()
+        self._metrics.record_rabbitmq_node(self._nodes, None)
+        self._connection = None
+        self._dead_letterer.attach(None)
+        if connection is not None and connection.is_open:
+            _close_quietly(connection.close)
 
     def _warn_about_prefetch(self) -> None:
         c = self._config
@@ -228,33 +291,18 @@ class Consumer:
         self._on_turn()
 
     def _open_queue(self, connection: BlockingConnection) -> BlockingChannel:
-        """A channel on RABBITMQ_QUEUE: an existing queue is used as it is, a missing one declared durable."""
+        """A channel on RABBITMQ_QUEUE: an existing queue is used as it is, a missing one declared (declare_queues)."""
         channel = connection.channel()
-        queue = self._config.rabbitmq_queue
         try:
-            channel.queue_declare(queue, passive=True)
+            channel.queue_declare(self._config.rabbitmq_queue, passive=True)
             return channel
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code != 404:
                 raise
-        channel = connection.channel()
-        arguments: dict[str, str] = {}
-        c = self._config
-        if c.rabbitmq_dead_lettering:
-            # Rejected messages are kept for audit instead of being discarded.
-            channel.exchange_declare(c.dead_letter_exchange, "fanout", durable=True)
-            channel.queue_declare(c.dead_letter_queue, durable=True)
-            channel.queue_bind(c.dead_letter_queue, c.dead_letter_exchange)
-            arguments["x-dead-letter-exchange"] = c.dead_letter_exchange
-        channel.queue_declare(queue, durable=True, arguments=arguments)
-        logger.info(
-            "declared durable queue %s%s",
-            queue,
-            f" dead-lettering to {c.dead_letter_exchange} -> {c.dead_letter_queue}" if arguments else "",
-        )
-        return channel
+        declare_queues(connection, self._config)
+        return connection.channel()
 
-    def _start_consuming(self, connection: BlockingConnection) -> str:
+    def _start_consuming(self, connection: BlockingConnection, node: tuple[str, int]) -> str:
         channel = self._open_queue(connection)
         channel.basic_qos(prefetch_count=self._config.rabbitmq_prefetch_count)
         self._cancelled = False
@@ -271,21 +319,29 @@ class Consumer:
             # Both connections are up: the unit counts as started from here.
             self._notifier.notify("READY=1", status)
             self._ready_sent = True
+        nodes = self._config.rabbitmq_nodes
         logger.info(
-            "consuming %s on %s (prefetch %d, batch %d votes or %.2fs)",
+            "consuming %s on %s (%sprefetch %d, batch %d votes or %.2fs)",
             self._config.rabbitmq_queue,
-            self._config.rabbitmq_url_for_logs(),
+            self._config.rabbitmq_url_for_logs(node),
+            f"node {nodes.index(node) + 1} of {len(nodes)}, " if len(nodes) > 1 else "",
             self._config.rabbitmq_prefetch_count,
             self._config.batch_size,
             self._config.batch_timeout_s,
         )
         return str(consumer_tag)
 
-    def _consume(self, connection: BlockingConnection) -> bool:
-        """Consume until a stop is requested, then drain. True when every vote written was acked."""
+    def _consume(self, connection: BlockingConnection, node: tuple[str, int]) -> bool:
+        """Consume until a stop is requested, then drain. True when every vote written was acked.
+
+        While the hold says so (POSTGRES_REQUIRE_SYNC_STANDBY), the channel stays closed and
+        the connection open: RabbitMQ keeps the votes until consuming may go on.
+        """
         assert self._pipeline is not None
-        consumer_tag = self._start_consuming(connection)
+        consumer_tag: str | None = None
+        self._cancelled = False  # a cancel on an earlier connection is dealt with
         while not self._stop.is_set() and not self._cancelled:
+            consumer_tag = self._follow_hold(connection, node, consumer_tag)
             connection.process_data_events(time_limit=_POLL_S)
             self._on_turn()
             self._report_received()
@@ -297,9 +353,9 @@ class Consumer:
             raise ConsumerCancelled(f"RabbitMQ cancelled the consumer of {self._config.rabbitmq_queue}")
         logger.info("stopping: no new messages; writing %d buffered votes", len(self._pipeline.buffer))
         channel = self._channel
-        assert channel is not None
-        # Undelivered prefetched messages are nacked by pika and stay in the queue.
-        channel.basic_cancel(consumer_tag)
+        if channel is not None and consumer_tag is not None:
+            # Undelivered prefetched messages are nacked by pika and stay in the queue.
+            channel.basic_cancel(consumer_tag)
 
         def turn() -> None:
             connection.process_data_events(time_limit=_POLL_S)
@@ -312,9 +368,43 @@ class Consumer:
         while not acks_sent.is_set() and time.monotonic() < self._deadline + 1.0:
             turn()
         self._forget_channel()
-        _close_quietly(channel.close)
+        if channel is not None:
+            _close_quietly(channel.close)
         _close_quietly(connection.close)
         return clean and acks_sent.is_set()
+
+    def _follow_hold(
+        self, connection: BlockingConnection, node: tuple[str, int], consumer_tag: str | None
+    ) -> str | None:
+        """Start or stop consuming as the hold says; returns the consumer tag while consuming."""
+        held = self._hold()
+        if held is None:
+            return consumer_tag if consumer_tag is not None else self._start_consuming(connection, node)
+        if consumer_tag is not None or not self._consumed:
+            self._stand_by(held)
+        return None
+
+    def _stand_by(self, reason: str) -> None:
+        """Stop consuming and hand back every vote not yet acked; the connection stays open.
+
+        Buffered votes are dropped and batches being written are not acked (their
+        channel is gone): RabbitMQ redelivers them all once consuming goes on, and
+        the database absorbs those already committed. So no vote is acked while
+        the hold lasts, whatever was under way when it began.
+        """
+        self._consumed = True  # the connection works: a loss later starts the backoff over
+        channel = self._channel
+        self._forget_channel()
+        if channel is not None:
+            _close_quietly(channel.close)
+        logger.warning("not consuming: %s; the votes stay in RabbitMQ", reason)
+        status = f"STATUS=not consuming: {reason}"
+        if self._ready_sent:
+            self._notifier.notify(status)
+        else:
+            # Running as configured: deliberately not consuming is not a failed start.
+            self._notifier.notify("READY=1", status)
+            self._ready_sent = True
 
     def _on_cancelled(self, _method: object) -> None:
         self._cancelled = True
@@ -398,27 +488,96 @@ class Consumer:
             logger.warning("a batch held votes of a closed channel; RabbitMQ redelivers them")
 
 
-def amqp_parameters(c: Config, *, name: str = "vote-aggregator") -> pika.ConnectionParameters:
-    """Connection parameters for RabbitMQ, TLS included; `name` is what the broker's UI shows."""
+def amqp_parameters(
+    c: Config, node: tuple[str, int] | None = None, *, name: str = "vote-aggregator"
+) -> pika.ConnectionParameters:
+    """Connection parameters for one RabbitMQ node (default: the first of RABBITMQ_HOST), TLS included;
+    `name` is what the broker's UI shows."""
+    host, port = node or c.rabbitmq_nodes[0]
     ssl_options = None
     if c.rabbitmq_tls:
         context = ssl.create_default_context(cafile=c.rabbitmq_tls_ca_file or None)
         context.check_hostname = c.rabbitmq_tls_verify_hostname
         if c.rabbitmq_tls_cert_file:
             context.load_cert_chain(c.rabbitmq_tls_cert_file, c.rabbitmq_tls_key_file)
-        ssl_options = pika.SSLOptions(context, c.rabbitmq_tls_server_name or c.rabbitmq_host)
+        # Each node's certificate is checked against its own name, unless one name is given for all.
+        ssl_options = pika.SSLOptions(context, c.rabbitmq_tls_server_name or host)
     return pika.ConnectionParameters(
         ssl_options=ssl_options,
-        host=c.rabbitmq_host,
-        port=c.rabbitmq_port,
+        host=host,
+        port=port,
         virtual_host=c.rabbitmq_vhost,
         credentials=pika.PlainCredentials(c.rabbitmq_user, c.rabbitmq_password),
         heartbeat=c.rabbitmq_heartbeat_s,
         blocked_connection_timeout=300,
+        # One attempt per call: the connection loop goes on with the next node itself.
         connection_attempts=1,
         socket_timeout=10,
         client_properties={"connection_name": name},
     )
+
+
+def queue_arguments(c: Config) -> dict[str, str | int]:
+    """The arguments of RABBITMQ_QUEUE when the service declares it."""
+    arguments: dict[str, str | int] = {"x-queue-type": c.rabbitmq_queue_type}
+    if not c.rabbitmq_dead_lettering:
+        # No delivery limit either: past it, a message with nowhere to be dead-lettered is dropped.
+        return arguments
+    # Rejected messages are kept for audit instead of being discarded.
+    arguments["x-dead-letter-exchange"] = c.dead_letter_exchange
+    if c.rabbitmq_queue_type == "quorum":
+        # A message that keeps killing consumers (or losing their connections) is
+        # dead-lettered after this many deliveries instead of looping forever.
+        arguments["x-delivery-limit"] = c.rabbitmq_delivery_limit
+        # A quorum queue keeps a dead-lettered message until the dead-letter queue
+        # has confirmed it; the default (at-most-once) drops it if that queue is
+        # unavailable. RabbitMQ requires reject-publish overflow for this.
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+    return arguments
+
+
+def declare_queues(connection: BlockingConnection, c: Config) -> None:
+    """Declare RABBITMQ_QUEUE, durable, of RABBITMQ_QUEUE_TYPE, and its dead-letter exchange and queue.
+
+    A dead-letter queue that already exists is used as it is, like RABBITMQ_QUEUE:
+    declaring it again with another type would fail.
+    """
+    channel = connection.channel()
+    arguments = queue_arguments(c)
+    if c.rabbitmq_dead_lettering:
+        channel.exchange_declare(c.dead_letter_exchange, "fanout", durable=True)
+        if not _queue_exists(connection, c.dead_letter_queue):
+            channel.queue_declare(c.dead_letter_queue, durable=True, arguments={"x-queue-type": c.rabbitmq_queue_type})
+        channel.queue_bind(c.dead_letter_queue, c.dead_letter_exchange)
+    channel.queue_declare(c.rabbitmq_queue, durable=True, arguments=arguments)
+    _close_quietly(channel.close)
+    limit = arguments.get("x-delivery-limit")
+    logger.info(
+        "declared durable queue %s (%s)%s%s",
+        c.rabbitmq_queue,
+        c.rabbitmq_queue_type,
+        f" dead-lettering to {c.dead_letter_exchange} -> {c.dead_letter_queue}" if c.rabbitmq_dead_lettering else "",
+        f" after {limit} deliveries" if limit else "",
+    )
+    if c.rabbitmq_queue_type == "quorum" and not c.rabbitmq_dead_lettering:
+        logger.warning(
+            "quorum queue %s has no delivery limit (RABBITMQ_DEAD_LETTERING=false): a message that keeps killing "
+            "consumers is delivered again and again (RabbitMQ 4 drops it after 20 deliveries)",
+            c.rabbitmq_queue,
+        )
+
+
+def _queue_exists(connection: BlockingConnection, name: str) -> bool:
+    channel = connection.channel()
+    try:
+        channel.queue_declare(name, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 404:
+            raise
+        return False
+    _close_quietly(channel.close)
+    return True
 
 
 def refused_by_broker(exc: BaseException) -> bool:

@@ -35,7 +35,7 @@ from psycopg2 import sql
 from psycopg2.extras import execute_values
 from psycopg2.pool import ThreadedConnectionPool
 
-from config import Config
+from config import Config, node_text
 from votes import Vote
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,51 @@ class DatabaseMissing(DatabaseError):
 class DatabaseConfigError(DatabaseError):
     """We cannot connect as configured and retrying cannot help (authentication,
     role, pg_hba.conf, permissions, TLS files or certificate)."""
+
+
+@dataclass(frozen=True)
+class ReplicationState:
+    """The primary's replication, as the service's own session sees it (Database.replication_state)."""
+
+    server: str  # host:port the state was read from
+    standby_names: str  # synchronous_standby_names
+    synchronous_commit: str  # this session's, the one its commits use
+    # (application_name, sync_state, bytes of WAL the standby has not flushed) of each
+    # walsender; sync_state and the lag are None for a role without pg_read_all_stats.
+    standbys: tuple[tuple[str, str | None, int | None], ...]
+
+    @property
+    def required(self) -> int:
+        """How many synchronous standbys must confirm each commit (0: none)."""
+        names = self.standby_names.strip()
+        if not names:
+            return 0
+        match = _NUM_SYNC.match(names)
+        return int(match.group(1)) if match else 1  # "s1, s2" means FIRST 1 (s1, s2)
+
+    @property
+    def synchronous(self) -> list[str]:
+        """Standbys attached as synchronous ones ("sync" for FIRST, "quorum" for ANY)."""
+        return [name for name, state, _lag in self.standbys if state in ("sync", "quorum")]
+
+    @property
+    def readable(self) -> bool:
+        """False when the role may not see pg_stat_replication's details (pg_read_all_stats)."""
+        return all(state is not None for _name, state, _lag in self.standbys)
+
+    @property
+    def commits_wait(self) -> bool:
+        """synchronous_commit makes a commit wait for the synchronous standbys (not local, not off)."""
+        return self.synchronous_commit in ("on", "remote_write", "remote_apply")
+
+    @property
+    def failover_safe(self) -> bool:
+        """Every commit, so every ack, waits until a standby has it: a failover to it loses no acked vote."""
+        return self.readable and self.commits_wait and 0 < self.required <= len(self.synchronous)
+
+
+# synchronous_standby_names: "[FIRST | ANY] num_sync ( name [, ...] )" or "name [, ...]".
+_NUM_SYNC = re.compile(r"(?:(?:FIRST|ANY)\s+)?(\d+)\s*\(", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -185,9 +230,10 @@ def _classify_by_text(message: str, config: Config, *, dbname: str) -> DatabaseE
 def _database_missing(config: Config, dbname: str, first: str) -> DatabaseError:
     if dbname != config.postgres_db:  # a maintenance database (create_database), not ours
         return DatabaseConfigError(f"PostgreSQL refused {config.postgres_target_for_logs()}: {first}")
+    servers = ",".join(node_text(host, port) for host, port in config.postgres_servers)
     return DatabaseMissing(
-        f'database "{config.postgres_db}" does not exist on {config.postgres_host}:{config.postgres_port}; '
-        f"create it with: createdb -h {config.postgres_host} -p {config.postgres_port} "
+        f'database "{config.postgres_db}" does not exist on {servers}; '
+        f"create it with: createdb -h {config.postgres_host} -p {config.postgres_libpq_port} "
         f"-U {config.postgres_user} {config.postgres_db}   (or: python aggregator.py --init-db)"
     )
 
@@ -296,7 +342,11 @@ def connect_kwargs(config: Config, *, dbname: str | None = None) -> dict[str, An
         "sslmode": config.postgres_sslmode,
         **tls,
         "host": config.postgres_host,
-        "port": config.postgres_port,
+        "port": config.postgres_libpq_port,
+        # With several hosts libpq tries each in turn and keeps the first that accepts
+        # writes: the primary, wherever a failover has put it. With one host, a standby
+        # is refused the same way, and retried, rather than failing every batch.
+        "target_session_attrs": "read-write",
         "dbname": dbname or config.postgres_db,
         "user": config.postgres_user,
         "password": config.postgres_password,
@@ -422,6 +472,14 @@ def _break(conn: psycopg2.extensions.connection) -> None:
         sock.close()
 
 
+class _Connection(psycopg2.extensions.connection):
+    """A pooled connection that remembers the pool's generation when it was opened (Database._checkout)."""
+
+    def __init__(self, dsn: str, *args: Any, generation: int = 0, **kwargs: Any) -> None:
+        super().__init__(dsn, *args, **kwargs)
+        self.generation = generation
+
+
 class Database:
     """A connection pool and the statements the service runs. Each call is one attempt:
     the retry policy is the caller's (pipeline.py)."""
@@ -433,6 +491,11 @@ class Database:
         # server gets the first chance to cancel cleanly. It also knows which
         # connections are in use, for interrupt().
         self._watchdog = _Watchdog(config.postgres_query_timeout_s + 5.0)
+        # Bumped by every connection-level failure; pooled connections opened
+        # before it are closed instead of used (see _checkout).
+        self._generation = 0
+        self._server_lock = threading.Lock()
+        self._server: str | None = None  # host:port of the server the last connection reached
         # Names this process's hash chains: unique across hosts, processes and restarts.
         self.instance_id = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -444,6 +507,7 @@ class Database:
             pool = ThreadedConnectionPool(
                 self._config.postgres_min_connections,
                 self._config.postgres_max_connections,
+                connection_factory=self._new_connection,
                 **connect_kwargs(self._config),
             )
         except psycopg2.OperationalError as exc:
@@ -467,18 +531,59 @@ class Database:
             self._watchdog.break_all()
             pool.closeall()
 
+    @property
+    def server(self) -> str | None:
+        """host:port of the server the last connection reached (the primary, with several hosts)."""
+        return self._server
+
+    def _new_connection(self, dsn: str, *args: Any, **kwargs: Any) -> _Connection:
+        return _Connection(dsn, *args, generation=self._generation, **kwargs)
+
+    def _checkout(self, pool: ThreadedConnectionPool) -> _Connection:
+        """A pooled connection opened since the last connection-level failure.
+
+        After a failover or a restart, every idle connection points at a server
+        that is gone or no longer the primary: each would cost the batch a failed
+        attempt and a retry wait. They are closed instead, and new ones opened
+        (libpq finds the server that accepts writes).
+        """
+        for _ in range(self._config.postgres_max_connections):
+            conn = cast(_Connection, pool.getconn())
+            if conn.generation >= self._generation:
+                self._note_server(conn)
+                return conn
+            pool.putconn(conn, close=True)
+        conn = cast(_Connection, pool.getconn())
+        self._note_server(conn)
+        return conn
+
+    def _note_server(self, conn: _Connection) -> None:
+        server = node_text(conn.info.host, conn.info.port)
+        if server == self._server:
+            return
+        with self._server_lock:
+            previous, self._server = self._server, server
+        if len(self._config.postgres_servers) > 1 and previous != server:
+            # With several hosts, the server that accepts writes is the one libpq found.
+            logger.log(
+                logging.INFO if previous is None else logging.WARNING,
+                "writing to the PostgreSQL primary at %s%s",
+                server,
+                "" if previous is None else f" (was {previous}: a failover or a restart)",
+            )
+
     @contextmanager
     def _transaction(self) -> Iterator[psycopg2.extensions.cursor]:
         """One transaction on a pooled connection, with psycopg2's errors translated.
 
         A connection that failed at the connection level is closed, never
-        handed back for reuse.
+        handed back for reuse, and so are the idle ones opened before it.
         """
         pool = self._pool
         if pool is None:
             raise DatabaseUnavailable("the connection pool is not open")
         try:
-            conn = pool.getconn()
+            conn = self._checkout(pool)
         except psycopg2.OperationalError as exc:
             raise classify_connect_error(exc, self._config) from None
         except psycopg2.pool.PoolError as exc:  # closed while shutting down, or exhausted
@@ -492,6 +597,8 @@ class Database:
         except psycopg2.Error as exc:
             error, usable = _translate(exc, lost=bool(conn.closed))
             discard = not (usable and _rollback(conn))
+            if not usable:
+                self._generation += 1  # the server may be gone: so are the idle connections to it
             raise error from None
         except BaseException:
             discard = not _rollback(conn)
@@ -540,6 +647,24 @@ class Database:
         """A trivial round trip: raises DatabaseError if PostgreSQL cannot be used."""
         with self._transaction() as cur:
             cur.execute("SELECT 1")
+
+    def replication_state(self) -> ReplicationState:
+        """Read the primary's synchronous replication settings and its standbys (one attempt)."""
+        with self._transaction() as cur:
+            cur.execute("SELECT current_setting('synchronous_standby_names'), current_setting('synchronous_commit')")
+            names, commit = cur.fetchone() or ("", "")  # a SELECT without FROM returns its one row
+            # Through init_db.sql's SECURITY DEFINER function where it exists: the service's role sees
+            # the standbys' sync state without pg_read_all_stats. An older schema: the view itself.
+            cur.execute("SELECT has_function_privilege(to_regprocedure('vote_replication_standbys()'), 'EXECUTE')")
+            row = cur.fetchone()
+            cur.execute(
+                "SELECT * FROM vote_replication_standbys()"
+                if row and row[0]
+                else "SELECT application_name, sync_state, pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint "
+                "FROM pg_stat_replication ORDER BY application_name"
+            )
+            standbys = tuple((str(name), state, lag) for name, state, lag in cur.fetchall())
+        return ReplicationState(self._server or "", str(names), str(commit), standbys)
 
     def read_totals(self) -> dict[str, tuple[int, int]]:
         with self._transaction() as cur:
@@ -594,6 +719,10 @@ _CONFLICTS = {
     "55P03": "lock wait timeout",
 }
 _STATEMENT_TIMEOUT = "57014"
+# The server refuses writes: a primary demoted or fenced (default_transaction_read_only)
+# after a failover. The new primary is elsewhere: the connection goes, the batch is
+# retried on a new one, which libpq opens only on a server that accepts writes.
+_READ_ONLY = "25006"
 _INSUFFICIENT_PRIVILEGE = "42501"
 
 # The connection's role against what the service needs: superuser, owner of a
@@ -623,6 +752,8 @@ def _translate(exc: psycopg2.Error, *, lost: bool = False) -> tuple[DatabaseErro
         return DatabaseUnavailable(message), False
     if exc.pgcode in _CONFLICTS:
         return TransactionConflict(f"{_CONFLICTS[exc.pgcode]}: {message}"), True
+    if exc.pgcode == _READ_ONLY:
+        return DatabaseUnavailable(f"the server accepts no writes: {message}"), False
     if exc.pgcode == _STATEMENT_TIMEOUT:
         # Lock waits end earlier (lock_timeout), so this is a server too slow to
         # answer in time: retried, but not a conflict.

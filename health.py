@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
+import db
+from metrics import Metrics
 from systemd import Notifier
 
 logger = logging.getLogger(__name__)
@@ -41,9 +45,13 @@ class Health:
         self._pipeline: _Pipeline | None = None
         self._turned_at = time.monotonic()
         self._next_watchdog = 0.0
+        self._hold: Callable[[], str | None] = lambda: None
 
-    def watch(self, *, consumer: _Consumer, pipeline: _Pipeline) -> None:
+    def watch(self, *, consumer: _Consumer, pipeline: _Pipeline, hold: Callable[[], str | None] | None = None) -> None:
+        """`hold`: why the consumer is told not to consume (ReplicationWatch.hold_reason), or None."""
         self._consumer, self._pipeline = consumer, pipeline
+        if hold is not None:
+            self._hold = hold
 
     def turned(self) -> None:
         """Called on every turn of the connection loop: records it, and pings systemd while alive."""
@@ -92,9 +100,153 @@ class Health:
             return False, "starting: waiting for PostgreSQL"
         if consumer.stopping:
             return False, "stopping"
+        held = self._hold()
+        if held is not None:
+            return False, f"not consuming: {held}"
         if not consumer.consuming:
             return False, "not consuming from RabbitMQ"
         if pipeline.database_error is not None:
             return False, f"PostgreSQL is failing: {pipeline.database_error}"
         alive, reason = self.liveness()
         return (True, "ready") if alive else (False, reason)
+
+
+class ReplicationWatch:
+    """What a PostgreSQL failover could lose: read from the primary at start-up and then every
+    POSTGRES_REPLICATION_CHECK_INTERVAL_SECONDS, on a thread of its own ("replication-check").
+
+    A vote is acked after its COMMIT; the ack survives losing the primary only if the commit
+    waited for a standby that is then promoted. One line is logged whenever the answer changes,
+    and the database_* gauges follow it. With POSTGRES_REQUIRE_SYNC_STANDBY, `hold_reason` tells
+    the consumer to stop consuming while an ack would not survive it.
+    """
+
+    def __init__(
+        self,
+        *,
+        read: Callable[[], db.ReplicationState],
+        metrics: Metrics,
+        interval_s: float,
+        require_sync: bool,
+        user: str,
+    ) -> None:
+        self._read = read
+        self._metrics = metrics
+        self._interval_s = interval_s
+        self._require_sync = require_sync
+        self._user = user
+        self._said: str | None = None  # the last line logged, without figures that change all the time
+        # Why not to consume; None while consuming is fine. Unknown until the first check.
+        self._hold: str | None = "the replication state has not been read yet" if require_sync else None
+        self._checked = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold_reason(self) -> str | None:
+        return self._hold
+
+    def start(self) -> None:
+        """Check once now (before consuming starts), then every interval on a thread of its own."""
+        self.check()
+        self._thread = threading.Thread(target=self._loop, name="replication-check", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.check()
+            except Exception:
+                # Never die: the next check may work, and the state stays the last one known.
+                logger.exception("unexpected error while reading the replication state")
+                self._metrics.record_error("unexpected")
+
+    def check(self) -> None:
+        """Read the state once; log it if it changed; update the gauges and the hold."""
+        try:
+            state = self._read()
+        except db.DatabaseError as exc:
+            self._update(
+                None, f"PostgreSQL replication state unknown: assume a failover could lose acked votes [{exc}]"
+            )
+            return
+        self._update(state, describe_replication(state, user=self._user))
+
+    def _update(self, state: db.ReplicationState | None, said: str) -> None:
+        safe = state is not None and state.failover_safe
+        self._metrics.database_failover_safe.set(1 if safe else 0)
+        self._metrics.database_standbys.set(len(state.standbys) if state is not None else 0)
+        self._metrics.database_synchronous_standbys.set(len(state.synchronous) if state is not None else 0)
+        line, _, _figures = said.partition(" [")
+        if line != self._said:
+            self._said = line
+            # A single server without standbys is a choice, not a fault: said once, at INFO.
+            alone = state is not None and state.readable and state.required == 0 and not state.standbys
+            logger.log(logging.INFO if safe or alone else logging.WARNING, "%s", said)
+        if not self._require_sync:
+            return
+        hold = None if safe else f"POSTGRES_REQUIRE_SYNC_STANDBY=true and {_short(state)}"
+        self._metrics.consumption_held.set(0 if hold is None else 1)
+        if hold != self._hold:
+            if hold is None and self._checked:
+                logger.info("a synchronous standby has every commit again: consuming may go on")
+            self._hold = hold
+        self._checked = True
+
+
+def _short(state: db.ReplicationState | None) -> str:
+    """Why an ack would not survive losing the primary, in a few words (for /readyz)."""
+    if state is None or not state.readable:
+        return "the primary's replication state is unknown"
+    if state.required == 0:
+        return "the primary has no synchronous standby configured (synchronous_standby_names is empty)"
+    if not state.commits_wait:
+        return f"commits do not wait for the standby (synchronous_commit={state.synchronous_commit})"
+    return f"{len(state.synchronous)} of the {state.required} synchronous standbys required are attached"
+
+
+def describe_replication(state: db.ReplicationState, *, user: str) -> str:
+    """One line: what losing the primary would cost the votes already acked.
+
+    Figures that change all the time (replication lag) come last, in brackets, and do not
+    make the line count as changed.
+    """
+    where = f"PostgreSQL replication on {state.server or 'the primary'}"
+    names = state.standby_names
+    if not state.readable:
+        return (
+            f"{where}: unknown, role {user} cannot see the standbys' state in pg_stat_replication "
+            f"(apply init_db.sql and service_role.sql again as an administrator, which grants it "
+            f"vote_replication_standbys(); or GRANT pg_read_all_stats TO {user}); assume a failover could lose "
+            "acked votes"
+        )
+    if state.failover_safe:
+        return (
+            f"{where}: synchronous, every commit waits until {state.required} of "
+            f"synchronous_standby_names={names!r} has it (attached: {', '.join(state.synchronous)}); "
+            "a failover to a synchronous standby loses no acked vote"
+        )
+    if state.required == 0 and not state.standbys:
+        return (
+            f"{where}: no standby; acked votes are as safe as this server's disk, "
+            "and there is no standby to fail over to"
+        )
+    if state.required == 0:
+        lags = [lag for _name, _state, lag in state.standbys if lag is not None]
+        return (
+            f"{where}: asynchronous to {', '.join(name for name, _s, _l in state.standbys)} "
+            "(synchronous_standby_names is empty); a failover can lose the votes acked just before it, "
+            f"and RabbitMQ will not redeliver them [standbys behind by up to {max(lags, default=0)} bytes of WAL]"
+        )
+    if not state.commits_wait:
+        return (
+            f"{where}: synchronous_commit={state.synchronous_commit}, so commits do not wait for "
+            f"synchronous_standby_names={names!r}; a failover can lose the votes acked just before it"
+        )
+    return (
+        f"{where}: commits wait for {state.required} synchronous standby(s) of {names!r} and "
+        f"{len(state.synchronous)} attached: writing stalls until one attaches, and a commit whose wait is "
+        "cancelled (POSTGRES_QUERY_TIMEOUT_SECONDS) is kept only on the primary and can be lost in a failover"
+    )

@@ -145,6 +145,17 @@ END $$;
 -- The service's role (docs/security.md#least-privilege): exactly what the
 -- service does, nothing more. Creating the role is a separate step,
 -- service_role.sql; applying this file again re-grants to it.
+-- The primary's standbys as the service needs to see them (POSTGRES_REQUIRE_SYNC_STANDBY), without
+-- pg_read_all_stats, which would also show it every session's queries: this function runs with its
+-- owner's (an administrator's) rights and returns only each standby's name, sync state and lag.
+CREATE OR REPLACE FUNCTION vote_replication_standbys()
+RETURNS TABLE (application_name text, sync_state text, lag_bytes bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
+    SELECT application_name::text, sync_state::text, pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint
+    FROM pg_stat_replication ORDER BY application_name
+$$;
+REVOKE ALL ON FUNCTION vote_replication_standbys() FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION vote_aggregator_grant(grantee name) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -161,6 +172,8 @@ BEGIN
     EXECUTE format('GRANT SELECT, INSERT, UPDATE (oui_count, non_count, updated_at) ON vote_results TO %I', grantee);
     -- `python aggregator.py results` with the service's settings.
     EXECUTE format('GRANT SELECT ON vote_statistics TO %I', grantee);
+    -- The replication state, and nothing more of the server's activity.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION vote_replication_standbys() TO %I', grantee);
 END $$;
 REVOKE ALL ON FUNCTION vote_aggregator_grant(name) FROM PUBLIC;
 

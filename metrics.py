@@ -81,6 +81,7 @@ class Metrics:
         self._define_seed_metrics(self.registry)
         self._define_counting_metrics(self.registry)
         self._define_health_metrics(self.registry)
+        self._define_ha_metrics(self.registry)
         self._define_security_metrics(self.registry)
         Info("vote_aggregator_build", "Version of the service and of Python", registry=self.registry).info(
             {"version": version, "python": platform.python_version()}
@@ -165,6 +166,38 @@ class Metrics:
         self.rabbitmq_connected = Gauge(
             "rabbitmq_connected", "1 while the service is consuming from RabbitMQ", registry=r
         )
+
+    def _define_ha_metrics(self, r: CollectorRegistry) -> None:
+        """Which RabbitMQ node the service is on, and what a PostgreSQL failover could lose."""
+        self.rabbitmq_node_connected = Gauge(
+            "rabbitmq_node_connected",
+            "1 for the RabbitMQ node (a RABBITMQ_HOST entry) the service is connected to, 0 for the others",
+            ["node"],
+            registry=r,
+        )
+        self.database_failover_safe = Gauge(
+            "database_failover_safe",
+            "1 when every commit waits for an attached synchronous standby (a failover to it loses no acked vote); "
+            "0 when a failover could lose acked votes, or the replication state could not be read",
+            registry=r,
+        )
+        self.database_synchronous_standbys = Gauge(
+            "database_synchronous_standbys", "Standbys attached to the primary as synchronous ones", registry=r
+        )
+        self.database_standbys = Gauge(
+            "database_standbys", "Standbys streaming from the primary, synchronous or not", registry=r
+        )
+        self.consumption_held = Gauge(
+            "vote_consumption_held",
+            "1 while the service does not consume because POSTGRES_REQUIRE_SYNC_STANDBY is set and no synchronous "
+            "standby has every commit",
+            registry=r,
+        )
+
+    def record_rabbitmq_node(self, nodes: Iterable[str], current: str | None) -> None:
+        """Mark `current` (or none) as the node the service is connected to."""
+        for node in nodes:
+            self.rabbitmq_node_connected.labels(node).set(1 if node == current else 0)
 
     def _define_security_metrics(self, r: CollectorRegistry) -> None:
         """The results embargo and the metrics port's lock."""

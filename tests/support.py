@@ -18,10 +18,13 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -221,6 +224,18 @@ def query(dbname: str, statement: str, params: tuple[Any, ...] = ()) -> list[tup
         conn.close()
 
 
+def waiting_on(dbname: str, blocker: psycopg2.extensions.connection) -> bool:
+    """True once one of the service's backends in `dbname` waits for a lock `blocker` holds
+    (its own database and backends only: another test's lock cannot satisfy it)."""
+    rows = query(
+        dbname,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = 'vote-aggregator' AND %s = ANY(pg_blocking_pids(pid))",
+        (blocker.get_backend_pid(),),
+    )
+    return bool(rows[0][0])
+
+
 def audit_count(dbname: str) -> int:
     try:
         return int(query(dbname, "SELECT count(*) FROM vote_audit")[0][0])
@@ -395,6 +410,14 @@ class Service:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def http(self, path: str) -> tuple[int, str]:
+        """Status and body of GET `path` on the metrics port (/healthz, /readyz, ...)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
@@ -450,3 +473,54 @@ def stop_all(services: Iterable[Service]) -> None:
 def apply_schema(dbname: str) -> None:
     done = run_cli("--init-db", env=service_env(dbname=dbname))
     assert done.returncode == 0, done.stderr
+
+
+class NotifyListener:
+    """Receives sd_notify datagrams on a filesystem path or an abstract name ("@...")."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self._sock.settimeout(0.1)
+        self._lock = threading.Lock()
+        self.messages: list[list[str]] = []
+        self._arrived: list[float] = []  # time.monotonic() of each message
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._receive, name="notify-listener", daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data = self._sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.messages.append(data.decode().split("\n"))
+                self._arrived.append(time.monotonic())
+
+    def received(self) -> list[list[str]]:
+        with self._lock:
+            return list(self.messages)
+
+    def wait_for(self, state: str, *, timeout: float) -> list[str]:
+        """The first message carrying `state` (e.g. "READY=1")."""
+
+        def found() -> list[str] | None:
+            return next((m for m in self.received() if state in m), None)
+
+        message: list[str] = wait_for(found, timeout=timeout, interval=0.02, what=state)
+        return message
+
+    def count(self, state: str, *, since: float = 0.0) -> int:
+        """Messages carrying `state`, received at or after `since` (time.monotonic())."""
+        with self._lock:
+            return sum(state in m for m, at in zip(self.messages, self._arrived, strict=True) if at >= since)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(5)
+        self._sock.close()

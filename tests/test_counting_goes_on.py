@@ -13,8 +13,6 @@ import socket
 import textwrap
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from tests.support import (
     POSTGRES_PORT,
     RABBITMQ_PORT,
     ROOT,
+    NotifyListener,
     Service,
     VoteMsg,
     amqp_connection,
@@ -80,14 +79,6 @@ def injecting(tmp_path: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(folder)}
 
 
-def http_status(svc: Service, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}{path}", timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def consumers(queue: str) -> int:
     """Consumers of a queue, 0 while it does not exist."""
     try:
@@ -133,7 +124,7 @@ def test_unexpected_errors_reject_only_the_offending_votes_and_counting_goes_on(
     wait_for(lambda: queue_state(dead)[0] == len(bad), timeout=30, what="offending votes dead-lettered")
     wait_for(lambda: queue_state(queue)[0] == 0, timeout=30, what="queue drained")
     assert svc.metric("aggregation_errors_total", error_type="unexpected") == len(bad)
-    assert http_status(svc, "/healthz")[0] == 200
+    assert svc.http("/healthz")[0] == 200
     assert svc.stop() == 0
 
     assert results(dbname) == expected_totals(good)
@@ -174,7 +165,7 @@ def test_a_consumer_cancelled_by_the_broker_consumes_again(
     publish(queue, [v.body() for v in second])
     wait_for(lambda: audit_count(dbname) == len(first) + len(second), timeout=30, what="second votes counted")
     assert svc.metric("aggregation_errors_total", error_type="consumer_cancelled") == 1
-    assert http_status(svc, "/readyz")[0] == 200
+    assert svc.http("/readyz")[0] == 200
     assert svc.stop() == 0
     assert_all_counted_once(dbname, queue, first + second)
 
@@ -201,45 +192,15 @@ def test_extra_fields_are_counted_and_named_once(make_service: MakeService, queu
     assert_all_counted_once(dbname, queue, votes)
 
 
-class _WatchdogListener:
-    """A NOTIFY_SOCKET that records what the service tells systemd."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(path))
-        self._sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._closed = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        while not self._closed.is_set():
-            try:
-                data = self._sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.messages.append((time.monotonic(), data.decode()))
-
-    def pings_since(self, since: float) -> int:
-        return sum(1 for at, text in list(self.messages) if at >= since and "WATCHDOG=1" in text)
-
-    def close(self) -> None:
-        self._closed.set()
-        self._sock.close()
-
-
 def test_a_stuck_writer_fails_liveness_and_stops_feeding_the_watchdog(
     make_service: MakeService, queue: str, dbname: str, tmp_path: Path
 ) -> None:
-    listener = _WatchdogListener(tmp_path / "notify.sock")
+    listener = NotifyListener(str(tmp_path / "notify.sock"))
     try:
         svc = make_service(
             {
                 **injecting(tmp_path),
-                "NOTIFY_SOCKET": str(listener.path),
+                "NOTIFY_SOCKET": listener.address,
                 "WATCHDOG_USEC": "1000000",  # ping every 0.5 s while alive
                 "STALL_TIMEOUT_SECONDS": "3",
                 "BATCH_TIMEOUT_SECONDS": "0.2",
@@ -248,21 +209,21 @@ def test_a_stuck_writer_fails_liveness_and_stops_feeding_the_watchdog(
         votes = make_votes(50, laws=2)
         publish(queue, [v.body() for v in votes])
         wait_for(lambda: audit_count(dbname) == len(votes), timeout=30, what="votes counted")
-        assert http_status(svc, "/healthz") == (200, "ok\n")
-        assert listener.pings_since(time.monotonic() - 2) > 0
+        assert svc.http("/healthz") == (200, "ok\n")
+        assert listener.count("WATCHDOG=1", since=time.monotonic() - 2) > 0
 
         publish(queue, [VoteMsg("f" * 64, "hang-1", "law-000", "non").body()])
         wait_for(lambda: svc.metric("oldest_unacked_delivery_age_seconds") > 1, timeout=10, what="a vote held")
-        wait_for(lambda: http_status(svc, "/healthz")[0] == 503, timeout=10, what="/healthz failing")
-        _status, reason = http_status(svc, "/healthz")
+        wait_for(lambda: svc.http("/healthz")[0] == 503, timeout=10, what="/healthz failing")
+        _status, reason = svc.http("/healthz")
         assert "waited" in reason
         assert "STALL_TIMEOUT_SECONDS" in reason
-        assert http_status(svc, "/readyz")[0] == 503
+        assert svc.http("/readyz")[0] == 503
         assert svc.metric("oldest_unacked_delivery_age_seconds") > 3
         # No more pings: systemd's WatchdogSec= would now restart the service.
         stalled_at = time.monotonic()
         time.sleep(1.5)
-        assert listener.pings_since(stalled_at) == 0
+        assert listener.count("WATCHDOG=1", since=stalled_at) == 0
         assert "systemd watchdog no longer fed" in svc.logs()
     finally:
         listener.close()

@@ -7,14 +7,22 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import psycopg2
 import pytest
 from psycopg2 import sql
 
 import db
 from config import Config
 from tests.proxy import TcpProxy
-from tests.support import POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, apply_schema, pg_connect, query, wait_for
+from tests.support import (
+    POSTGRES_HOST,
+    POSTGRES_PORT,
+    POSTGRES_USER,
+    apply_schema,
+    pg_connect,
+    query,
+    wait_for,
+    waiting_on,
+)
 from votes import Vote
 
 
@@ -41,17 +49,6 @@ def _service_backends(dbname: str) -> set[int]:
     return {pid for (pid,) in rows}
 
 
-def _waiting_on(dbname: str, blocker: psycopg2.extensions.connection) -> bool:
-    """True once one of db.Database's backends in `dbname` waits for a lock `blocker` holds."""
-    rows = query(
-        dbname,
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND application_name = 'vote-aggregator' AND %s = ANY(pg_blocking_pids(pid))",
-        (blocker.get_backend_pid(),),
-    )
-    return bool(rows[0][0])
-
-
 def test_a_deadlock_is_a_conflict_that_leaves_nothing_behind(dbname: str) -> None:
     # Another session holds the law's row and then inserts the batch's hash: a
     # lock cycle. PostgreSQL aborts the batch (it waited longest): a conflict,
@@ -68,7 +65,7 @@ def test_a_deadlock_is_a_conflict_that_leaves_nothing_behind(dbname: str) -> Non
         with other.cursor() as cur:
             cur.execute("UPDATE vote_results SET updated_at = now() WHERE law_id = 'law-x'")
         writer, raised = _in_thread(lambda: database.write_batch([vote]))
-        wait_for(lambda: _waiting_on(dbname, other), timeout=10, interval=0.02, what="the batch waiting for the row")
+        wait_for(lambda: waiting_on(dbname, other), timeout=10, interval=0.02, what="the batch waiting for the row")
         with other.cursor() as cur:
             cur.execute(
                 'INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp") '

@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from config import Config, load_config, variables
-from tests.support import ROOT, Service, make_votes, publish, query, queue_state, wait_for
+from tests.support import ROOT, NotifyListener, Service, make_votes, publish, query, queue_state, wait_for
 from tools.ports import free_port
 
 UNIT = ROOT / "deploy" / "vote-aggregator.service"
@@ -206,53 +205,6 @@ def test_environment_file_example_names_only_real_variables() -> None:
 
 
 # -- the notify protocol, with a socket standing in for systemd's ---------------------------------
-
-
-class NotifyListener:
-    """Receives sd_notify datagrams on a filesystem path or an abstract name ("@...")."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        self._sock.settimeout(0.1)
-        self._lock = threading.Lock()
-        self.messages: list[list[str]] = []
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._receive, name="notify-listener", daemon=True)
-        self._thread.start()
-
-    def _receive(self) -> None:
-        while not self._closed.is_set():
-            try:
-                data = self._sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.messages.append(data.decode().split("\n"))
-
-    def received(self) -> list[list[str]]:
-        with self._lock:
-            return list(self.messages)
-
-    def wait_for(self, state: str, *, timeout: float) -> list[str]:
-        """The first message carrying `state` (e.g. "READY=1")."""
-
-        def found() -> list[str] | None:
-            return next((m for m in self.received() if state in m), None)
-
-        message: list[str] = wait_for(found, timeout=timeout, interval=0.02, what=state)
-        return message
-
-    def count(self, state: str) -> int:
-        return sum(state in m for m in self.received())
-
-    def close(self) -> None:
-        self._closed.set()
-        self._thread.join(5)
-        self._sock.close()
 
 
 @pytest.fixture

@@ -23,14 +23,6 @@ from tests.support import (
 MakeService = Callable[..., Service]
 
 
-def probe(svc: Service, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}{path}", timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def test_readiness_follows_postgres_and_rabbitmq(make_service: MakeService, queue: str, dbname: str) -> None:
     pg = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
     amqp = TcpProxy(RABBITMQ_HOST, RABBITMQ_PORT)
@@ -44,8 +36,8 @@ def test_readiness_follows_postgres_and_rabbitmq(make_service: MakeService, queu
                 "MAX_RETRY_ATTEMPTS": "1",
             }
         ).start()
-        assert probe(svc, "/healthz") == (200, "ok\n")
-        assert probe(svc, "/readyz") == (200, "ready\n")
+        assert svc.http("/healthz") == (200, "ok\n")
+        assert svc.http("/readyz") == (200, "ready\n")
         assert svc.metric("database_up") == 1
         assert svc.metric("rabbitmq_connected") == 1
 
@@ -53,25 +45,25 @@ def test_readiness_follows_postgres_and_rabbitmq(make_service: MakeService, queu
         pg.refuse()
         pg.cut()
         publish(queue, (v.body() for v in make_votes(20, laws=2)))
-        wait_for(lambda: probe(svc, "/readyz")[0] == 503, timeout=30, what="not ready without PostgreSQL")
-        status, reason = probe(svc, "/readyz")
+        wait_for(lambda: svc.http("/readyz")[0] == 503, timeout=30, what="not ready without PostgreSQL")
+        status, reason = svc.http("/readyz")
         assert status == 503
         assert "PostgreSQL" in reason
-        assert probe(svc, "/healthz")[0] == 200
+        assert svc.http("/healthz")[0] == 200
         assert svc.metric("database_up") == 0
         wait_for(lambda: svc.metric("database_retries_total") >= 1, timeout=10, what="retries counted")
         pg.resume()
-        wait_for(lambda: probe(svc, "/readyz")[0] == 200, timeout=60, what="ready again")
+        wait_for(lambda: svc.http("/readyz")[0] == 200, timeout=60, what="ready again")
         assert audit_count(dbname) == 20
 
         # RabbitMQ goes away: not ready until the service has reconnected.
         amqp.refuse()
         amqp.cut()
-        wait_for(lambda: probe(svc, "/readyz")[0] == 503, timeout=30, what="not ready without RabbitMQ")
-        assert "RabbitMQ" in probe(svc, "/readyz")[1]
+        wait_for(lambda: svc.http("/readyz")[0] == 503, timeout=30, what="not ready without RabbitMQ")
+        assert "RabbitMQ" in svc.http("/readyz")[1]
         assert svc.metric("rabbitmq_connected") == 0
         amqp.resume()
-        wait_for(lambda: probe(svc, "/readyz")[0] == 200, timeout=30, what="ready after reconnecting")
+        wait_for(lambda: svc.http("/readyz")[0] == 200, timeout=30, what="ready after reconnecting")
         assert svc.stop() == 0
     finally:
         pg.close()
@@ -104,6 +96,6 @@ def test_the_metrics_port_listens_on_ipv6_and_ipv4_with_a_double_colon(make_serv
     svc = make_service({"PROMETHEUS_BIND_ADDRESS": "::"}).start()
     with urllib.request.urlopen(f"http://[::1]:{svc.metrics_port}/healthz", timeout=5) as resp:
         assert (resp.status, resp.read()) == (200, b"ok\n")
-    assert probe(svc, "/healthz") == (200, "ok\n")  # 127.0.0.1: "::" takes IPv4 too
+    assert svc.http("/healthz") == (200, "ok\n")  # 127.0.0.1: "::" takes IPv4 too
     assert svc.metric("database_up") == 1
     assert svc.stop() == 0

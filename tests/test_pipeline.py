@@ -7,7 +7,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import psycopg2
 from prometheus_client import CollectorRegistry
 
 import db
@@ -16,7 +15,16 @@ from metrics import Metrics
 from pipeline import Delivery, Pipeline
 from summary import Summary
 from tests.proxy import TcpProxy
-from tests.support import POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, apply_schema, pg_connect, query, wait_for
+from tests.support import (
+    POSTGRES_HOST,
+    POSTGRES_PORT,
+    POSTGRES_USER,
+    apply_schema,
+    pg_connect,
+    query,
+    wait_for,
+    waiting_on,
+)
 from votes import Vote
 
 
@@ -69,16 +77,6 @@ def _value(metrics: Metrics, name: str, **labels: str) -> float:
     return value
 
 
-def _waiting_on(dbname: str, blocker: psycopg2.extensions.connection) -> bool:
-    rows = query(
-        dbname,
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND application_name = 'vote-aggregator' AND %s = ANY(pg_blocking_pids(pid))",
-        (blocker.get_backend_pid(),),
-    )
-    return bool(rows[0][0])
-
-
 def test_a_deadlock_is_retried_as_a_conflict_and_counted_once(dbname: str) -> None:
     # Another session holds the law's row and then inserts the batch's hash: a
     # lock cycle, and PostgreSQL aborts the batch. Contention is not an outage:
@@ -95,7 +93,7 @@ def test_a_deadlock_is_retried_as_a_conflict_and_counted_once(dbname: str) -> No
             cur.execute("UPDATE vote_results SET updated_at = now() WHERE law_id = 'law-x'")
         pipeline.start()
         pipeline.buffer.add(Delivery(vote, 7, 1, time.monotonic()))
-        wait_for(lambda: _waiting_on(dbname, other), timeout=10, interval=0.02, what="the batch waiting for the row")
+        wait_for(lambda: waiting_on(dbname, other), timeout=10, interval=0.02, what="the batch waiting for the row")
         with other.cursor() as cur:
             cur.execute(
                 'INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp") '

@@ -321,11 +321,19 @@ def test_service_declares_a_missing_queue_durable_with_dead_lettering(
     svc = make_service(queue_name=name).start()
     conn = amqp_connection()
     try:
-        # Re-declaring with the same arguments succeeds only if the queue is durable
-        # and dead-letters to the documented exchange.
-        conn.channel().queue_declare(name, durable=True, arguments={"x-dead-letter-exchange": f"{name}.dlx"})
+        # Re-declaring with the same arguments succeeds only if the queue is a durable quorum
+        # queue (the default type) that dead-letters to the documented exchange, at least once,
+        # after the documented number of deliveries.
+        documented = {
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": f"{name}.dlx",
+            "x-delivery-limit": 20,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+        conn.channel().queue_declare(name, durable=True, arguments=documented)
         with pytest.raises(pika.exceptions.ChannelClosedByBroker):
-            conn.channel().queue_declare(name, durable=False)
+            conn.channel().queue_declare(name, durable=True, arguments={**documented, "x-delivery-limit": 21})
     finally:
         conn.close()
     vote = make_votes(1, laws=1)[0]
@@ -344,7 +352,8 @@ def test_dead_lettering_can_be_turned_off(make_service: MakeService, queue_names
     assert svc.stop() == 0
     conn = amqp_connection()
     try:
-        conn.channel().queue_declare(name, durable=True)  # no arguments: matches only if none were set
+        # Matches only if no dead-letter exchange and no delivery limit were set.
+        conn.channel().queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
         with pytest.raises(pika.exceptions.ChannelClosedByBroker):
             conn.channel().queue_declare(f"{name}.dead", passive=True)
     finally:

@@ -1,0 +1,141 @@
+"""The high-availability compose file (deploy/docker-compose.ha.yml), checked as tests/test_deploy.py
+checks the main one: no Docker engine runs here, so it is validated against the Compose
+Specification's JSON schema, against the files it mounts, and against the service's own
+configuration parser; the shell scripts it mounts are checked by `sh -n`.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ruamel.yaml import YAML
+
+from config import load_config, variables
+from tests.support import ROOT
+from tests.test_deploy import compose_errors, timespan_s
+
+COMPOSE = ROOT / "deploy" / "docker-compose.ha.yml"
+AGGREGATORS = ("aggregator-1", "aggregator-2")
+BROKERS = ("rabbitmq1", "rabbitmq2", "rabbitmq3")
+
+
+def _compose() -> Any:
+    return YAML(typ="safe", pure=True).load(COMPOSE)
+
+
+def _services() -> dict[str, Any]:
+    services: dict[str, Any] = _compose()["services"]
+    return services
+
+
+def _bind_mounts(service: dict[str, Any]) -> list[tuple[Path, str]]:
+    """(host path, container path) of a service's bind mounts, host paths resolved from the compose file."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, _, rest = volume.partition(":")
+        if source.startswith((".", "/")):
+            mounts.append(((COMPOSE.parent / source).resolve(), rest.split(":")[0]))
+    return mounts
+
+
+def _environment(name: str) -> dict[str, str]:
+    return {k: str(v) for k, v in _services()[name]["environment"].items()}
+
+
+def test_ha_compose_file_follows_the_compose_specification() -> None:
+    assert compose_errors(_compose()) == []
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d["services"]["aggregator-1"]["depends_on"]["rabbitmq2"].update(condition="up"),
+        lambda d: d["services"]["postgres-standby"].update(entrypont=d["services"]["postgres-standby"]["entrypoint"]),
+        lambda d: d["services"]["rabbitmq3"]["healthcheck"].update(intervall="10s"),
+        lambda d: d["services"]["aggregator-2"].update(ports={"8002": 8001}),
+    ],
+    ids=["bad-condition", "misspelt-key", "misspelt-healthcheck-key", "ports-mapping"],
+)
+def test_schema_rejects_a_broken_ha_compose_file(mutate: Callable[[Any], None]) -> None:
+    document = _compose()
+    mutate(document)
+    assert compose_errors(document) != []
+
+
+def test_ha_compose_mounts_files_that_exist() -> None:
+    compose = _compose()
+    named = set(compose["volumes"])
+    for name, service in compose["services"].items():
+        for source, _target in _bind_mounts(service):
+            assert source.is_relative_to(ROOT), f"{name} mounts {source}, outside the repository"
+            assert source.is_file(), f"{name} mounts {source}, which is not in the repository"
+        for volume in service.get("volumes", []):
+            if not volume.startswith((".", "/")):
+                assert volume.split(":")[0] in named, f"{name}: undeclared volume {volume}"
+        build = service.get("build")
+        if build is not None:
+            assert (COMPOSE.parent / build / "Dockerfile").is_file()
+
+
+def test_three_clustered_broker_nodes_with_one_cookie() -> None:
+    services = _services()
+    cookies = {services[b]["environment"]["RABBITMQ_ERLANG_COOKIE"] for b in BROKERS}
+    assert len(cookies) == 1
+    for broker in BROKERS:
+        (config,) = [source for source, target in _bind_mounts(services[broker]) if target.startswith("/etc/rabbitmq/")]
+        listed = re.findall(r"^cluster_formation\.classic_config\.nodes\.\d+ = (\S+)$", config.read_text(), re.M)
+        # A node's name is rabbit@<hostname>: every node is listed under the name it will have.
+        assert listed == [f"rabbit@{services[b]['hostname']}" for b in BROKERS]
+        assert services[broker]["healthcheck"]["test"]
+
+
+def test_two_aggregators_reach_every_node_and_both_database_servers() -> None:
+    services = _services()
+    for name in AGGREGATORS:
+        environment = _environment(name)
+        assert set(environment) <= set(variables()), set(environment) - set(variables())
+        config = load_config(environment)
+        assert [host for host, _port in config.rabbitmq_nodes] == list(BROKERS)
+        assert [host for host, _port in config.postgres_servers] == ["postgres-primary", "postgres-standby"]
+        assert config.rabbitmq_queue_type == "quorum"
+        assert config.postgres_require_sync_standby
+        assert (config.rabbitmq_user, config.rabbitmq_password) == (
+            services["rabbitmq1"]["environment"]["RABBITMQ_DEFAULT_USER"],
+            services["rabbitmq1"]["environment"]["RABBITMQ_DEFAULT_PASS"],
+        )
+        primary = services["postgres-primary"]["environment"]
+        assert (config.postgres_user, config.postgres_password, config.postgres_db) == (
+            primary["POSTGRES_USER"],
+            primary["POSTGRES_PASSWORD"],
+            primary["POSTGRES_DB"],
+        )
+        for server in (*BROKERS, "postgres-primary", "postgres-standby"):
+            assert services[name]["depends_on"][server] == {"condition": "service_healthy"}
+        assert timespan_s(services[name]["stop_grace_period"]) >= config.shutdown_timeout_s + 10
+    ports = [port for name in AGGREGATORS for port in services[name]["ports"]]
+    assert len({port.split(":")[0] for port in ports}) == len(AGGREGATORS), ports
+
+
+def test_the_standby_is_the_synchronous_one_the_primary_waits_for() -> None:
+    services = _services()
+    mounts = dict((target, source) for source, target in _bind_mounts(services["postgres-primary"]))
+    init = mounts["/docker-entrypoint-initdb.d/10-replication.sh"].read_text()
+    (waits_for,) = re.findall(r"synchronous_standby_names = '(\w+)'", init)
+    standby = services["postgres-standby"]
+    script = dict((target, source) for source, target in _bind_mounts(standby))[standby["entrypoint"][0]].read_text()
+    assert f"application_name={waits_for}" in script
+    assert "host=postgres-primary" in script
+    assert "replication replicator" in init
+    assert mounts["/docker-entrypoint-initdb.d/init_db.sql"] == ROOT / "init_db.sql"
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "deploy" / "ha").glob("*.sh")), ids=lambda p: p.name)
+def test_mounted_scripts_parse_and_stop_on_errors(script: Path) -> None:
+    assert subprocess.run(["sh", "-n", str(script)], capture_output=True, timeout=30).returncode == 0
+    assert "set -eu" in script.read_text()
+    assert script.stat().st_mode & 0o111, f"{script.name} must be executable: it is an entry point"
