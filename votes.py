@@ -60,6 +60,10 @@ _RFC3339 = re.compile(
     r"(?:\.(?P<fraction>[0-9]{1,9}))?"
     r"(?:(?P<utc>[Zz])|(?P<sign>[+-])(?P<offset_hour>[0-9]{2}):(?P<offset_minute>[0-9]{2}))?"
 )
+# The form producers send (UTC, `T`, `Z`, at most microseconds): a subset of _RFC3339 that
+# datetime.fromisoformat reads to the same instant, in C, at a fifteenth of the cost of the
+# general path (docs/performance.md). Anything else, or anything it refuses, takes that path.
+_COMMON_UTC = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?Z")
 
 
 class InvalidVote(ValueError):
@@ -182,6 +186,11 @@ def parse_timestamp(value: str) -> datetime:
     with TimeZone=UTC, then hands back exactly this instant (it would otherwise
     show a BC or 5-digit year that datetime cannot read back).
     """
+    if _COMMON_UTC.fullmatch(value):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass  # out of range (a leap second, year 0, 30 February): the general path says which
     if len(value) > TIMESTAMP_MAX:
         raise InvalidVote("invalid_timestamp", f"timestamp is longer than {TIMESTAMP_MAX} characters")
     match = _RFC3339.fullmatch(value)
@@ -264,15 +273,14 @@ def parse_message(
         raise InvalidVote("invalid_json", "body is not valid JSON") from None
     if type(obj) is not dict:
         raise InvalidVote("not_an_object", f"body is a JSON {type(obj).__name__}, not an object")
-    missing = FIELDS - obj.keys()
-    if missing:
-        raise InvalidVote("missing_field", f"missing {', '.join(sorted(missing))}")
-
-    vote_hash = _text(obj, "vote_hash")
-    citizen_id = _text(obj, "citizen_id")
-    law_id = _text(obj, "law_id")
-    choice = _text(obj, "choice")
-    timestamp = _text(obj, "timestamp")
+    if not obj.keys() >= FIELDS:
+        raise InvalidVote("missing_field", f"missing {', '.join(sorted(FIELDS - obj.keys()))}")
+    vote_hash, citizen_id, law_id = obj["vote_hash"], obj["citizen_id"], obj["law_id"]
+    choice, timestamp = obj["choice"], obj["timestamp"]
+    # One test for the usual case; _text names the first field that is not a string.
+    if not (type(vote_hash) is type(citizen_id) is type(law_id) is type(choice) is type(timestamp) is str):
+        for key in ("vote_hash", "citizen_id", "law_id", "choice", "timestamp"):
+            _text(obj, key)
 
     if not vote_hash or len(vote_hash) > VOTE_HASH_MAX or not _HEX.fullmatch(vote_hash):
         raise InvalidVote("invalid_vote_hash", f"vote_hash must be 1-{VOTE_HASH_MAX} hex characters")
@@ -289,6 +297,8 @@ def parse_message(
         choice=choice,
         timestamp=parse_timestamp(timestamp),
     )
+    if len(obj) == len(FIELDS):  # the five and nothing else: the usual case
+        return ParsedVote(vote=vote, extra_fields=())
     # Only their names are kept: the values are never looked at, whatever their type.
     extra = tuple(sorted({_field_name(key) for key in obj.keys() - FIELDS})[:EXTRA_FIELDS_MAX])
     return ParsedVote(vote=vote, extra_fields=extra)

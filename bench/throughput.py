@@ -67,6 +67,9 @@ TARGET_LIMIT_RATIO = 0.85
 TARGET_NAIVE_RATIO = 10.0
 TARGET_P99_MS = 300.0
 TARGET_RSS_MB = 80.0
+# The service's own CPU per vote against the bare consumer's, in the same run (issue 13).
+TARGET_CPU_RATIO = 1.5
+AIM_CPU_RATIO = 1.3
 
 # Variables the service reads are removed from the inherited environment, so that
 # "defaults" means the service's defaults, not whatever this shell exports.
@@ -286,18 +289,38 @@ def _backlog_publisher_main(endpoints: Endpoints, queue: str, bodies: Sequence[b
 class ConsumerResult:
     messages: int
     seconds: float  # first message received to last message acked
+    cpu_s: float | None = None  # this process's user + system CPU over the same span
+    busy_core_s: float | None = None  # the whole machine's busy CPU over the same span
 
 
 @dataclass
 class _Clock:
+    """Wall time, own CPU and machine CPU from the first message to `finish`."""
+
     count: int = 0
     first: float = 0.0
     last: float = 0.0
+    cpu0: float | None = None
+    busy0: tuple[int, int] = (0, 0)
+    cpu_s: float | None = None
+    busy_core_s: float | None = None
 
     def tick(self) -> None:
         if self.count == 0:
             self.first = time.perf_counter()
+            self.cpu0 = process_cpu_seconds(os.getpid())
+            self.busy0 = machine_busy_jiffies()
         self.count += 1
+
+    def finish(self) -> None:
+        self.last = time.perf_counter()
+        cpu1 = process_cpu_seconds(os.getpid())
+        if self.cpu0 is not None and cpu1 is not None:
+            self.cpu_s = cpu1 - self.cpu0
+        self.busy_core_s = busy_core_seconds(self.busy0, machine_busy_jiffies())
+
+    def result(self) -> ConsumerResult:
+        return ConsumerResult(self.count, self.last - self.first, self.cpu_s, self.busy_core_s)
 
 
 def _bare_consumer_main(endpoints: Endpoints, queue: str, expected: int, out: Connection) -> None:
@@ -314,12 +337,12 @@ def _bare_consumer_main(endpoints: Endpoints, queue: str, expected: int, out: Co
         if clock.count % 100 == 0 or clock.count == expected:
             ch.basic_ack(method.delivery_tag, multiple=True)
         if clock.count == expected:
-            clock.last = time.perf_counter()
+            clock.finish()
             ch.stop_consuming()
 
     channel.basic_consume(queue, on_message)
     channel.start_consuming()
-    out.send(ConsumerResult(clock.count, clock.last - clock.first))
+    out.send(clock.result())
     connection.close()
 
 
@@ -354,12 +377,12 @@ def _naive_consumer_main(endpoints: Endpoints, queue: str, dbname: str, expected
         db.commit()
         ch.basic_ack(method.delivery_tag)
         if clock.count == expected:
-            clock.last = time.perf_counter()
+            clock.finish()
             ch.stop_consuming()
 
     channel.basic_consume(queue, on_message)
     channel.start_consuming()
-    out.send(ConsumerResult(clock.count, clock.last - clock.first))
+    out.send(clock.result())
     connection.close()
     db.close()
 
@@ -606,11 +629,7 @@ class ServiceProcess:
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time of the service process (all its threads)."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.pid)
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM, as systemd or docker would; returns the exit code (-9 if it had to be killed)."""
@@ -678,12 +697,26 @@ class Watcher:
             return [str(row[0]) for row in cur.fetchall()]
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, all its threads (utime + stime of /proc/<pid>/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def machine_busy_jiffies() -> tuple[int, int]:
     """(busy, total) CPU time of the whole machine, from /proc/stat."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)
     total = sum(values[:8])
     return total - idle, total
+
+
+def busy_core_seconds(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Core-seconds the whole machine was busy between two machine_busy_jiffies() readings."""
+    return (after[0] - before[0]) / os.sysconf("SC_CLK_TCK")
 
 
 # -- checks -------------------------------------------------------------------------------------------
@@ -757,10 +790,38 @@ class Throughput:
     seconds: float | None
     publish_rate: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    # Own CPU (every instance summed) and the machine's busy CPU, over `cpu_votes` votes.
+    cpu_s: float | None = None
+    busy_core_s: float | None = None
+    cpu_votes: int = 0
 
     @property
     def rate(self) -> float | None:
         return self.votes / self.seconds if self.seconds else None
+
+    @property
+    def cpu_us_per_vote(self) -> float | None:
+        return 1e6 * self.cpu_s / self.cpu_votes if self.cpu_s is not None and self.cpu_votes else None
+
+    @property
+    def machine_us_per_vote(self) -> float | None:
+        """Busy CPU of the whole machine (RabbitMQ, PostgreSQL, the bench) per vote."""
+        return 1e6 * self.busy_core_s / self.cpu_votes if self.busy_core_s and self.cpu_votes else None
+
+    @property
+    def votes_per_busy_core_s(self) -> float | None:
+        return self.cpu_votes / self.busy_core_s if self.busy_core_s else None
+
+
+def _consumer_throughput(result: ConsumerResult, publish_rate: float) -> Throughput:
+    return Throughput(
+        result.messages,
+        result.seconds,
+        publish_rate,
+        cpu_s=result.cpu_s,
+        busy_core_s=result.busy_core_s,
+        cpu_votes=result.messages,
+    )
 
 
 @dataclass
@@ -799,7 +860,7 @@ def phase_bare(s: Settings, res: Resources, bodies: Sequence[bytes]) -> Throughp
     publish_rate = publish_backlog(s, res, queue, bodies)
     result = run_consumer(res, "bare consumer", _bare_consumer_main, (s.endpoints, queue, len(bodies)), _budget(s))
     res.delete_queue(queue)
-    return Throughput(result.messages, result.seconds, publish_rate)
+    return _consumer_throughput(result, publish_rate)
 
 
 def phase_naive(s: Settings, res: Resources, votes: Sequence[BenchVote], report: Report) -> Throughput:
@@ -811,7 +872,7 @@ def phase_naive(s: Settings, res: Resources, votes: Sequence[BenchVote], report:
     report.checks += exactly_once_checks(s.endpoints, "naive", dbname, expected_totals(votes))
     res.delete_queue(queue)
     res.drop_database(dbname)
-    return Throughput(result.messages, result.seconds, publish_rate)
+    return _consumer_throughput(result, publish_rate)
 
 
 def _budget(s: Settings, per_s: float = 500) -> float:
@@ -835,20 +896,19 @@ def phase_service(s: Settings, res: Resources, votes: Sequence[BenchVote], log_d
     dbname = res.new_database(schema=False)  # the service applies init_db.sql itself, as at a first start
     publish_rate = publish_backlog(s, res, queue, [v.body() for v in votes])
     # With --instances, every process consumes the same queue into the same database;
-    # RSS and CPU are those of the first one.
+    # CPU is summed over them, RSS is the largest.
     svcs = [
         res.service(ServiceProcess.start(s, queue=queue, dbname=dbname, log_path=log_dir / f"service-{i}.log"))
         for i in range(s.instances)
     ]
-    svc = svcs[0]
     started = time.time()
     watcher = Watcher(s.endpoints, dbname)
     try:
-        progress = _follow_progress(s, svc, watcher, len(votes))
+        progress = _follow_progress(s, svcs, watcher, len(votes))
         count, first, last = watcher.audit_span()
     finally:
         watcher.close()
-    hwm_kb = svc.status_kb("VmHWM")
+    hwm_kb = max((other.status_kb("VmHWM") or 0 for other in svcs), default=0)
     exit_codes = [other.stop() for other in svcs]
     exit_code = max(exit_codes, key=abs)
     report.checks += exactly_once_checks(s.endpoints, "service", dbname, expected_totals(votes))
@@ -865,28 +925,50 @@ def phase_service(s: Settings, res: Resources, votes: Sequence[BenchVote], log_d
         "machine_busy_share": progress.machine_busy,
         "poller_cpu_share": progress.poller_cpu_share,
         "exit_code": exit_code,
-        "log_levels": svc.log_levels(),
+        "log_levels": svcs[0].log_levels(),
     }
     res.delete_queue(queue)
     res.drop_database(dbname)
-    return Throughput(len(votes), seconds, publish_rate, details)
+    return Throughput(
+        len(votes),
+        seconds,
+        publish_rate,
+        details,
+        cpu_s=progress.cpu_s if progress.window_votes else None,
+        busy_core_s=progress.busy_core_s,
+        cpu_votes=progress.window_votes,
+    )
 
 
 @dataclass
 class Progress:
     done_at: float | None = None  # time.time() of the first poll that saw every vote
     max_rss_kb: int = 0
-    cpu_s: float = 0.0  # service CPU between the first vote seen and the last
+    # Between the first poll that saw votes counted and the one that saw them all:
+    cpu_s: float = 0.0  # the services' CPU, every instance summed
+    busy_core_s: float | None = None  # the whole machine's busy CPU
+    window_votes: int = 0  # votes counted in that window
     wall_s: float = 0.0
     machine_busy: float | None = None
     poller_cpu_share: float = 0.0  # CPU of this process while polling, per second of wall time
 
 
-def _follow_progress(s: Settings, svc: ServiceProcess, watcher: Watcher, target: int) -> Progress:
+def _services_cpu(svcs: Sequence[ServiceProcess]) -> float:
+    return sum(svc.cpu_seconds() or 0.0 for svc in svcs)
+
+
+def _follow_progress(s: Settings, svcs: Sequence[ServiceProcess], watcher: Watcher, target: int) -> Progress:
+    """Poll until every vote is counted. CPU is read from the first poll that sees votes counted.
+
+    That window misses the receiving of the votes buffered (at most the prefetch
+    of each instance) when it opens, a percent of a 100,000-vote backlog, and
+    leaves out start-up (imports, schema), which has nothing to do with votes.
+    """
     progress = Progress()
     last_count, last_change = 0, time.monotonic()
     next_rss = 0.0
     cpu0: float | None = None
+    count0 = 0
     wall0 = 0.0
     busy0 = (0, 0)
     cpu_began, began = time.process_time(), time.monotonic()
@@ -894,9 +976,10 @@ def _follow_progress(s: Settings, svc: ServiceProcess, watcher: Watcher, target:
         count = watcher.counted()
         now = time.time()
         if count and cpu0 is None:
-            cpu0, wall0, busy0 = svc.cpu_seconds() or 0.0, time.monotonic(), machine_busy_jiffies()
+            cpu0, count0, wall0, busy0 = _services_cpu(svcs), count, time.monotonic(), machine_busy_jiffies()
         if time.monotonic() >= next_rss:
-            progress.max_rss_kb = max(progress.max_rss_kb, svc.status_kb("VmRSS") or 0)
+            rss = max(svc.status_kb("VmRSS") or 0 for svc in svcs)
+            progress.max_rss_kb = max(progress.max_rss_kb, rss)
             next_rss = time.monotonic() + RSS_SAMPLE_S
         if count >= target:
             progress.done_at = now
@@ -906,15 +989,18 @@ def _follow_progress(s: Settings, svc: ServiceProcess, watcher: Watcher, target:
         elif time.monotonic() - last_change > s.stall_timeout_s:
             print(f"  no progress for {s.stall_timeout_s:.0f}s at {count}/{target} votes", file=sys.stderr)
             break
-        svc.check_running()
+        for svc in svcs:
+            svc.check_running()
         time.sleep(THROUGHPUT_POLL_S)
     progress.poller_cpu_share = (time.process_time() - cpu_began) / (time.monotonic() - began)
     if cpu0 is not None:
-        progress.cpu_s = (svc.cpu_seconds() or 0.0) - cpu0
+        progress.cpu_s = _services_cpu(svcs) - cpu0
         progress.wall_s = time.monotonic() - wall0
         busy1 = machine_busy_jiffies()
         total = busy1[1] - busy0[1]
         progress.machine_busy = (busy1[0] - busy0[0]) / total if total else None
+        progress.busy_core_s = busy_core_seconds(busy0, busy1)
+        progress.window_votes = min(count, target) - count0
     return progress
 
 
@@ -1065,7 +1151,8 @@ def render(report: Report) -> str:
     s, m = report.settings, report.machine
     lines = [
         f"bench: N={s['votes']} votes, {s['laws']} laws, {m['date']}, {m['cores']} cores, {m['cpu']}",
-        f"{'phase':<24}{'votes':>8}{'seconds':>10}{'votes/s':>10}",
+        f"{'phase':<24}{'votes':>8}{'seconds':>10}{'votes/s':>10}{'own CPU':>10}{'machine':>10}",
+        f"{'':<52}{'us/vote':>10}{'us/vote':>10}",
     ]
     label = "service (defaults)" if not s["service_env"] else "service (--service-env)"
     if s.get("instances", 1) > 1:
@@ -1084,7 +1171,17 @@ def render(report: Report) -> str:
 
 
 def _row(name: str, t: Throughput) -> str:
-    return f"{name:<24}{t.votes:>8}{_fmt(t.seconds, '.2f'):>10}{_fmt(t.rate, '.0f'):>10}"
+    return (
+        f"{name:<24}{t.votes:>8}{_fmt(t.seconds, '.2f'):>10}{_fmt(t.rate, '.0f'):>10}"
+        f"{_fmt(t.cpu_us_per_vote, '.1f'):>10}{_fmt(t.machine_us_per_vote, '.1f'):>10}"
+    )
+
+
+def cpu_ratio(report: Report) -> float | None:
+    """The service's own CPU per vote (every instance) over the bare consumer's, same run."""
+    svc = report.service.cpu_us_per_vote if report.service else None
+    bare = report.bare.cpu_us_per_vote if report.bare else None
+    return svc / bare if svc and bare else None
 
 
 def _ratios(report: Report) -> list[str]:
@@ -1096,6 +1193,10 @@ def _ratios(report: Report) -> list[str]:
         ratio = svc / bare
         target = f"(target >= {TARGET_LIMIT_RATIO:g}{_target(ratio >= TARGET_LIMIT_RATIO)})"
         lines.append(f"{'service / limit':<42}{ratio:>10.2f}   {target}")
+    cpu = cpu_ratio(report)
+    if cpu is not None:
+        target = f"(target <= {TARGET_CPU_RATIO:g}{_target(cpu <= TARGET_CPU_RATIO)}, aim {AIM_CPU_RATIO:g})"
+        lines.append(f"{'service CPU/vote / bare CPU/vote':<42}{cpu:>10.2f}   {target}")
     if svc and naive:
         ratio = svc / naive
         target = f"(target >= {TARGET_NAIVE_RATIO:g}{_target(ratio >= TARGET_NAIVE_RATIO)})"
@@ -1162,6 +1263,12 @@ def _notes(report: Report) -> list[str]:
             f"resolution ~{lat.poll_period_ms:.0f} ms (poll period), sampler CPU "
             f"{100 * lat.details['sampler_cpu_share']:.0f}% of a core, log lines: {_levels(lat.details['log_levels'])}"
         )
+    per_core = [f"{n} {t.votes_per_busy_core_s:.0f}" for n, t in _throughputs(report) if t.votes_per_busy_core_s]
+    if per_core:
+        lines.append(
+            f"  votes per busy core-second of the whole machine (/proc/stat; RabbitMQ, PostgreSQL and the bench "
+            f"included): {', '.join(per_core)}"
+        )
     if report.log_dir:
         lines.append(f"  service logs kept in {report.log_dir}")
     return lines
@@ -1184,6 +1291,10 @@ def write_json(path: Path, report: Report) -> None:
     data = asdict(report)
     for name, t in _throughputs(report):
         data[name]["votes_per_s"] = t.rate
+        data[name]["cpu_us_per_vote"] = t.cpu_us_per_vote
+        data[name]["machine_us_per_vote"] = t.machine_us_per_vote
+        data[name]["votes_per_busy_core_s"] = t.votes_per_busy_core_s
+    data["service_cpu_ratio"] = cpu_ratio(report)
     data["checks_ok"] = report.checks_ok
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 

@@ -11,7 +11,10 @@ It prints, for the same generated votes:
 - one batch through db.Database.write_batch into a scratch database: wall time, and the part
   of it this process spent on the CPU (building the statement, reading the answer); the rest
   is PostgreSQL's work and the round trips;
-- a one-row INSERT and its commit, for the cost of a commit (a WAL flush) alone.
+- a one-row INSERT and its commit, for the cost of a commit (a WAL flush) alone;
+- the batch's parameters as db.py sends them (five arrays, adapted by psycopg2 in C while the
+  flush worker holds the interpreter lock) against one JSON document (json.dumps) read by
+  json_to_recordset: this process's CPU per vote, and PostgreSQL's wall time to unpack them.
 The scratch database is dropped afterwards.
 """
 
@@ -35,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python bench/write_path.py` puts bench/ on the path, not the repository
 import db  # noqa: E402
 from config import Config  # noqa: E402
-from votes import parse_message  # noqa: E402
+from votes import Vote, parse_message  # noqa: E402
 
 
 def bodies(count: int, *, laws: int, salt: str) -> list[bytes]:
@@ -101,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             database.apply_schema()
             _write_batches(database, a.batches, a.batch_size, a.laws)
-            _commits({"host": a.postgres_host, "port": a.postgres_port, "user": a.postgres_user, "dbname": name})
+            dsn = {"host": a.postgres_host, "port": a.postgres_port, "user": a.postgres_user, "dbname": name}
+            _commits(dsn)
+            _parameters(dsn, a.batch_size, a.laws)
         finally:
             database.close()
     finally:
@@ -143,6 +148,77 @@ def _commits(dsn: dict[str, Any], rounds: int = 500) -> None:
     finally:
         conn.close()
     print(f"commit       one-row INSERT + COMMIT: {statistics.median(times) * 1e3:.3f} ms (median of {rounds})")
+
+
+# What the batch statement's first CTE unpacks, fed two ways (a probe: nothing is written).
+_UNPACK_ARRAYS = """
+SELECT count(*) FROM unnest(%(hashes)s::varchar[], %(citizens)s::varchar[], %(laws)s::varchar[],
+                            %(choices)s::varchar[], %(timestamps)s::timestamptz[])
+    AS t(vote_hash, citizen_id, law_id, choice, ts)
+"""
+_UNPACK_JSON = """
+SELECT count(*) FROM json_to_recordset(%(rows)s::json)
+    AS t(vote_hash varchar, citizen_id varchar, law_id varchar, choice varchar, ts timestamptz)
+"""
+
+
+def _array_params(votes: Sequence[Vote]) -> dict[str, Any]:
+    """The parameters db.py's batch statement takes today (db._count_new)."""
+    return {
+        "hashes": [v.vote_hash for v in votes],
+        "citizens": [v.citizen_id for v in votes],
+        "laws": [v.law_id for v in votes],
+        "choices": [v.choice for v in votes],
+        "timestamps": [v.timestamp for v in votes],
+        "chain": "probe",
+    }
+
+
+def _json_params(votes: Sequence[Vote]) -> dict[str, Any]:
+    rows = [
+        {
+            "vote_hash": v.vote_hash,
+            "citizen_id": v.citizen_id,
+            "law_id": v.law_id,
+            "choice": v.choice,
+            "ts": v.timestamp.isoformat(),
+        }
+        for v in votes
+    ]
+    return {"rows": json.dumps(rows), "chain": "probe"}
+
+
+def _parameters(dsn: dict[str, Any], size: int, laws: int, rounds: int = 200) -> None:
+    votes = [parse_message(b, max_bytes=4096).vote for b in bodies(size, laws=laws, salt="params")]
+    conn = psycopg2.connect(**dsn)
+    try:
+        with conn.cursor() as cur:
+            arrays = cpu_us_per_item(
+                lambda: [cur.mogrify(_UNPACK_ARRAYS, _array_params(votes)) for _ in range(rounds)], rounds * size
+            )
+            as_json = cpu_us_per_item(
+                lambda: [cur.mogrify(_UNPACK_JSON, _json_params(votes)) for _ in range(rounds)], rounds * size
+            )
+            walls = {}
+            for label, statement, params in (
+                ("arrays", _UNPACK_ARRAYS, _array_params(votes)),
+                ("json", _UNPACK_JSON, _json_params(votes)),
+            ):
+                times = []
+                for _ in range(rounds):
+                    started = time.perf_counter()
+                    cur.execute(statement, params)
+                    cur.fetchall()
+                    times.append(time.perf_counter() - started)
+                walls[label] = statistics.median(times) * 1e3
+        conn.rollback()
+    finally:
+        conn.close()
+    print(
+        f"parameters   {size} votes, client CPU: five arrays (today) {arrays:.2f} us/vote, one JSON document "
+        f"{as_json:.2f} us/vote; unpacking them in PostgreSQL: {walls['arrays']:.2f} vs {walls['json']:.2f} ms "
+        f"a batch (median of {rounds}, round trip included)"
+    )
 
 
 if __name__ == "__main__":
