@@ -159,21 +159,9 @@ def _dead_letters(config: Config, args: argparse.Namespace) -> int:
 def serve(config: Config) -> int:
     """Run the service until SIGTERM or SIGINT. Returns the exit code."""
     stop = threading.Event()
-    consumer: Consumer | None = None
+    running: list[Consumer] = []  # the consumer once there is one, for the signal handler
+    _handle_signals(stop, running)
     notifier = Notifier(os.environ)
-
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        # A handler only sets flags; the connection thread runs the shutdown.
-        if stop.is_set():
-            # Second signal: leave now. Unacked votes are redelivered and absorbed.
-            os._exit(EXIT_FAILURE)
-        stop.set()
-        if consumer is not None:
-            consumer.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
     metrics = Metrics(max_laws=config.metrics_max_laws, version=VERSION, embargo=config.results_embargo)
     health = Health(stall_timeout_s=config.stall_timeout_s, notifier=notifier)
     if not _serve_http(config, metrics, health):
@@ -188,36 +176,66 @@ def serve(config: Config) -> int:
         return EXIT_OK
     replication = _replication_watch(config, database, metrics)
     try:
-        _read_totals(database, metrics)
-        replication.start()  # said once before consuming, then on its own thread
-        summary = Summary(interval_s=config.log_summary_interval_s)
-        consumer = Consumer(
-            config=config,
-            metrics=metrics,
-            summary=summary,
-            notifier=notifier,
-            on_turn=health.turned,
-            hold=replication.hold_reason,
-        )
-        pipeline = Pipeline(
-            config=config,
-            database=database,
-            metrics=metrics,
-            summary=summary,
-            settle=consumer.settle,
-            on_fatal=lambda _reason: consumer.request_stop() if consumer is not None else None,
-        )
-        health.watch(consumer=consumer, pipeline=pipeline, hold=replication.hold_reason)
-        if stop.is_set():
-            consumer.request_stop()
-        pipeline.start()
-        code = _exit_code(consumer.run(pipeline), pipeline)
-        # The last heads, so that a log kept elsewhere anchors every committed batch.
-        summary.log_heads()
+        code = _count_votes(config, database, metrics, health, notifier, replication, stop, running)
     finally:
         replication.stop()
         database.close()
     logger.info("stopped (exit code %d)", code)
+    return code
+
+
+def _handle_signals(stop: threading.Event, running: list[Consumer]) -> None:
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        # A handler only sets flags; the connection thread runs the shutdown.
+        if stop.is_set():
+            # Second signal: leave now. Unacked votes are redelivered and absorbed.
+            os._exit(EXIT_FAILURE)
+        stop.set()
+        for consumer in running:
+            consumer.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def _count_votes(
+    config: Config,
+    database: db.Database,
+    metrics: Metrics,
+    health: Health,
+    notifier: Notifier,
+    replication: ReplicationWatch,
+    stop: threading.Event,
+    running: list[Consumer],
+) -> int:
+    """Wire the consumer and the pipeline, and consume until stopped. Returns the exit code."""
+    _read_totals(database, metrics)
+    replication.start()  # said once before consuming, then on its own thread
+    summary = Summary(interval_s=config.log_summary_interval_s)
+    consumer = Consumer(
+        config=config,
+        metrics=metrics,
+        summary=summary,
+        notifier=notifier,
+        on_turn=health.turned,
+        hold=replication.hold_reason,
+    )
+    running.append(consumer)
+    pipeline = Pipeline(
+        config=config,
+        database=database,
+        metrics=metrics,
+        summary=summary,
+        settle=consumer.settle,
+        on_fatal=lambda _reason: consumer.request_stop(),
+    )
+    health.watch(consumer=consumer, pipeline=pipeline, hold=replication.hold_reason)
+    if stop.is_set():
+        consumer.request_stop()
+    pipeline.start()
+    code = _exit_code(consumer.run(pipeline), pipeline)
+    # The last heads, so that a log kept elsewhere anchors every committed batch.
+    summary.log_heads()
     return code
 
 
