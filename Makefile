@@ -27,7 +27,7 @@ run: init-db
 
 ## Lint, type-check and run the whole test suite against the local RabbitMQ and PostgreSQL.
 test: $(VENV)/.dev check-services test-tools lint
-	$(PY) -m pytest -n 3 --dist loadfile
+	$(PY) -m pytest -n 4 --dist loadfile
 
 ## System tools the tests run: promtool/prometheus, systemd-analyze.
 test-tools:
