@@ -129,8 +129,9 @@ class AckSequencer:
     back the acks of every later one, so all of them are redelivered.
     """
 
-    def __init__(self, settle: Settle) -> None:
+    def __init__(self, settle: Settle, *, on_failure: Callable[[str], None] | None = None) -> None:
         self._settle = settle
+        self._on_failure = on_failure
         self._lock = threading.Lock()
         self._next = 0
         self._done: dict[int, tuple[list[Delivery], list[Delivery]]] = {}
@@ -156,8 +157,12 @@ class AckSequencer:
                     self._settle(*settled)
                 except Exception:
                     # Never let one batch's settling stop the sequence: the ones
-                    # behind it would wait forever. Unsent acks are redelivered.
+                    # behind it would wait forever. But its votes may stay unacked on
+                    # an open channel, holding prefetch slots while nothing looks held:
+                    # the service stops (exit 1) and RabbitMQ redelivers them.
                     logger.exception("could not settle a batch; RabbitMQ redelivers its votes")
+                    if self._on_failure is not None:
+                        self._on_failure("a committed batch could not be settled")
 
     def oldest_received_at(self) -> float | None:
         """Arrival time of the oldest vote taken from the buffer and not yet settled."""
@@ -198,7 +203,7 @@ class Pipeline:
         self.buffer = Buffer(batch_size=config.batch_size, timeout_s=config.batch_timeout_s)
         # Several writers keep PostgreSQL busy while one waits for a commit; the
         # sequencer keeps their acks in delivery order.
-        self._sequencer = AckSequencer(settle)
+        self._sequencer = AckSequencer(settle, on_failure=self._fail)
         self._workers = [
             threading.Thread(target=self._work, name=f"flush-{i + 1}", daemon=True) for i in range(config.flush_workers)
         ]

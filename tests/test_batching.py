@@ -124,7 +124,8 @@ def test_sequencer_tracks_the_oldest_unsettled_vote_and_survives_a_failing_settl
             raise RuntimeError("the connection went away")
         settled.append(committed[0].tag)
 
-    sequencer = AckSequencer(settle)
+    failures: list[str] = []
+    sequencer = AckSequencer(settle, on_failure=failures.append)
     first = Batch(0, [_delivery(1, 1, received_at=100.0)])
     second = Batch(1, [_delivery(2, 1, received_at=200.0)])
     assert sequencer.oldest_received_at() is None
@@ -135,8 +136,10 @@ def test_sequencer_tracks_the_oldest_unsettled_vote_and_survives_a_failing_settl
     sequencer.done(second, second.deliveries, [])
     assert sequencer.oldest_received_at() == 100.0  # still held behind batch 0
     sequencer.done(first, first.deliveries, [])
-    # Batch 0's settle raised: batch 1 is settled all the same, and nothing is held.
+    # Batch 0's settle raised: batch 1 is settled all the same, nothing is held, and the
+    # failure is reported (the pipeline stops the service: the votes may still be unacked).
     assert settled == [2]
+    assert failures == ["a committed batch could not be settled"]
     assert sequencer.oldest_received_at() is None
     assert sequencer.unsettled == 0
 
