@@ -26,7 +26,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from tests.support import wait_for
+from tests.support import alive, wait_for
 from tools.ports import free_port
 
 _PREFIX = "agg-pg-"
@@ -60,21 +60,11 @@ def _as_postgres(*args: str, env: Mapping[str, str] | None = None, timeout: floa
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=timeout)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_leftovers() -> None:
     """Stop and remove the clusters of test runs that no longer exist."""
     for base in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*"):
         match = re.fullmatch(rf"{_PREFIX}(\d+)-.*", base.name)
-        if not match or _alive(int(match.group(1))):
+        if not match or alive(int(match.group(1))):
             continue
         data = base / "data"
         if (data / "postmaster.pid").exists():

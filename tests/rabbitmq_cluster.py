@@ -29,7 +29,7 @@ from typing import Any
 
 import pika
 
-from tests.support import RABBITMQ_PASSWORD, RABBITMQ_USER, wait_for
+from tests.support import RABBITMQ_PASSWORD, RABBITMQ_USER, alive, rabbitmq_node_of, wait_for
 from tools.ports import free_port
 
 RABBITMQ_BIN = Path(os.environ.get("TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
@@ -57,35 +57,16 @@ def _as_rabbitmq(
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=_HOME)
 
 
-def _serves(pid: int, directory: Path) -> bool:
-    """Whether process `pid` is a node whose data lives under `directory` (a pid may have been reused)."""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return f"RABBITMQ_MNESIA_BASE={directory / 'mnesia'}".encode() in environ
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_leftovers() -> None:
     """Kill and remove the nodes of test runs that no longer exist."""
     for base in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*"):
         match = re.fullmatch(rf"{_PREFIX}(\d+)-.*", base.name)
-        if not match or _alive(int(match.group(1))):
+        if not match or alive(int(match.group(1))):
             continue
         for pid_file in base.glob("*/pid"):
             with contextlib.suppress(OSError, ValueError):
                 pid = int(pid_file.read_text().strip())
-                if _serves(pid, pid_file.parent):
+                if rabbitmq_node_of(pid, pid_file.parent):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(base, ignore_errors=True)
 
@@ -149,14 +130,14 @@ class RabbitNode:
             pid = int((self.dir / "pid").read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _serves(pid, self.dir) else None
+        return pid if rabbitmq_node_of(pid, self.dir) else None
 
     def kill(self) -> None:
         """kill -9, as a machine that dies; returns once the process is gone."""
         pid = self.pid()
         assert pid is not None, f"{self.node} is not running"
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not _alive(pid), timeout=30, what=f"{self.node} (pid {pid}) to die")
+        wait_for(lambda: not alive(pid), timeout=30, what=f"{self.node} (pid {pid}) to die")
 
     def remove(self) -> None:
         pid = self.pid()

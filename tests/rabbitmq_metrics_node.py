@@ -31,32 +31,13 @@ from pathlib import Path
 import pika
 import pika.exceptions
 
-from tests.support import wait_for
+from tests.support import alive, rabbitmq_node_of, wait_for
 from tools.ports import free_port
 from tools.publisher import publish_all
 
 _PREFIX = "agg-rmqmon-"
 # rabbitmq_prometheus' families with one series per queue (what the queue alerts read).
 QUEUE_FAMILIES = ("queue_coarse_metrics", "queue_consumer_count")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _serves(pid: int, base: Path) -> bool:
-    """Whether process `pid` is the node whose data lives under `base` (a pid may have been reused)."""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return f"RABBITMQ_MNESIA_BASE={base / 'mnesia'}".encode() in environ
 
 
 def _rabbitmqctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -68,13 +49,13 @@ def _stop(base: Path, node_name: str) -> None:
     """Stop the node of directory `base`: by rabbitmqctl, then by its verified pid if it still runs."""
     pid_file = base / "pid"
     pid = int(pid_file.read_text().strip()) if pid_file.exists() and pid_file.read_text().strip().isdigit() else None
-    if pid is None or not _serves(pid, base):
+    if pid is None or not rabbitmq_node_of(pid, base):
         return
     with contextlib.suppress(subprocess.SubprocessError, OSError):
         _rabbitmqctl("-n", node_name, "stop", timeout=60)
     with contextlib.suppress(AssertionError):
-        wait_for(lambda: not _alive(pid), timeout=30, interval=0.2, what=f"node {node_name} to exit")
-    if _alive(pid) and _serves(pid, base):
+        wait_for(lambda: not alive(pid), timeout=30, interval=0.2, what=f"node {node_name} to exit")
+    if alive(pid) and rabbitmq_node_of(pid, base):
         os.kill(pid, signal.SIGKILL)
 
 
@@ -82,7 +63,7 @@ def remove_leftovers() -> None:
     """Stop and remove the nodes of test runs that no longer exist."""
     for base in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*"):
         match = re.fullmatch(rf"{_PREFIX}(\d+)-.*", base.name)
-        if not match or _alive(int(match.group(1))):
+        if not match or alive(int(match.group(1))):
             continue
         node_file = base / "node"
         if node_file.exists():

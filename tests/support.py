@@ -57,6 +57,26 @@ RABBITMQ_PASSWORD = os.environ.get("TEST_RABBITMQ_PASSWORD", "guest")
 SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists (a throwaway server's, or the test run that started it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def rabbitmq_node_of(pid: int, directory: Path) -> bool:
+    """Whether process `pid` is a RabbitMQ node whose data lives under `directory` (a pid may be reused)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"RABBITMQ_MNESIA_BASE={directory / 'mnesia'}".encode() in environ
+
+
 def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -313,10 +313,57 @@ def test_the_unit_check_sees_a_rate_in_plain_numbers() -> None:
 
 
 class Prometheus:
+    """A real Prometheus on a free loopback port, for the tests that check queries, rules and scrapes."""
+
     def __init__(self, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
         self.url = url
         self.proc = proc
         self.log = log
+
+    @classmethod
+    def launch(cls, config: dict[str, Any], directory: Path, name: str) -> Prometheus:
+        """Start one with `config` (written as JSON, which is YAML) and wait until it is ready."""
+        config_file, log = directory / f"{name}.yml", directory / f"{name}.log"
+        config_file.write_text(json.dumps(config))
+        port = free_port()
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    binary("prometheus"),
+                    f"--config.file={config_file}",
+                    f"--storage.tsdb.path={directory / f'{name}-tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--storage.tsdb.retention.time=1h",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        prometheus = cls(f"http://127.0.0.1:{port}", proc, log)
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"prometheus exited with {proc.returncode}:\n{prometheus.logs()}")
+            try:
+                with urllib.request.urlopen(f"{prometheus.url}/-/ready", timeout=2) as resp:
+                    return bool(resp.status == 200)
+            except OSError:
+                return False
+
+        try:
+            wait_for(ready, timeout=30, interval=0.2, what="prometheus to be ready")
+        except AssertionError:
+            prometheus.stop()
+            raise
+        return prometheus
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
     def api(self, path: str, **params: str) -> Any:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
@@ -375,54 +422,17 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
         jobs = [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]
         if rabbitmq_metrics_port is not None:
             jobs.append(rabbitmq_job(rabbitmq_metrics_port))
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            json.dumps(  # JSON is YAML
-                {
-                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                    "rule_files": [str(ALERTS)],
-                    "scrape_configs": jobs,
-                }
-            )
-        )
-        port = free_port()
-        log = tmp_path / "prometheus.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [
-                    binary("prometheus"),
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                    "--storage.tsdb.retention.time=1h",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        prometheus = Prometheus(f"http://127.0.0.1:{port}", proc, log)
-        started.append(prometheus)
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"prometheus exited with {proc.returncode}:\n{prometheus.logs()}")
-            try:
-                with urllib.request.urlopen(f"{prometheus.url}/-/ready", timeout=2) as resp:
-                    return bool(resp.status == 200)
-            except OSError:
-                return False
-
-        wait_for(ready, timeout=30, interval=0.2, what="prometheus to be ready")
-        return prometheus
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": jobs,
+        }
+        started.append(Prometheus.launch(config, tmp_path, "prometheus"))
+        return started[-1]
 
     yield start
     for prometheus in started:
-        if prometheus.proc.poll() is None:
-            prometheus.proc.terminate()
-            try:
-                prometheus.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                prometheus.proc.kill()
-                prometheus.proc.wait(5)
+        prometheus.stop()
 
 
 def start_load(queue: str, *, port: int, rate: int, seconds: int) -> subprocess.Popen[bytes]:

@@ -10,7 +10,6 @@ import base64
 import json
 import re
 import ssl
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -39,9 +38,8 @@ from tests.support import (
     service_env,
     wait_for,
 )
-from tests.test_monitoring import JOB, Prometheus, binary
+from tests.test_monitoring import JOB, Prometheus
 from tests.tls_support import Authority, KeyPair
-from tools.ports import free_port
 
 MakeService = Callable[..., Service]
 
@@ -371,41 +369,13 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Prom
     started: list[Prometheus] = []
 
     def start(scrape: dict[str, Any]) -> Prometheus:
-        name = f"prometheus-{len(started)}"
-        config = tmp_path / f"{name}.yml"
-        config.write_text(
-            json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": [{"job_name": JOB, **scrape}]})
-        )
-        port, log = free_port(), tmp_path / f"{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / name}",
-                 f"--web.listen-address=127.0.0.1:{port}"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        prometheus = Prometheus(f"http://127.0.0.1:{port}", proc, log)
-        started.append(prometheus)
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"prometheus exited with {proc.returncode}:\n{prometheus.logs()}")
-            try:
-                with urllib.request.urlopen(f"{prometheus.url}/-/ready", timeout=2) as resp:
-                    return bool(resp.status == 200)
-            except OSError:
-                return False
-
-        wait_for(ready, timeout=30, interval=0.2, what="prometheus to be ready")
-        return prometheus
+        config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [{"job_name": JOB, **scrape}]}
+        started.append(Prometheus.launch(config, tmp_path, f"prometheus-{len(started)}"))
+        return started[-1]
 
     yield start
     for prometheus in started:
-        prometheus.proc.terminate()
-        try:
-            prometheus.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            prometheus.proc.kill()
-            prometheus.proc.wait(5)
+        prometheus.stop()
 
 
 def test_prometheus_scrapes_the_locked_port_over_tls_with_basic_auth(
