@@ -146,6 +146,36 @@ class BatchOutcome:
         return sum(self.counted.values())
 
 
+@contextmanager
+def read_only(config: Config, *, snapshot: bool = False) -> Iterator[psycopg2.extensions.cursor]:
+    """A cursor on a connection of its own, for the read-only commands (`results`, `verify`).
+
+    With `snapshot`, one REPEATABLE READ transaction without a statement timeout: batches
+    committed meanwhile are either wholly in it or not at all, and a recount of millions of rows
+    may take longer than the service's own statements may.
+    """
+    try:
+        conn = psycopg2.connect(**connect_kwargs(config))
+    except psycopg2.OperationalError as exc:
+        raise classify_connect_error(exc, config) from None
+    try:
+        if snapshot:
+            conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        with conn.cursor() as cur:
+            if snapshot:
+                cur.execute("SET LOCAL statement_timeout = 0")
+            yield cur
+    except psycopg2.errors.UndefinedTable:
+        raise DatabaseError(
+            f"the schema is missing or older than this version in {config.postgres_target_for_logs()}; "
+            "apply it with: python aggregator.py --init-db"
+        ) from None
+    except psycopg2.Error as exc:
+        raise DatabaseError(str(exc).strip()) from None
+    finally:
+        conn.close()
+
+
 class Database:
     """A connection pool and the statements the service runs. Each call is one attempt:
     the retry policy is the caller's (pipeline.py)."""

@@ -11,9 +11,6 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TextIO
 
-import psycopg2
-import psycopg2.errors
-
 import db
 import exits
 from config import Config
@@ -39,23 +36,9 @@ class LawResult:
 
 
 def fetch(config: Config, *, law_id: str | None = None) -> list[LawResult]:
-    try:
-        conn = psycopg2.connect(**db.connect_kwargs(config))
-    except psycopg2.OperationalError as exc:
-        raise db.classify_connect_error(exc, config) from None
-    try:
-        with conn.cursor() as cur:
-            cur.execute(_QUERY, {"law": law_id})
-            return [LawResult(*row) for row in cur.fetchall()]
-    except psycopg2.errors.UndefinedTable:
-        raise db.DatabaseError(
-            f"the schema is missing in {config.postgres_target_for_logs()}; "
-            "apply it with: python aggregator.py --init-db"
-        ) from None
-    except psycopg2.Error as exc:
-        raise db.DatabaseError(str(exc).strip()) from None
-    finally:
-        conn.close()
+    with db.read_only(config) as cur:
+        cur.execute(_QUERY, {"law": law_id})
+        return [LawResult(*row) for row in cur.fetchall()]
 
 
 def _percent(value: Decimal | None) -> str:

@@ -12,14 +12,9 @@ Exit code 0 when everything agrees, 1 otherwise (docs/security.md#verify).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
-
-import psycopg2
-import psycopg2.errors
-import psycopg2.extensions
 
 import db
 from config import Config
@@ -119,33 +114,9 @@ class Report:
         return not (self.differing_laws or self.broken_links or self.heads or self.row_counts)
 
 
-@contextmanager
-def _snapshot(config: Config) -> Iterator[psycopg2.extensions.cursor]:
-    """One read-only snapshot for every check: batches committed meanwhile are either wholly in it or not at all."""
-    try:
-        conn = psycopg2.connect(**db.connect_kwargs(config))
-    except psycopg2.OperationalError as exc:
-        raise db.classify_connect_error(exc, config) from None
-    try:
-        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
-        with conn.cursor() as cur:
-            # A recount of millions of rows takes longer than the service's statement timeout.
-            cur.execute("SET LOCAL statement_timeout = 0")
-            yield cur
-    except psycopg2.errors.UndefinedTable:
-        raise db.DatabaseError(
-            f"the schema is missing or older than this version in {config.postgres_target_for_logs()}; "
-            "apply it with: python aggregator.py --init-db"
-        ) from None
-    except psycopg2.Error as exc:
-        raise db.DatabaseError(str(exc).strip()) from None
-    finally:
-        conn.close()
-
-
 def run_checks(config: Config, *, heads: Sequence[Head] = ()) -> Report:
     report = Report()
-    with _snapshot(config) as cur:
+    with db.read_only(config, snapshot=True) as cur:
         cur.execute(_RECOUNT)
         report.laws = [LawCount(*row) for row in cur.fetchall()]
         cur.execute(_LINKS)
