@@ -525,6 +525,25 @@ def _row(vote: Vote) -> tuple[str, str, str, str, Any]:
     return (vote.vote_hash, vote.citizen_id, vote.law_id, vote.choice, vote.timestamp)
 
 
+# Each string through the JSON encoder's C function: the same text json.dumps writes for a list of
+# dicts, at a sixth of the client CPU (docs/performance.md).
+_json_string = json.encoder.encode_basestring_ascii
+
+
+def _votes_document(votes: Sequence[Vote]) -> str:
+    """`votes` as the JSON array of objects the batch statement reads with json_to_recordset.
+
+    The instant travels as the producer wrote it when PostgreSQL reads that text to exactly
+    the same instant (Vote.timestamp_text), otherwise as ISO 8601 with its offset (UTC).
+    """
+    return "[" + ",".join([
+        f'{{"vote_hash":{_json_string(v.vote_hash)},"citizen_id":{_json_string(v.citizen_id)},'
+        f'"law_id":{_json_string(v.law_id)},"choice":{_json_string(v.choice)},'
+        f'"ts":{_json_string(v.timestamp_text or v.timestamp.isoformat())}}}'
+        for v in votes
+    ]) + "]"  # fmt: skip
+
+
 def _write_batch(cur: psycopg2.extensions.cursor, votes: Sequence[Vote], *, chain: str) -> BatchOutcome:
     outcome = BatchOutcome()
     # The first copy of each hash is the candidate; later copies in the batch are
@@ -548,13 +567,7 @@ def _count_new(
     cur: psycopg2.extensions.cursor, candidates: list[Vote], outcome: BatchOutcome, *, chain: str
 ) -> list[str]:
     """Insert and count the votes whose hash is new, and chain them; returns the hashes already stored."""
-    votes = [
-        # The instant as ISO 8601 with its offset (UTC): PostgreSQL reads back exactly this.
-        {"vote_hash": v.vote_hash, "citizen_id": v.citizen_id, "law_id": v.law_id, "choice": v.choice,
-         "ts": v.timestamp.isoformat()}
-        for v in candidates
-    ]  # fmt: skip
-    cur.execute(_COUNT_BATCH, {"votes": json.dumps(votes), "chain": chain})
+    cur.execute(_COUNT_BATCH, {"votes": _votes_document(candidates), "chain": chain})
     conflicting: list[str] = []
     for kind, key, oui, non, oui_total, non_total, digest in cur.fetchall():
         if kind == "stored":

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 FIELDS = frozenset({"vote_hash", "citizen_id", "law_id", "choice", "timestamp"})
 CHOICES = ("oui", "non")
@@ -75,13 +75,24 @@ class InvalidVote(ValueError):
         self.detail = detail
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, four times the
+# cost of building this one, once per vote (docs/performance.md). Nothing changes a Vote.
+@dataclass(slots=True)
 class Vote:
+    """A valid vote. `timestamp` is an aware datetime in UTC.
+
+    `timestamp_text`, when set, is the timestamp as the producer wrote it, in the one form
+    (`YYYY-MM-DDTHH:MM:SS[.ffffff]Z`) that PostgreSQL reads to exactly `timestamp`: the batch
+    statement sends it as it came instead of formatting the datetime again. It takes no part in
+    comparisons: two votes are equal when their instants are.
+    """
+
     vote_hash: str
     citizen_id: str
     law_id: str
     choice: str
     timestamp: datetime
+    timestamp_text: str | None = field(default=None, compare=False)
 
     def same_content(self, other: Vote) -> bool:
         """True when `other` is the same ballot (a redelivery), not a conflicting one."""
@@ -93,8 +104,7 @@ class Vote:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedVote:
+class ParsedVote(NamedTuple):
     """A valid vote and the names of the fields it carried beyond the five.
 
     `extra_fields` is sorted, without repeats, at most EXTRA_FIELDS_MAX names of
@@ -186,11 +196,21 @@ def parse_timestamp(value: str) -> datetime:
     with TimeZone=UTC, then hands back exactly this instant (it would otherwise
     show a BC or 5-digit year that datetime cannot read back).
     """
+    return _read_timestamp(value)[0]
+
+
+def _read_timestamp(value: str) -> tuple[datetime, str | None]:
+    """parse_timestamp's instant, and `value` itself when it is in the form PostgreSQL reads
+    to exactly that instant (the common form, which datetime.fromisoformat reads too)."""
     if _COMMON_UTC.fullmatch(value):
         try:
-            return datetime.fromisoformat(value)
+            return datetime.fromisoformat(value), value
         except ValueError:
             pass  # out of range (a leap second, year 0, 30 February): the general path says which
+    return _parse_rfc3339(value), None
+
+
+def _parse_rfc3339(value: str) -> datetime:
     if len(value) > TIMESTAMP_MAX:
         raise InvalidVote("invalid_timestamp", f"timestamp is longer than {TIMESTAMP_MAX} characters")
     match = _RFC3339.fullmatch(value)
@@ -289,19 +309,15 @@ def parse_message(
         raise InvalidVote("invalid_law_id", f"law_id must be 1-{LAW_ID_MAX} characters matching LAW_ID_PATTERN")
     if choice not in CHOICES:
         raise InvalidVote("invalid_choice", "choice must be 'oui' or 'non'")
-    vote = Vote(
-        # A hex digest names the same vote in either case; store one spelling.
-        vote_hash=vote_hash.lower(),
-        citizen_id=citizen_id,
-        law_id=law_id,
-        choice=choice,
-        timestamp=parse_timestamp(timestamp),
-    )
+    instant, timestamp_text = _read_timestamp(timestamp)
+    # Positional: keywords double the cost of building it, once per vote.
+    # A hex digest names the same vote in either case; store one spelling.
+    vote = Vote(vote_hash.lower(), citizen_id, law_id, choice, instant, timestamp_text)
     if len(obj) == len(FIELDS):  # the five and nothing else: the usual case
-        return ParsedVote(vote=vote, extra_fields=())
+        return ParsedVote(vote, ())
     # Only their names are kept: the values are never looked at, whatever their type.
     extra = tuple(sorted({_field_name(key) for key in obj.keys() - FIELDS})[:EXTRA_FIELDS_MAX])
-    return ParsedVote(vote=vote, extra_fields=extra)
+    return ParsedVote(vote, extra)
 
 
 def parse_vote(body: bytes, *, max_bytes: int, law_id_pattern: re.Pattern[str] = DEFAULT_LAW_ID_PATTERN) -> Vote:

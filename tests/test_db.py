@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import random
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -23,7 +25,7 @@ from tests.support import (
     wait_for,
     waiting_on,
 )
-from votes import Vote
+from votes import Vote, parse_message
 
 
 def _database(dbname: str, **settings: Any) -> db.Database:
@@ -125,6 +127,34 @@ def test_timestamps_read_back_unchanged_whatever_the_database_timezone(dbname: s
     assert (again.counted, again.redeliveries, again.duplicate_attempts) == ({}, 1, 0)
     assert query(dbname, "SELECT count(*) FROM duplicate_attempts") == [(0,)]
     assert query(dbname, "SELECT oui_count, non_count FROM vote_results WHERE law_id = 'law-tz'") == [(1, 0)]
+
+
+def test_timestamps_sent_as_written_are_stored_as_the_instant_parse_message_read(dbname: str) -> None:
+    # The batch statement sends a common-form timestamp as the producer wrote it rather than
+    # formatting the datetime again: PostgreSQL must read that text to exactly Vote.timestamp.
+    rng = random.Random(13)
+    texts = ["0001-01-01T00:00:00Z", "9999-12-31T23:59:59.999999Z", "2024-02-29T12:00:00.5Z", "2026-11-29T10:00:00Z"]
+    for _ in range(400):
+        moment = datetime(1, 1, 1, tzinfo=UTC) + timedelta(seconds=rng.uniform(0, 315_537_897_599))
+        digits = rng.randint(0, 6)
+        fraction = f".{rng.randrange(10**digits):0{digits}d}" if digits else ""
+        texts.append(moment.strftime("%Y-%m-%dT%H:%M:%S").rjust(19, "0") + fraction + "Z")
+    votes = []
+    for i, text in enumerate(texts):
+        body = json.dumps(
+            {"vote_hash": f"{i:064x}", "citizen_id": f"c-{i}", "law_id": "law-ts", "choice": "oui", "timestamp": text}
+        )
+        vote = parse_message(body.encode(), max_bytes=10_000).vote
+        assert vote.timestamp_text == text
+        votes.append(vote)
+    apply_schema(dbname)
+    database = _database(dbname)
+    try:
+        assert database.write_batch(votes).counted == {("law-ts", "oui"): len(votes)}
+    finally:
+        database.close()
+    stored = dict(query(dbname, 'SELECT vote_hash, "timestamp" FROM vote_audit'))
+    assert {v.vote_hash: v.timestamp for v in votes} == stored
 
 
 def test_a_lock_wait_timeout_is_a_conflict_on_a_kept_connection(dbname: str) -> None:

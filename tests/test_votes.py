@@ -403,6 +403,27 @@ def test_extra_field_is_ignored_and_named() -> None:
     assert parse(body(vote_dict(comment="hello"))) == parse(good_body())
 
 
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("2026-11-29T10:00:00Z", True),
+        ("2026-11-29T10:00:00.123456Z", True),
+        ("2026-11-29T10:00:00.5Z", True),
+        ("2026-11-29T10:00:00.1234567Z", False),  # truncated to microseconds: not what PostgreSQL would read
+        ("2026-11-29T11:00:00+01:00", False),
+        ("2026-11-29 10:00:00Z", False),
+        ("2026-11-29t10:00:00z", False),
+        ("2026-11-29T10:00:00", False),
+    ],
+)
+def test_timestamp_text_is_kept_only_in_the_form_postgresql_reads_to_the_same_instant(text: str, kept: bool) -> None:
+    vote = parse(good_body(timestamp=text))
+
+    assert vote.timestamp_text == (text if kept else None)
+    # Equality is by instant, whichever spelling the vote came with.
+    assert vote == Vote(vote.vote_hash, vote.citizen_id, vote.law_id, vote.choice, vote.timestamp)
+
+
 def test_vote_without_extra_fields_names_none() -> None:
     assert parse_message(good_body(), max_bytes=MAX_BYTES).extra_fields == ()
 
