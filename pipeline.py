@@ -72,11 +72,18 @@ class Buffer:
             return len(self._items)
 
     def add(self, delivery: Delivery) -> None:
+        self.extend([delivery])
+
+    def extend(self, deliveries: list[Delivery]) -> None:
+        """Append deliveries in the order they arrived: one lock round for a bunch of them."""
         with self._cond:
-            self._items.append(delivery)
-            # One writer per full batch: with several writers, each gets one.
-            if len(self._items) % self._batch_size == 0:
-                self._cond.notify()
+            items = self._items
+            before = len(items)
+            items.extend(deliveries)
+            # One writer per batch that filled: with several writers, each gets one.
+            filled = len(items) // self._batch_size - before // self._batch_size
+            if filled:
+                self._cond.notify(filled)
 
     def take(self, *, wait_s: float, drain: bool = False) -> Batch | None:
         """The next batch, once it is full or its oldest vote has waited BATCH_TIMEOUT_SECONDS.

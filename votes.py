@@ -293,10 +293,11 @@ def parse_message(
         raise InvalidVote("invalid_json", "body is not valid JSON") from None
     if type(obj) is not dict:
         raise InvalidVote("not_an_object", f"body is a JSON {type(obj).__name__}, not an object")
-    if not obj.keys() >= FIELDS:
-        raise InvalidVote("missing_field", f"missing {', '.join(sorted(FIELDS - obj.keys()))}")
-    vote_hash, citizen_id, law_id = obj["vote_hash"], obj["citizen_id"], obj["law_id"]
-    choice, timestamp = obj["choice"], obj["timestamp"]
+    try:
+        vote_hash, citizen_id, law_id = obj["vote_hash"], obj["citizen_id"], obj["law_id"]
+        choice, timestamp = obj["choice"], obj["timestamp"]
+    except KeyError:
+        raise InvalidVote("missing_field", f"missing {', '.join(sorted(FIELDS - obj.keys()))}") from None
     # One test for the usual case; _text names the first field that is not a string.
     if not (type(vote_hash) is type(citizen_id) is type(law_id) is type(choice) is type(timestamp) is str):
         for key in ("vote_hash", "citizen_id", "law_id", "choice", "timestamp"):

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 import db
 from config import Config
 from metrics import Metrics
-from pipeline import Delivery, Pipeline
+from pipeline import Buffer, Delivery, Pipeline
 from summary import Summary
 from tests.proxy import TcpProxy
 from tests.support import (
@@ -163,3 +163,31 @@ def test_the_shutdown_budget_ends_a_query_postgres_never_answers(dbname: str) ->
     assert closing - started < 1.5, f"finish took {closing - started:.1f}s"
     assert closed - closing < 1.0, f"close took {closed - closing:.1f}s"
     assert settled.committed == []
+
+
+def test_a_bunch_of_deliveries_that_fills_two_batches_wakes_two_writers() -> None:
+    # The consumer hands deliveries over in bunches: each batch a bunch fills must wake a
+    # writer of its own, or the second waits for the timeout with several writers idle.
+    buffer = Buffer(batch_size=2, timeout_s=60.0)
+    taken: list[tuple[list[int], float]] = []
+    lock = threading.Lock()
+
+    def writer() -> None:
+        batch = buffer.take(wait_s=3.0)
+        with lock:
+            taken.append(([d.tag for d in batch.deliveries] if batch else [], time.monotonic()))
+
+    writers = [threading.Thread(target=writer) for _ in range(3)]
+    for thread in writers:
+        thread.start()
+    time.sleep(0.2)
+    handed_over = time.monotonic()
+    buffer.extend([Delivery(_vote(n), n, 1, time.monotonic()) for n in range(1, 6)])
+    for thread in writers:
+        thread.join(timeout=10)
+
+    batches = sorted((tags, at - handed_over) for tags, at in taken if tags)
+    assert [tags for tags, _ in batches] == [[1, 2], [3, 4]]
+    assert all(after < 1.5 for _, after in batches), batches
+    assert len(buffer) == 1  # the fifth waits for its batch to fill or time out
+
