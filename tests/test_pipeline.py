@@ -190,4 +190,3 @@ def test_a_bunch_of_deliveries_that_fills_two_batches_wakes_two_writers() -> Non
     assert [tags for tags, _ in batches] == [[1, 2], [3, 4]]
     assert all(after < 1.5 for _, after in batches), batches
     assert len(buffer) == 1  # the fifth waits for its batch to fill or time out
-
