@@ -8,6 +8,8 @@ Run from the repository root, with PostgreSQL on 127.0.0.1:5432 (trust auth):
 
 It prints, for the same generated votes:
 - validation: votes.parse_message against a bare json.loads, CPU microseconds per vote;
+- pipeline: the flush worker's own work per batch around write_batch (retry wrapper, sequencer,
+  metrics with RESULTS_EMBARGO on and off, summary), on a stand-in database that answers at once;
 - one batch through db.Database.write_batch into a scratch database: wall time, and the part
   of it this process spent on the CPU (building the statement, reading the answer); the rest
   is PostgreSQL's work and the round trips;
@@ -27,19 +29,24 @@ import hashlib
 import json
 import statistics
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg2
+from prometheus_client import CollectorRegistry
 from psycopg2 import sql
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python bench/write_path.py` puts bench/ on the path, not the repository
 import db  # noqa: E402
 from config import Config  # noqa: E402
+from metrics import Metrics  # noqa: E402
+from pipeline import Delivery, Pipeline  # noqa: E402
+from summary import Summary  # noqa: E402
 from votes import Vote, parse_message  # noqa: E402
 
 
@@ -74,6 +81,58 @@ def cpu_us_per_item(work: Callable[[], object], items: int, repeat: int = 5) -> 
     return statistics.median(runs)
 
 
+class _AtOnce:
+    """A stand-in database: write_batch counts the batch and returns at once, nothing else is used."""
+
+    def write_batch(self, votes: Sequence[Vote], *, chain: str | None = None) -> db.BatchOutcome:
+        outcome = db.BatchOutcome()
+        for v in votes:
+            outcome.counted[(v.law_id, v.choice)] = outcome.counted.get((v.law_id, v.choice), 0) + 1
+            outcome.totals[v.law_id] = (1, 1)
+        return outcome
+
+
+def _pipeline_work(size: int, laws: int, batches: int = 400) -> None:
+    """The flush worker's own work around write_batch (retry wrapper, sequencer, metrics, summary)."""
+    votes = [parse_message(b, max_bytes=4096).vote for b in bodies(size * batches, laws=laws, salt="pipeline")]
+    stand_in = _AtOnce()
+    alone = cpu_us_per_item(lambda: [stand_in.write_batch(votes[i : i + size]) for i in range(0, len(votes), size)], 1)
+    on, off = (_through_pipeline(votes, size, embargo=embargo) - alone for embargo in (True, False))
+    print(
+        f"pipeline     per batch of {size} around write_batch (stand-in database): {on / batches:.0f} us with "
+        f"RESULTS_EMBARGO on, {off / batches:.0f} us off ({on / len(votes):.2f} / {off / len(votes):.2f} us/vote)"
+    )
+
+
+def _through_pipeline(votes: list[Vote], size: int, *, embargo: bool) -> float:
+    """Process CPU in microseconds to take `votes` through a Pipeline on the stand-in database."""
+    settled: list[int] = []
+    done = threading.Event()
+
+    def settle(committed: list[Delivery], _rejected: list[Delivery]) -> None:
+        settled.append(len(committed))
+        if sum(settled) == len(votes):
+            done.set()
+
+    pipeline = Pipeline(
+        config=Config(batch_size=size, results_embargo=embargo),
+        database=cast(db.Database, _AtOnce()),
+        metrics=Metrics(CollectorRegistry(), embargo=embargo),
+        summary=Summary(interval_s=3600),
+        settle=settle,
+        on_fatal=lambda _reason: None,
+    )
+    deliveries = [Delivery(v, i + 1, 1, time.monotonic()) for i, v in enumerate(votes)]
+    pipeline.start()
+    started = time.process_time()
+    pipeline.buffer.extend(deliveries)
+    done.wait(60)
+    # The main thread only waits meanwhile: the process's CPU is the flush worker's.
+    spent = (time.process_time() - started) * 1e6
+    pipeline.finish(deadline=time.monotonic() + 10, idle=lambda: time.sleep(0.01))
+    return spent
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, default=200, help="batches written (200)")
@@ -88,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bare = cpu_us_per_item(lambda: [json.loads(b) for b in sample], len(sample))
     parsed = cpu_us_per_item(lambda: [parse_message(b, max_bytes=4096) for b in sample], len(sample))
     print(f"validation   json.loads {bare:.2f} us/vote, parse_message {parsed:.2f} us/vote (+{parsed - bare:.2f})")
+    _pipeline_work(a.batch_size, a.laws)
 
     name = f"bench_write_{uuid.uuid4().hex[:8]}"
     admin = psycopg2.connect(host=a.postgres_host, port=a.postgres_port, user=a.postgres_user, dbname="postgres")
