@@ -29,9 +29,10 @@ import httpauth
 import logsetup
 import results
 import verify
+from amqp import amqp_parameters, describe_error, refused_by_broker
 from commands import check, init_db
 from config import HELP, Config, ConfigError, load_config, load_env_file, variables, version
-from consumer import Consumer, amqp_parameters, describe_error, refused_by_broker
+from consumer import Consumer
 from exits import CONFIG as EXIT_CONFIG
 from exits import FAILURE as EXIT_FAILURE
 from exits import OK as EXIT_OK

@@ -13,8 +13,8 @@ import pika.exceptions
 import db
 import exits
 import httpauth
+from amqp import amqp_parameters, describe_error, refused_by_broker
 from config import Config
-from consumer import amqp_parameters, describe_error, refused_by_broker
 from health import describe_replication
 
 

@@ -22,6 +22,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import Basic, BasicProperties
 
+from amqp import amqp_parameters, close_quietly, declare_queues, describe_error, refused_by_broker
 from config import Config, node_text
 from deadletters import DeadLetterer
 from exits import CONFIG as EXIT_CONFIG
@@ -271,7 +272,7 @@ class Consumer:
         self._connection = None
         self._dead_letterer.attach(None)
         if connection is not None and connection.is_open:
-            _close_quietly(connection.close)
+            close_quietly(connection.close)
 
     def _warn_about_prefetch(self) -> None:
         c = self._config
@@ -375,8 +376,8 @@ class Consumer:
             turn()
         self._forget_channel()
         if channel is not None:
-            _close_quietly(channel.close)
-        _close_quietly(connection.close)
+            close_quietly(channel.close)
+        close_quietly(connection.close)
         return clean and acks_sent.is_set()
 
     def _follow_hold(
@@ -402,7 +403,7 @@ class Consumer:
         channel = self._channel
         self._forget_channel()
         if channel is not None:
-            _close_quietly(channel.close)
+            close_quietly(channel.close)
         logger.warning("not consuming: %s; the votes stay in RabbitMQ", reason)
         status = f"STATUS=not consuming: {reason}"
         if self._ready_sent:
@@ -508,119 +509,3 @@ class Consumer:
             channel.basic_ack(last, multiple=True)
         if len(acks) > (1 if last is not None else 0):
             logger.warning("a batch held votes of a closed channel; RabbitMQ redelivers them")
-
-
-def amqp_parameters(
-    c: Config, node: tuple[str, int] | None = None, *, name: str = "vote-aggregator"
-) -> pika.ConnectionParameters:
-    """Connection parameters for one RabbitMQ node (default: the first of RABBITMQ_HOST), TLS included;
-    `name` is what the broker's UI shows."""
-    host, port = node or c.rabbitmq_nodes[0]
-    ssl_options = None
-    if c.rabbitmq_tls:
-        context = ssl.create_default_context(cafile=c.rabbitmq_tls_ca_file or None)
-        context.check_hostname = c.rabbitmq_tls_verify_hostname
-        if c.rabbitmq_tls_cert_file:
-            context.load_cert_chain(c.rabbitmq_tls_cert_file, c.rabbitmq_tls_key_file)
-        # Each node's certificate is checked against its own name, unless one name is given for all.
-        ssl_options = pika.SSLOptions(context, c.rabbitmq_tls_server_name or host)
-    return pika.ConnectionParameters(
-        ssl_options=ssl_options,
-        host=host,
-        port=port,
-        virtual_host=c.rabbitmq_vhost,
-        credentials=pika.PlainCredentials(c.rabbitmq_user, c.rabbitmq_password),
-        heartbeat=c.rabbitmq_heartbeat_s,
-        blocked_connection_timeout=300,
-        # One attempt per call: the connection loop goes on with the next node itself.
-        connection_attempts=1,
-        socket_timeout=10,
-        client_properties={"connection_name": name},
-    )
-
-
-def queue_arguments(c: Config) -> dict[str, str | int]:
-    """The arguments of RABBITMQ_QUEUE when the service declares it."""
-    arguments: dict[str, str | int] = {"x-queue-type": c.rabbitmq_queue_type}
-    if not c.rabbitmq_dead_lettering:
-        # No delivery limit either: past it, a message with nowhere to be dead-lettered is dropped.
-        return arguments
-    # Rejected messages are kept for audit instead of being discarded.
-    arguments["x-dead-letter-exchange"] = c.dead_letter_exchange
-    if c.rabbitmq_queue_type == "quorum":
-        # A message that keeps killing consumers (or losing their connections) is
-        # dead-lettered after this many deliveries instead of looping forever.
-        arguments["x-delivery-limit"] = c.rabbitmq_delivery_limit
-        # A quorum queue keeps a dead-lettered message until the dead-letter queue
-        # has confirmed it; the default (at-most-once) drops it if that queue is
-        # unavailable. RabbitMQ requires reject-publish overflow for this.
-        arguments["x-dead-letter-strategy"] = "at-least-once"
-        arguments["x-overflow"] = "reject-publish"
-    return arguments
-
-
-def declare_queues(connection: BlockingConnection, c: Config) -> None:
-    """Declare RABBITMQ_QUEUE, durable, of RABBITMQ_QUEUE_TYPE, and its dead-letter exchange and queue.
-
-    A dead-letter queue that already exists is used as it is, like RABBITMQ_QUEUE:
-    declaring it again with another type would fail.
-    """
-    channel = connection.channel()
-    arguments = queue_arguments(c)
-    if c.rabbitmq_dead_lettering:
-        channel.exchange_declare(c.dead_letter_exchange, "fanout", durable=True)
-        if not _queue_exists(connection, c.dead_letter_queue):
-            channel.queue_declare(c.dead_letter_queue, durable=True, arguments={"x-queue-type": c.rabbitmq_queue_type})
-        channel.queue_bind(c.dead_letter_queue, c.dead_letter_exchange)
-    channel.queue_declare(c.rabbitmq_queue, durable=True, arguments=arguments)
-    _close_quietly(channel.close)
-    limit = arguments.get("x-delivery-limit")
-    logger.info(
-        "declared durable queue %s (%s)%s%s",
-        c.rabbitmq_queue,
-        c.rabbitmq_queue_type,
-        f" dead-lettering to {c.dead_letter_exchange} -> {c.dead_letter_queue}" if c.rabbitmq_dead_lettering else "",
-        f" after {limit} deliveries" if limit else "",
-    )
-    if c.rabbitmq_queue_type == "quorum" and not c.rabbitmq_dead_lettering:
-        logger.warning(
-            "quorum queue %s has no delivery limit (RABBITMQ_DEAD_LETTERING=false): a message that keeps killing "
-            "consumers is delivered again and again (RabbitMQ 4 drops it after 20 deliveries)",
-            c.rabbitmq_queue,
-        )
-
-
-def _queue_exists(connection: BlockingConnection, name: str) -> bool:
-    channel = connection.channel()
-    try:
-        channel.queue_declare(name, passive=True)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code != 404:
-            raise
-        return False
-    _close_quietly(channel.close)
-    return True
-
-
-def refused_by_broker(exc: BaseException) -> bool:
-    """True when RabbitMQ itself refused the login (403) or the vhost (530).
-
-    pika raises ProbableAuthenticationError / ProbableAccessDeniedError for any
-    connection lost during the handshake; only a broker's explicit Connection.Close
-    with one of these reply codes is certain, and retrying cannot fix it.
-    """
-    text = " ".join(str(arg) for arg in exc.args)
-    return text.startswith(("ConnectionClosedByBroker: (403)", "ConnectionClosedByBroker: (530)"))
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line naming an error. pika's connection errors have an empty str(): the cause is in args."""
-    text = str(exc) or "; ".join(str(arg) or repr(arg) for arg in exc.args)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _close_quietly(close: Callable[[], None]) -> None:
-    try:
-        close()
-    except Exception as exc:  # closing something already broken
-        logger.debug("ignored while closing: %s", exc)

@@ -14,11 +14,11 @@ It prints, for the same generated votes:
   of it this process spent on the CPU (building the statement, reading the answer); the rest
   is PostgreSQL's work and the round trips;
 - a one-row INSERT and its commit, for the cost of a commit (a WAL flush) alone;
-- the batch's parameters three ways: five arrays (adapted by psycopg2 in C while the flush
-  worker holds the interpreter lock), one JSON document from json.dumps of a dict per vote, and
-  the same document as db.py writes it today (db._votes_document: string by string, the
-  timestamp as the producer sent it): this process's CPU per vote, and PostgreSQL's wall time to
-  unpack arrays or document.
+- a batch's rows sent five ways: five arrays (unnest), a VALUES list (each row adapted by
+  mogrify, as execute_values does), COPY into a temporary table, one JSON document from json.dumps
+  of a dict per vote, and the same document as db.py writes it today (db._votes_document: string
+  by string, the timestamp as the producer sent it): this process's CPU per vote to build them,
+  and PostgreSQL's wall time to take them in and count them, round trips included.
 The scratch database is dropped afterwards.
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import statistics
 import sys
@@ -256,40 +257,101 @@ def _document_params(votes: Sequence[Vote]) -> dict[str, Any]:
     return {"rows": db._votes_document(votes), "chain": "probe"}
 
 
+_UNPACK_VALUES = "SELECT count(*) FROM (VALUES {rows}) AS t(vote_hash, citizen_id, law_id, choice, ts)"
+_VALUES_ROW = "(%s::varchar, %s::varchar, %s::varchar, %s::varchar, %s::timestamptz)"
+_COPY_TABLE = (
+    "CREATE TEMPORARY TABLE incoming (vote_hash varchar, citizen_id varchar, law_id varchar, choice varchar, "
+    "ts timestamptz)"
+)
+# COPY's text format: backslash, tab, newline and carriage return escaped in each field.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _values_statement(cur: psycopg2.extensions.cursor, votes: Sequence[Vote]) -> bytes:
+    """A VALUES list as execute_values builds one: each row adapted by mogrify."""
+    rows = b",".join(
+        cur.mogrify(_VALUES_ROW, (v.vote_hash, v.citizen_id, v.law_id, v.choice, v.timestamp)) for v in votes
+    )
+    return _UNPACK_VALUES.encode().replace(b"{rows}", rows)
+
+
+def _copy_text(votes: Sequence[Vote]) -> str:
+    return "".join(
+        f"{v.vote_hash}\t{v.citizen_id.translate(_COPY_ESCAPES)}\t{v.law_id.translate(_COPY_ESCAPES)}\t"
+        f"{v.choice}\t{v.timestamp_text or v.timestamp.isoformat()}\n"
+        for v in votes
+    )
+
+
+def _copy_and_count(cur: psycopg2.extensions.cursor, votes: Sequence[Vote]) -> None:
+    cur.copy_expert("COPY incoming FROM STDIN", io.StringIO(_copy_text(votes)))
+    cur.execute("SELECT count(*) FROM incoming")
+    cur.fetchall()
+    cur.execute("TRUNCATE incoming")  # what ON COMMIT DELETE ROWS would do at each commit
+
+
+def _repeated(work: Callable[[], object], times: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(times):
+            work()
+
+    return run
+
+
 def _parameters(dsn: dict[str, Any], size: int, laws: int, rounds: int = 200) -> None:
+    """Five ways to get a batch's rows to PostgreSQL: client CPU to build them, and the wall time
+    for PostgreSQL to take them in and count them (the round trips included)."""
     votes = [parse_message(b, max_bytes=4096).vote for b in bodies(size, laws=laws, salt="params")]
     conn = psycopg2.connect(**dsn)
     try:
         with conn.cursor() as cur:
-            arrays = cpu_us_per_item(
-                lambda: [cur.mogrify(_UNPACK_ARRAYS, _array_params(votes)) for _ in range(rounds)], rounds * size
+            cur.execute(_COPY_TABLE)
+
+            def statement(sql_text: str | bytes, params: dict[str, Any] | None = None) -> Callable[[], None]:
+                def send() -> None:
+                    cur.execute(sql_text, params)
+                    cur.fetchall()
+
+                return send
+
+            ways: list[tuple[str, Callable[[], object], Callable[[], None]]] = [
+                (
+                    "five arrays (unnest)",
+                    lambda: cur.mogrify(_UNPACK_ARRAYS, _array_params(votes)),
+                    statement(_UNPACK_ARRAYS, _array_params(votes)),
+                ),
+                (
+                    "VALUES list (mogrify per row)",
+                    lambda: _values_statement(cur, votes),
+                    statement(_values_statement(cur, votes)),
+                ),
+                ("COPY into a temporary table", lambda: _copy_text(votes), lambda: _copy_and_count(cur, votes)),
+                (
+                    "json.dumps of dicts",
+                    lambda: cur.mogrify(_UNPACK_JSON, _dumps_params(votes)),
+                    statement(_UNPACK_JSON, _dumps_params(votes)),
+                ),
+                (
+                    "db._votes_document (today)",
+                    lambda: cur.mogrify(_UNPACK_JSON, _document_params(votes)),
+                    statement(_UNPACK_JSON, _document_params(votes)),
+                ),
+            ]
+            print(
+                f"parameters   {size} votes a batch: client CPU to build them (us/vote), and PostgreSQL's wall time "
+                f"to take them in and count them (ms a batch, round trips included, median of {rounds})"
             )
-            dumps = cpu_us_per_item(
-                lambda: [cur.mogrify(_UNPACK_JSON, _dumps_params(votes)) for _ in range(rounds)], rounds * size
-            )
-            document = cpu_us_per_item(
-                lambda: [cur.mogrify(_UNPACK_JSON, _document_params(votes)) for _ in range(rounds)], rounds * size
-            )
-            walls = {}
-            for label, statement, params in (
-                ("arrays", _UNPACK_ARRAYS, _array_params(votes)),
-                ("json", _UNPACK_JSON, _document_params(votes)),
-            ):
+            for label, build, send in ways:
+                client = cpu_us_per_item(_repeated(build, rounds), rounds * size)
                 times = []
                 for _ in range(rounds):
                     started = time.perf_counter()
-                    cur.execute(statement, params)
-                    cur.fetchall()
+                    send()
                     times.append(time.perf_counter() - started)
-                walls[label] = statistics.median(times) * 1e3
+                print(f"  {label:<32}{client:6.2f} us/vote {statistics.median(times) * 1e3:7.2f} ms")
         conn.rollback()
     finally:
         conn.close()
-    print(
-        f"parameters   {size} votes, client CPU: five arrays {arrays:.2f} us/vote, json.dumps of dicts "
-        f"{dumps:.2f} us/vote, db._votes_document (today) {document:.2f} us/vote; unpacking arrays or document in "
-        f"PostgreSQL: {walls['arrays']:.2f} vs {walls['json']:.2f} ms a batch (median of {rounds}, round trip included)"
-    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import pika.exceptions
 import pytest
 
 import db
+from amqp import declare_queues
 from config import Config, ConfigError, load_config
-from consumer import declare_queues
 from health import describe_replication
 from tests.support import (
     RABBITMQ_HOST,

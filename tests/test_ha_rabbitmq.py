@@ -20,8 +20,8 @@ from pathlib import Path
 import pika
 import pytest
 
+from amqp import declare_queues
 from config import Config
-from consumer import declare_queues
 from tests import rabbitmq_cluster
 from tests.rabbitmq_cluster import RabbitNode, RabbitNodes
 from tests.support import (

@@ -63,8 +63,8 @@ import pika
 import pika.exceptions
 
 import exits
+from amqp import amqp_parameters, refused_by_broker
 from config import Config, ConfigError, load_config, load_env_file
-from consumer import amqp_parameters, refused_by_broker
 from tools.publisher import ConfirmedPublisher, Counts
 
 PROG = "publish_votes"
