@@ -18,7 +18,7 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
 # Every module aggregator.py imports, and the schema db.py applies (tests/test_deploy.py checks the list).
-COPY aggregator.py commands.py config.py consumer.py db.py dbconnect.py dberrors.py deadletters.py exits.py health.py httpauth.py logsetup.py metrics.py pipeline.py results.py summary.py systemd.py verify.py votes.py init_db.sql pyproject.toml ./
+COPY aggregator.py amqp.py commands.py config.py consumer.py db.py dbconnect.py dberrors.py deadletters.py exits.py health.py httpauth.py logsetup.py metrics.py pipeline.py results.py summary.py systemd.py verify.py votes.py init_db.sql pyproject.toml ./
 # Compiled once here, as root: the service's user cannot write to /app.
 RUN python -m compileall -q /app \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin aggregator
