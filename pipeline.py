@@ -71,9 +71,6 @@ class Buffer:
         with self._cond:
             return len(self._items)
 
-    def add(self, delivery: Delivery) -> None:
-        self.extend([delivery])
-
     def extend(self, deliveries: list[Delivery]) -> None:
         """Append deliveries in the order they arrived: one lock round for a bunch of them."""
         with self._cond:

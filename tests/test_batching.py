@@ -52,7 +52,7 @@ def test_buffer_hands_out_full_batches_in_delivery_order() -> None:
     buffer = Buffer(batch_size=3, timeout_s=60)
     channel = 1
     for tag in range(1, 8):
-        buffer.add(_delivery(tag, channel))
+        buffer.extend([_delivery(tag, channel)])
     first, second = buffer.take(wait_s=0), buffer.take(wait_s=0)
     assert _tags(first) == [1, 2, 3]
     assert _tags(second) == [4, 5, 6]
@@ -67,7 +67,7 @@ def test_buffer_hands_out_full_batches_in_delivery_order() -> None:
 def test_buffer_releases_a_partial_batch_once_its_oldest_vote_is_due() -> None:
     buffer = Buffer(batch_size=100, timeout_s=0.3)
     channel = 1
-    buffer.add(_delivery(1, channel))
+    buffer.extend([_delivery(1, channel)])
     started = time.monotonic()
     assert _tags(buffer.take(wait_s=5)) == [1]
     assert time.monotonic() - started >= 0.25
@@ -80,7 +80,7 @@ def test_buffer_wakes_the_writer_when_a_batch_fills() -> None:
     writer = threading.Thread(target=lambda: taken.append(_tags(buffer.take(wait_s=30))))
     writer.start()
     for tag in range(1, 6):
-        buffer.add(_delivery(tag, channel))
+        buffer.extend([_delivery(tag, channel)])
     writer.join(10)
     assert not writer.is_alive()
     assert taken == [[1, 2, 3, 4, 5]]
@@ -90,9 +90,9 @@ def test_buffer_forgets_the_deliveries_of_a_closed_channel_only() -> None:
     buffer = Buffer(batch_size=10, timeout_s=60)
     old, new = 1, 2
     for tag in (1, 2, 3):
-        buffer.add(_delivery(tag, old))
+        buffer.extend([_delivery(tag, old)])
     for tag in (1, 2):
-        buffer.add(_delivery(tag, new))
+        buffer.extend([_delivery(tag, new)])
     assert buffer.drop_session(old) == 3
     batch = buffer.take(wait_s=0, drain=True)
     assert batch is not None

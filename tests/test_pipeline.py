@@ -92,7 +92,7 @@ def test_a_deadlock_is_retried_as_a_conflict_and_counted_once(dbname: str) -> No
         with other.cursor() as cur:
             cur.execute("UPDATE vote_results SET updated_at = now() WHERE law_id = 'law-x'")
         pipeline.start()
-        pipeline.buffer.add(Delivery(vote, 7, 1, time.monotonic()))
+        pipeline.buffer.extend([Delivery(vote, 7, 1, time.monotonic())])
         wait_for(lambda: waiting_on(dbname, other), timeout=10, interval=0.02, what="the batch waiting for the row")
         with other.cursor() as cur:
             cur.execute(
@@ -125,7 +125,7 @@ def test_the_shutdown_budget_cuts_a_long_retry_wait_short(dbname: str) -> None:
         proxy.refuse()
         proxy.cut()  # the pooled connection dies, and no new one can be made
         pipeline.start()
-        pipeline.buffer.add(Delivery(_vote(2), 1, 1, time.monotonic()))
+        pipeline.buffer.extend([Delivery(_vote(2), 1, 1, time.monotonic())])
         wait_for(lambda: _value(metrics, "database_retries_total") >= 1, timeout=10, what="the first retry wait")
         started = time.monotonic()
         finished = pipeline.finish(deadline=started + 1.0, idle=lambda: time.sleep(0.01))
@@ -150,7 +150,7 @@ def test_the_shutdown_budget_ends_a_query_postgres_never_answers(dbname: str) ->
         database.ping()
         proxy.pause()  # PostgreSQL (or the path to it) stops answering mid-query
         pipeline.start()
-        pipeline.buffer.add(Delivery(_vote(3), 1, 1, time.monotonic()))
+        pipeline.buffer.extend([Delivery(_vote(3), 1, 1, time.monotonic())])
         time.sleep(0.5)
         started = time.monotonic()
         finished = pipeline.finish(deadline=started + 1.0, idle=lambda: time.sleep(0.01))
