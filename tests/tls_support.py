@@ -60,8 +60,12 @@ class Authority:
         return cls(directory=directory, name=name, cert=cert, ca=ca)
 
     def issue(self, stem: str, *, common_name: str, dns_names: tuple[str, ...] = ()) -> KeyPair:
-        """A leaf certificate signed by this CA, for servers (naming `dns_names`) and clients alike."""
-        leaf = self.ca.issue_cert(*dns_names, common_name=common_name)
+        """A leaf certificate signed by this CA, for servers (naming `dns_names`) and clients alike.
+
+        A client certificate names its common name as its one identity: cryptography refuses a
+        subjectAltName with no name in it (since 51), and trustme always writes one.
+        """
+        leaf = self.ca.issue_cert(*(dns_names or (common_name,)), common_name=common_name)
         cert, key = self.directory / f"{stem}.pem", self.directory / f"{stem}.key"
         leaf.cert_chain_pems[0].write_to_path(str(cert))
         leaf.private_key_pem.write_to_path(str(key))
