@@ -244,6 +244,28 @@ def query(dbname: str, statement: str, params: tuple[Any, ...] = ()) -> list[tup
         conn.close()
 
 
+def deadlock_partner(dbname: str) -> psycopg2.extensions.connection:
+    """A connection (in a transaction once used) that will close a lock cycle with a batch.
+
+    PostgreSQL looks for a cycle once per lock wait, deadlock_timeout after the wait began, in
+    the waiting session. The batch waits first; with the default (1 s each) a loaded machine can
+    let that second pass before this session closes the cycle, and this session is then the one
+    aborted. So every later session of `dbname` (the service's) checks 5 s into its wait, and
+    this one never does. Call it before the service connects.
+    """
+    admin = pg_connect(dbname)
+    try:
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '5s'").format(sql.Identifier(dbname)))
+    finally:
+        admin.close()
+    other = pg_connect(dbname)
+    with other.cursor() as cur:
+        cur.execute("SET deadlock_timeout = '10min'")
+    other.autocommit = False
+    return other
+
+
 def waiting_on(dbname: str, blocker: psycopg2.extensions.connection) -> bool:
     """True once one of the service's backends in `dbname` waits for a lock `blocker` holds
     (its own database and backends only: another test's lock cannot satisfy it)."""

@@ -20,6 +20,7 @@ from tests.support import (
     POSTGRES_PORT,
     POSTGRES_USER,
     apply_schema,
+    deadlock_partner,
     pg_connect,
     query,
     wait_for,
@@ -53,15 +54,14 @@ def _service_backends(dbname: str) -> set[int]:
 
 def test_a_deadlock_is_a_conflict_that_leaves_nothing_behind(dbname: str) -> None:
     # Another session holds the law's row and then inserts the batch's hash: a
-    # lock cycle. PostgreSQL aborts the batch (it waited longest): a conflict,
+    # lock cycle. PostgreSQL aborts the batch (its check runs first, see deadlock_partner): a conflict,
     # rolled back whole; the pipeline's retry then counts the vote once
     # (tests/test_pipeline.py).
     apply_schema(dbname)
     query(dbname, "INSERT INTO vote_results (law_id) VALUES ('law-x')")
+    other = deadlock_partner(dbname)  # before the service connects
     vote = Vote("ab" * 32, "citizen-1", "law-x", "oui", datetime(2025, 11, 14, 12, tzinfo=UTC))
     database = _database(dbname)
-    other = pg_connect(dbname)
-    other.autocommit = False
     try:
         backends = _service_backends(dbname)
         with other.cursor() as cur:

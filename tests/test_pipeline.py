@@ -20,7 +20,7 @@ from tests.support import (
     POSTGRES_PORT,
     POSTGRES_USER,
     apply_schema,
-    pg_connect,
+    deadlock_partner,
     query,
     wait_for,
     waiting_on,
@@ -83,9 +83,8 @@ def test_a_deadlock_is_retried_as_a_conflict_and_counted_once(dbname: str) -> No
     # the batch is retried whole and counted once, and database_up stays 1.
     apply_schema(dbname)
     query(dbname, "INSERT INTO vote_results (law_id) VALUES ('law-x')")
+    other = deadlock_partner(dbname)  # before the pipeline connects
     pipeline, database, metrics, settled = _pipeline(dbname)
-    other = pg_connect(dbname)
-    other.autocommit = False
     vote = _vote(1)
     try:
         metrics.database_up.set(1)
