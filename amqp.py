@@ -48,6 +48,20 @@ def amqp_parameters(
     )
 
 
+def open_connection(parameters: pika.ConnectionParameters) -> BlockingConnection:
+    """A BlockingConnection; a failed attempt raises a pika AMQPError or an OSError, never anything else.
+
+    pika raises a bare ValueError ("Expected connected socket, but getpeername() failed") when the
+    peer resets the connection between the TCP handshake and pika's first look at the socket, as a
+    proxy or load balancer in front of a node that is down does: a refused connection like any
+    other, retried as one rather than ending the process.
+    """
+    try:
+        return pika.BlockingConnection(parameters)
+    except ValueError as exc:
+        raise pika.exceptions.AMQPConnectionError(f"connection reset while it was being set up ({exc})") from exc
+
+
 def queue_arguments(c: Config) -> dict[str, str | int]:
     """The arguments of RABBITMQ_QUEUE when the service declares it."""
     arguments: dict[str, str | int] = {"x-queue-type": c.rabbitmq_queue_type}

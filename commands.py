@@ -13,7 +13,7 @@ import pika.exceptions
 import db
 import exits
 import httpauth
-from amqp import amqp_parameters, describe_error, refused_by_broker
+from amqp import amqp_parameters, describe_error, open_connection, refused_by_broker
 from config import Config
 from health import describe_replication
 
@@ -68,7 +68,7 @@ def _check_rabbitmq_node(config: Config, node: tuple[str, int]) -> Problem | Non
     if len(nodes) > 1:
         url += f" (node {nodes.index(node) + 1} of {len(nodes)})"
     try:
-        connection = pika.BlockingConnection(amqp_parameters(config, node))
+        connection = open_connection(amqp_parameters(config, node))
     except (pika.exceptions.AMQPError, OSError) as exc:
         refused = refused_by_broker(exc) or isinstance(exc, ssl.SSLCertVerificationError)
         return Problem(f"RabbitMQ {url}: {describe_error(exc)}", certain=refused)

@@ -22,7 +22,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import Basic, BasicProperties
 
-from amqp import amqp_parameters, close_quietly, declare_queues, describe_error, refused_by_broker
+from amqp import amqp_parameters, close_quietly, declare_queues, describe_error, open_connection, refused_by_broker
 from config import Config, node_text
 from deadletters import DeadLetterer
 from exits import CONFIG as EXIT_CONFIG
@@ -203,7 +203,7 @@ class Consumer:
         self._consumed = False
         url = self._config.rabbitmq_url_for_logs(node)
         try:
-            connection = pika.BlockingConnection(amqp_parameters(self._config, node))
+            connection = open_connection(amqp_parameters(self._config, node))
             self._connection = connection
             self._dead_letterer.attach(connection)
             self._connected_once = True

@@ -29,6 +29,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
 import exits
+from amqp import open_connection
 from config import Config
 
 logger = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ def replay(
 
 def run(config: Config, args: Any, *, parameters: pika.ConnectionParameters, out: TextIO = sys.stdout) -> int:
     """`dead-letters list|show|replay`; exit codes as every command's (exits.py)."""
-    connection = pika.BlockingConnection(parameters)
+    connection = open_connection(parameters)
     try:
         if args.action == "replay":
             if not (args.all or args.reason or args.vote_hash):

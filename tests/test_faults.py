@@ -8,14 +8,18 @@ with the invariant, exact counts and an empty queue.
 
 from __future__ import annotations
 
+import errno
 import json
 import random
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
 
+import pika.exceptions
 import pytest
 
+from amqp import amqp_parameters, open_connection
 from config import Config
 from tests.proxy import TcpProxy
 from tests.support import (
@@ -111,6 +115,25 @@ def test_kill_9_at_random_points_and_between_commit_and_ack(
 
 
 # -- 2. RabbitMQ connection lost --------------------------------------------------------------
+
+
+def test_a_connection_reset_while_it_is_set_up_is_a_connection_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A proxy or load balancer in front of a node that is down accepts and resets at once. When
+    # the reset beats pika's first getpeername(), pika raised a bare ValueError, which ended the
+    # service instead of being retried. Here getpeername() fails as it then does.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def not_connected(_sock: socket.socket) -> tuple[str, int]:
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    monkeypatch.setattr(socket.socket, "getpeername", not_connected)
+    try:
+        with pytest.raises(pika.exceptions.AMQPConnectionError, match="reset while it was being set up") as raised:
+            open_connection(amqp_parameters(Config(rabbitmq_host="127.0.0.1", rabbitmq_port=port)))
+    finally:
+        listener.close()
+    assert isinstance(raised.value.__cause__, ValueError)
 
 
 def test_rabbitmq_connection_cut_and_broker_down_under_load(

@@ -63,7 +63,7 @@ import pika
 import pika.exceptions
 
 import exits
-from amqp import amqp_parameters, refused_by_broker
+from amqp import amqp_parameters, open_connection, refused_by_broker
 from config import Config, ConfigError, load_config, load_env_file
 from tools.publisher import ConfirmedPublisher, Counts
 
@@ -590,7 +590,7 @@ def check_queue(s: Settings) -> tuple[str, int] | None:
     """None if the queue can be published to; else what is wrong, in one line, and the exit code."""
     where = f"amqp://{s.user}@{s.host}:{s.port}{s.vhost if s.vhost.startswith('/') else '/' + s.vhost}"
     try:
-        connection = pika.BlockingConnection(s.amqp(f"{PROG}-{s.run_id}-check"))
+        connection = open_connection(s.amqp(f"{PROG}-{s.run_id}-check"))
     except (pika.exceptions.AMQPError, OSError) as exc:
         if refused_by_broker(exc) or isinstance(exc, ssl.SSLCertVerificationError):
             return f"RabbitMQ refused {where}: {type(exc).__name__}: {exc}", exits.CONFIG
