@@ -58,6 +58,8 @@ def open_connection(parameters: pika.ConnectionParameters) -> BlockingConnection
     """
     try:
         return pika.BlockingConnection(parameters)
+    except ssl.SSLError:
+        raise  # ssl.SSLCertVerificationError is a ValueError too: a certificate refused, said as such
     except ValueError as exc:
         raise pika.exceptions.AMQPConnectionError(f"connection reset while it was being set up ({exc})") from exc
 
