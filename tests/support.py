@@ -244,6 +244,19 @@ def query(dbname: str, statement: str, params: tuple[Any, ...] = ()) -> list[tup
         conn.close()
 
 
+def set_database_default(dbname: str, setting: str, value: str) -> None:
+    """ALTER DATABASE `dbname` SET `setting` = `value`: for every session that connects afterwards."""
+    admin = pg_connect(dbname)
+    try:
+        with admin.cursor() as cur:
+            cur.execute(
+                sql.SQL("ALTER DATABASE {} SET {} = %s").format(sql.Identifier(dbname), sql.Identifier(setting)),
+                (value,),
+            )
+    finally:
+        admin.close()
+
+
 def deadlock_partner(dbname: str) -> psycopg2.extensions.connection:
     """A connection (in a transaction once used) that will close a lock cycle with a batch.
 
@@ -253,12 +266,7 @@ def deadlock_partner(dbname: str) -> psycopg2.extensions.connection:
     aborted. So every later session of `dbname` (the service's) checks 5 s into its wait, and
     this one never does. Call it before the service connects.
     """
-    admin = pg_connect(dbname)
-    try:
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '5s'").format(sql.Identifier(dbname)))
-    finally:
-        admin.close()
+    set_database_default(dbname, "deadlock_timeout", "5s")
     other = pg_connect(dbname)
     with other.cursor() as cur:
         cur.execute("SET deadlock_timeout = '10min'")

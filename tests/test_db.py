@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from psycopg2 import sql
 
 import db
 from config import Config
@@ -23,6 +22,7 @@ from tests.support import (
     deadlock_partner,
     pg_connect,
     query,
+    set_database_default,
     wait_for,
     waiting_on,
 )
@@ -110,12 +110,7 @@ def test_timestamps_read_back_unchanged_whatever_the_database_timezone(dbname: s
     # West of UTC, 0001-01-01T00:00:00Z is a BC date: read back in the database's
     # time zone, it raised "year -1 is out of range" and the redelivery never settled.
     apply_schema(dbname)
-    admin = pg_connect(dbname)
-    try:
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("ALTER DATABASE {} SET timezone = 'America/New_York'").format(sql.Identifier(dbname)))
-    finally:
-        admin.close()
+    set_database_default(dbname, "timezone", "America/New_York")
     assert query(dbname, "SHOW timezone") == [("America/New_York",)]
     vote = Vote("01" * 32, "citizen-tz", "law-tz", "oui", datetime(1, 1, 1, tzinfo=UTC))
     database = _database(dbname)
