@@ -403,6 +403,12 @@ class Pipeline:
             outcome = self._db.write_batch([d.vote for d in batch])
         except db.DatabaseRejected as exc:
             refused = exc
+        except db.NotReplicated as exc:
+            # Committed on the primary but not acked: the retry finds these votes stored, so
+            # their counts reach the metrics now.
+            if isinstance(exc.outcome, db.BatchOutcome):
+                self._record_outcome(exc.outcome, size=len(batch))
+            raise
         except db.DatabaseError:
             raise
         except Exception as exc:

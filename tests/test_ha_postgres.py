@@ -10,6 +10,7 @@ docs/high-availability.md records them.
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,8 +20,10 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+import db
+from config import Config
 from tests import pg_servers
-from tests.pg_replication import STANDBY_NAME, pair
+from tests.pg_replication import STANDBY_NAME, frozen, pair
 from tests.pg_servers import PgServer
 from tests.roles import INIT_DB, SERVICE_ROLE
 from tests.support import (
@@ -35,6 +38,7 @@ from tests.support import (
     stop_all,
     wait_for,
 )
+from votes import Vote, parse_message
 
 pytestmark = pytest.mark.skipif(pg_servers.unavailable() is not None, reason=str(pg_servers.unavailable()))
 
@@ -407,3 +411,94 @@ def test_check_names_the_primary_and_what_a_failover_could_lose(queue: str) -> N
     finally:
         standby.remove()
         primary.remove()
+
+
+# -- acked means on two servers, per commit ----------------------------------------------------------
+
+
+def _database(server: PgServer, **settings: object) -> db.Database:
+    """The service's database layer on `server`, with POSTGRES_REQUIRE_SYNC_STANDBY."""
+    config = Config(
+        postgres_host="127.0.0.1",
+        postgres_port=server.port,
+        postgres_db=DB,
+        postgres_user="postgres",
+        postgres_require_sync_standby=True,
+        **settings,  # type: ignore[arg-type]
+    )
+    database = db.Database(config=config)
+    database.open()
+    return database
+
+
+def _votes(count: int, *, seed: int) -> list[Vote]:
+    return [parse_message(v.body(), max_bytes=4096).vote for v in make_votes(count, laws=3, seed=seed)]
+
+
+def _sync_waiter(server: PgServer) -> int | None:
+    """The pid of a service session whose commit waits for the synchronous standby, if any."""
+    rows = server.execute(
+        "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND application_name = 'vote-aggregator'"
+    )
+    return int(rows[0][0]) if rows else None
+
+
+def test_a_commit_whose_wait_for_the_standby_is_cancelled_is_not_taken_for_replicated() -> None:
+    primary, standby = pair(synchronous=True)
+    database = None
+    try:
+        primary.execute(f"CREATE DATABASE {DB}")
+        # A default that would let commits skip the standby: the service's sessions override it.
+        primary.execute(f"ALTER DATABASE {DB} SET synchronous_commit = local")
+        database = _database(primary)
+        database.ensure_schema()
+        assert database.replication_state().synchronous_commit == "on"
+
+        # The normal path: the commit waited for the standby. Written again (redeliveries only, no
+        # WAL, no wait), it is proved by the standby's flush position instead.
+        first = _votes(50, seed=81)
+        assert database.write_batch(first).new_votes == len(first)
+        assert database.write_batch(first).redeliveries == len(first)
+
+        second = _votes(50, seed=82)
+        with frozen(standby):
+            raised: list[BaseException] = []
+
+            def write() -> None:
+                try:
+                    database.write_batch(second)
+                except BaseException as exc:
+                    raised.append(exc)
+
+            writer = threading.Thread(target=write)
+            writer.start()
+            # The commit waits for the standby; a cancel (an operator's pg_cancel_backend, a
+            # pooler's timeout) ends the wait, and PostgreSQL reports it committed, with a WARNING.
+            pid = wait_for(lambda: _sync_waiter(primary), timeout=30, what="a commit waiting for the standby")
+            primary.execute("SELECT pg_cancel_backend(%s)", (pid,))
+            writer.join(30)
+            assert len(raised) == 1
+            error = raised[0]
+            assert isinstance(error, db.NotReplicated)
+            assert "canceling wait for synchronous replication" in str(error)
+            assert isinstance(error.outcome, db.BatchOutcome)
+            assert error.outcome.new_votes == len(second)
+            assert counted(primary) == len(first) + len(second)  # committed here, not on the standby
+            # Writing it again proves nothing: it writes no WAL, and its commit does not wait.
+            with pytest.raises(db.NotReplicated, match="did not wait for a synchronous standby"):
+                database.write_batch(second)
+        # The standby catches up: the same batch is now proved by its flush position.
+        wait_for(lambda: _replicated(database, second), timeout=30, what="the batch known to be on the standby")
+    finally:
+        if database is not None:
+            database.close()
+        standby.remove()
+        primary.remove()
+
+
+def _replicated(database: db.Database, votes: list[Vote]) -> bool:
+    try:
+        database.write_batch(votes)
+    except db.NotReplicated:
+        return False
+    return True
