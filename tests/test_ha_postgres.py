@@ -502,3 +502,60 @@ def _replicated(database: db.Database, votes: list[Vote]) -> bool:
     except db.NotReplicated:
         return False
     return True
+
+
+def test_no_vote_is_acked_while_the_synchronous_standby_is_frozen(services: MakeService, queue: str) -> None:
+    primary, standby = pair(synchronous=True)
+    try:
+        primary.execute(f"CREATE DATABASE {DB}")
+        prefetch, batch = 400, 100
+        svc = services(
+            hosts(
+                primary,
+                standby,
+                POSTGRES_REQUIRE_SYNC_STANDBY="true",
+                POSTGRES_REPLICATION_CHECK_INTERVAL_SECONDS="0.5",
+                POSTGRES_QUERY_TIMEOUT_SECONDS="1",
+                BATCH_SIZE=str(batch),
+                RABBITMQ_PREFETCH_COUNT=str(prefetch),
+                **HA_RETRY,
+            )
+        ).start()
+        first = make_votes(1_000, laws=5, seed=83)
+        publish(queue, [v.body() for v in first])
+        wait_for(lambda: counted(primary) == len(first), timeout=60, what="the first votes counted")
+        wait_for(lambda: svc.metric("oldest_unacked_delivery_age_seconds") == 0, timeout=30, what="all of them acked")
+
+        second = make_votes(2_000, laws=5, seed=84)
+        with frozen(standby):
+            # Still attached, so still "sync" in pg_stat_replication: the periodic check sees nothing
+            # wrong, and consuming goes on. Each commit waits; the first wait is cancelled (PostgreSQL
+            # then reports the batch committed, with a WARNING), the next ones never end.
+            publish(queue, [v.body() for v in second])
+            pid = wait_for(lambda: _sync_waiter(primary), timeout=30, what="a commit waiting for the standby")
+            retries = svc.metric("database_retries_total")
+            primary.execute("SELECT pg_cancel_backend(%s)", (pid,))
+            handed_over = len(second) - prefetch  # ready while RabbitMQ waits for acks
+
+            # Retried and found unproven each time, past MAX_RETRY_ATTEMPTS (3): an outage. An ack
+            # would instead have RabbitMQ hand over more votes.
+            def retried_or_acked() -> bool:
+                return svc.metric("database_retries_total") >= retries + 4 or queue_state(queue)[0] < handed_over
+
+            wait_for(retried_or_acked, timeout=30, what="more retries, or an ack")
+            # The cancelled batch is committed on the primary, and not acked: RabbitMQ has handed
+            # over one prefetch window of the second votes and no more.
+            assert queue_state(queue) == (handed_over, 1)
+            assert counted(primary) == len(first) + batch
+            assert "canceling wait for synchronous replication" in svc.logs()
+            wait_for(lambda: probe(svc, "/readyz")[0] == 503, timeout=10, what="not ready")
+            assert "not known to be on a synchronous standby" in probe(svc, "/readyz")[1]
+            assert probe(svc, "/healthz")[0] == 200
+        # The standby catches up: the batch is proved by its flush position, and counting goes on.
+        wait_for(lambda: counted(primary) == len(first) + len(second), timeout=120, what="every vote counted")
+        wait_for(lambda: queue_state(queue)[0] == 0, timeout=60, what="the queue drained")
+        assert svc.stop() == 0
+        assert_counted_once(primary, queue, first + second)
+    finally:
+        standby.remove()
+        primary.remove()
