@@ -52,6 +52,9 @@ class PgStandby(PgServer):
         _as_postgres(
             str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.source.port), "-U", "postgres",
             "-D", str(self.data), "-R", "-X", "stream", "--no-sync",
+            # At once: a spread checkpoint on a server that has just been written to (or promoted)
+            # takes minutes.
+            "--checkpoint=fast",
         )  # fmt: skip
         settings = {
             "port": str(self.port),

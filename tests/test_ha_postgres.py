@@ -23,7 +23,7 @@ import pytest
 import db
 from config import Config
 from tests import pg_servers
-from tests.pg_replication import STANDBY_NAME, frozen, pair
+from tests.pg_replication import STANDBY_NAME, PgStandby, frozen, pair
 from tests.pg_servers import PgServer
 from tests.roles import INIT_DB, SERVICE_ROLE
 from tests.support import (
@@ -557,5 +557,60 @@ def test_no_vote_is_acked_while_the_synchronous_standby_is_frozen(services: Make
         assert svc.stop() == 0
         assert_counted_once(primary, queue, first + second)
     finally:
+        standby.remove()
+        primary.remove()
+
+
+def _replayed(standby: PgServer) -> bool:
+    """The standby has applied all it received (its primary being gone, nothing more comes)."""
+    rows = standby.execute(
+        "SELECT pg_last_wal_receive_lsn() IS NULL OR pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn()"
+    )
+    return bool(rows[0][0])
+
+
+def test_after_a_failover_nothing_is_acked_on_a_promoted_server_without_a_standby(
+    services: MakeService, queue: str
+) -> None:
+    primary, standby = pair(synchronous=True)
+    another: PgStandby | None = None
+    try:
+        primary.execute(f"CREATE DATABASE {DB}")
+        votes = make_votes(10_000, laws=10, seed=85)
+        publish(queue, [v.body() for v in votes])
+        # The replication state is read every 5 s (the default): a failover manager that promotes
+        # the standby at once puts the promoted server in the service's hands before the next check.
+        svc = services(hosts(primary, standby, POSTGRES_REQUIRE_SYNC_STANDBY="true", **HA_RETRY)).start()
+        wait_for(lambda: counted(primary) > 2_000, timeout=60, interval=0.02, what="counting under way")
+        primary.stop(mode="immediate")  # a crash, with batches in the service's hands
+        # What the old primary acked is on the standby: read it there before it is promoted.
+        wait_for(lambda: _replayed(standby), timeout=30, what="the standby to replay what it received")
+        replicated = counted(standby)
+        standby.promote()  # with synchronous_standby_names empty: no standby of its own
+
+        # The batch in hand is written on the promoted server, which has no standby: not acked, and
+        # the hold then stops consuming. Every vote not acked goes back to RabbitMQ.
+        wait_for(lambda: counted(standby) > replicated, timeout=60, what="a batch written on the promoted server")
+        wait_for(lambda: svc.metric("vote_consumption_held") == 1, timeout=30, what="the hold")
+        wait_for(lambda: queue_state(queue)[1] == 0, timeout=30, what="no consumer")
+        acked = len(votes) - queue_state(queue)[0]
+        assert acked <= replicated
+        assert "not known to be on a synchronous standby" in svc.logs()
+        assert probe(svc, "/healthz")[0] == 200
+
+        # The promoted server gets a synchronous standby: counting goes on, every vote once.
+        another = PgStandby(standby)
+        another.start()
+        standby.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{STANDBY_NAME}'")
+        standby.execute("SELECT pg_reload_conf()")
+        another.wait_streaming(sync_state="sync")
+        wait_for(lambda: counted(standby) == len(votes), timeout=120, what="every vote counted")
+        wait_for(lambda: queue_state(queue)[0] == 0, timeout=60, what="the queue drained")
+        assert svc.metric("vote_consumption_held") == 0
+        assert svc.stop() == 0
+        assert_counted_once(standby, queue, votes)
+    finally:
+        if another is not None:
+            another.remove()
         standby.remove()
         primary.remove()
