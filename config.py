@@ -457,7 +457,8 @@ HELP: dict[str, str] = {
     "POSTGRES_SSLCERT": "client certificate",
     "POSTGRES_SSLKEY": "client certificate's private key",
     "POSTGRES_REQUIRE_SYNC_STANDBY": "stop consuming (votes stay in RabbitMQ) while no synchronous standby has every "
-    "commit, so that an acked vote survives losing the primary",
+    "commit, and ack a batch only once one is known to have its commit, so that an acked vote survives losing the "
+    "primary",
     "POSTGRES_REPLICATION_CHECK_INTERVAL_SECONDS": "how often the primary's replication state is read (logged when "
     "it changes, exported as metrics)",
     "BATCH_SIZE": "votes per batch",

@@ -594,6 +594,10 @@ def test_after_a_failover_nothing_is_acked_on_a_promoted_server_without_a_standb
         wait_for(lambda: svc.metric("vote_consumption_held") == 1, timeout=30, what="the hold")
         wait_for(lambda: queue_state(queue)[1] == 0, timeout=30, what="no consumer")
         acked = len(votes) - queue_state(queue)[0]
+        print(
+            f"\nSYNC failover: {acked} votes acked, {replicated} on the standby when it was promoted, "
+            f"{counted(standby) - replicated} written on it (not acked) before the hold"
+        )
         assert acked <= replicated
         assert "not known to be on a synchronous standby" in svc.logs()
         assert probe(svc, "/healthz")[0] == 200
