@@ -405,9 +405,11 @@ class Pipeline:
             refused = exc
         except db.NotReplicated as exc:
             # Committed on the primary but not acked: the retry finds these votes stored, so
-            # their counts reach the metrics now.
-            if isinstance(exc.outcome, db.BatchOutcome):
-                self._record_outcome(exc.outcome, size=len(batch))
+            # what this commit counted reaches the metrics now. An attempt that counted nothing
+            # (the retries themselves) is left out, or every retry would add redeliveries.
+            done = exc.outcome
+            if isinstance(done, db.BatchOutcome) and (done.new_votes or done.duplicate_attempts):
+                self._record_outcome(done, size=len(batch))
             raise
         except db.DatabaseError:
             raise

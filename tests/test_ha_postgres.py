@@ -554,6 +554,9 @@ def test_no_vote_is_acked_while_the_synchronous_standby_is_frozen(services: Make
         # The standby catches up: the batch is proved by its flush position, and counting goes on.
         wait_for(lambda: counted(primary) == len(first) + len(second), timeout=120, what="every vote counted")
         wait_for(lambda: queue_state(queue)[0] == 0, timeout=60, what="the queue drained")
+        # The metrics count the cancelled batch's votes once, when they were committed.
+        aggregated = [v for (name, _labels), v in svc.metrics().items() if name == "votes_aggregated_total"]
+        assert sum(aggregated) == len(first) + len(second)
         assert svc.stop() == 0
         assert_counted_once(primary, queue, first + second)
     finally:
