@@ -98,6 +98,9 @@ class Config:
     metrics_max_laws: int = 1000
     shutdown_timeout_s: float = 15.0
     stall_timeout_s: float = 120.0
+    # More votes than this refused as `unexpected` within the window is a systematic failure: stop.
+    max_unexpected_rejections: int = 10
+    unexpected_rejections_window_s: float = 60.0
 
     prometheus_port: int = 8001
     # All interfaces: Prometheus scrapes from another host or container. Lock the port with
@@ -398,6 +401,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
     "METRICS_MAX_LAWS": ("metrics_max_laws", _parse_int, _at_least(1)),
     "SHUTDOWN_TIMEOUT_SECONDS": ("shutdown_timeout_s", _parse_float, _positive),
     "STALL_TIMEOUT_SECONDS": ("stall_timeout_s", _parse_float, _positive),
+    "MAX_UNEXPECTED_REJECTIONS": ("max_unexpected_rejections", _parse_int, _at_least(0)),
+    "UNEXPECTED_REJECTIONS_WINDOW_SECONDS": ("unexpected_rejections_window_s", _parse_float, _positive),
     "PROMETHEUS_PORT": ("prometheus_port", _parse_int, _port),
     "PROMETHEUS_BIND_ADDRESS": ("prometheus_bind_address", _parse_str, None),
     "PROMETHEUS_TLS_CERT_FILE": ("prometheus_tls_cert_file", _file, None),
@@ -452,7 +457,8 @@ HELP: dict[str, str] = {
     "POSTGRES_SSLCERT": "client certificate",
     "POSTGRES_SSLKEY": "client certificate's private key",
     "POSTGRES_REQUIRE_SYNC_STANDBY": "stop consuming (votes stay in RabbitMQ) while no synchronous standby has every "
-    "commit, so that an acked vote survives losing the primary",
+    "commit, and ack a batch only once one is known to have its commit, so that an acked vote survives losing the "
+    "primary",
     "POSTGRES_REPLICATION_CHECK_INTERVAL_SECONDS": "how often the primary's replication state is read (logged when "
     "it changes, exported as metrics)",
     "BATCH_SIZE": "votes per batch",
@@ -467,6 +473,10 @@ HELP: dict[str, str] = {
     "SHUTDOWN_TIMEOUT_SECONDS": "time budget of a graceful stop",
     "STALL_TIMEOUT_SECONDS": "/healthz fails and systemd's watchdog is no longer fed when a vote has waited this "
     "long for its ack while PostgreSQL answers",
+    "MAX_UNEXPECTED_REJECTIONS": "votes whose write raised an unexpected error dead-lettered within "
+    "UNEXPECTED_REJECTIONS_WINDOW_SECONDS; one more is a systematic failure: the service stops (exit 1) and "
+    "leaves the rest in RabbitMQ",
+    "UNEXPECTED_REJECTIONS_WINDOW_SECONDS": "the window MAX_UNEXPECTED_REJECTIONS counts over",
     "PROMETHEUS_PORT": "port of /metrics, /healthz and /readyz",
     "PROMETHEUS_BIND_ADDRESS": "address that port listens on (:: for every IPv6 and IPv4 address)",
     "PROMETHEUS_TLS_CERT_FILE": "serve that port over TLS with this certificate (chain), PEM",
@@ -533,8 +543,8 @@ def _check_server_lists(config: Config) -> None:
     if config.postgres_require_sync_standby and (
         config.postgres_replication_check_interval_s >= config.postgres_query_timeout_s
     ):
-        # A commit left waiting for a standby that went away is cancelled by statement_timeout, and
-        # PostgreSQL then reports it committed; the check must stop consuming before that happens.
+        # A commit left waiting for a standby that went away is not acked (db._CommitCheck), but
+        # the check should stop consuming before the batches behind it fill the prefetch window.
         raise ConfigError(
             "POSTGRES_REPLICATION_CHECK_INTERVAL_SECONDS must be below POSTGRES_QUERY_TIMEOUT_SECONDS with "
             f"POSTGRES_REQUIRE_SYNC_STANDBY=true, got {config.postgres_replication_check_interval_s:g} >= "

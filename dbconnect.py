@@ -58,6 +58,12 @@ def _session_options(config: Config) -> str:
         "tcp_keepalives_count": 3,
         "tcp_user_timeout": 30_000,
     }
+    if config.postgres_require_sync_standby:
+        # Acked means on two servers: no role, database or server default of local or off
+        # (libpq options win over them) lets a commit skip the standby. "on" waits until the
+        # standby has flushed it; remote_apply would also wait for its replay, which a
+        # failover to it does not need.
+        settings["synchronous_commit"] = "on"
     return " ".join(f"-c {name}={value}" for name, value in settings.items())
 
 

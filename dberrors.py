@@ -38,6 +38,20 @@ class DatabaseUnavailable(RetryableError):
     """PostgreSQL could not be reached, or the connection broke."""
 
 
+class NotReplicated(RetryableError):
+    """POSTGRES_REQUIRE_SYNC_STANDBY: the batch committed on the primary, but no synchronous standby
+    is known to have it (no standby required, or the commit's wait for one was cancelled). It is
+    not acked: the whole batch is tried again, which then proves it by the standbys' flush position.
+
+    `outcome` is what the commit did (db.BatchOutcome), for the metrics: the retry finds the
+    votes already stored.
+    """
+
+    def __init__(self, message: str, *, outcome: object = None) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
 class TransactionConflict(RetryableError):
     """Deadlock, serialization failure or lock wait timeout: the whole transaction
     is retried. PostgreSQL itself is fine (the connection is kept)."""

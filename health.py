@@ -248,5 +248,5 @@ def describe_replication(state: db.ReplicationState, *, user: str) -> str:
     return (
         f"{where}: commits wait for {state.required} synchronous standby(s) of {names!r} and "
         f"{len(state.synchronous)} attached: writing stalls until one attaches, and a commit whose wait is "
-        "cancelled (POSTGRES_QUERY_TIMEOUT_SECONDS) is kept only on the primary and can be lost in a failover"
+        "cut short (a cancel, or the connection dropped) is kept only on the primary and can be lost in a failover"
     )

@@ -45,6 +45,7 @@ ERROR_TYPES = (
     "rabbitmq_connection",
     "consumer_cancelled",
     "unexpected",
+    "systematic_failure",
 )
 # Distinct field names in vote_unknown_fields_total; later names go under OTHER_FIELDS.
 MAX_UNKNOWN_FIELDS = 50

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,6 +56,14 @@ class Batch:
 
 # (committed, rejected) deliveries of one batch, called in batch order.
 Settle = Callable[[list[Delivery], list[Delivery]], None]
+
+
+class SystematicFailure(Exception):
+    """Too many votes refused as `unexpected`: the fault is in the service, not in the votes.
+
+    Raised out of isolation so that the batch in hand stays unsettled (RabbitMQ keeps
+    its votes) instead of being dead-lettered vote by vote.
+    """
 
 
 class Buffer:
@@ -216,6 +225,10 @@ class Pipeline:
         self.database_error: str | None = None  # why the last database operation failed, if it did
         self._last_database_check = time.monotonic()
         self.fatal: str | None = None  # set when a batch may be left unsettled: the service must exit 1
+        # When the last votes refused as `unexpected` were, within UNEXPECTED_REJECTIONS_WINDOW_SECONDS.
+        self._unexpected_lock = threading.Lock()
+        self._unexpected: deque[float] = deque()
+        self._systematic = threading.Event()  # past MAX_UNEXPECTED_REJECTIONS: write and reject nothing more
         metrics.buffer_depth.set_function(lambda: len(self.buffer))
         metrics.oldest_unacked_age.set_function(self.oldest_unacked_age)
 
@@ -278,8 +291,8 @@ class Pipeline:
                 elif time.monotonic() - self._last_database_check >= _IDLE_CHECK_S:
                     self._check_database()
                 self._summary.maybe_log(buffered=len(self.buffer))
-                if self._abandon.is_set():
-                    return
+                if self._abandon.is_set() or self._systematic.is_set():
+                    return  # what is left stays unacked: RabbitMQ redelivers it
             except Exception:
                 # Never die: a dead flush worker would stall every vote behind it.
                 logger.exception("unexpected error in the flush worker")
@@ -300,6 +313,8 @@ class Pipeline:
 
     def _write(self, batch: Batch) -> None:
         """Write one batch until it commits, then have it settled. Never drops it."""
+        if self._systematic.is_set():
+            return  # unsettled: the service is stopping, and RabbitMQ keeps these votes
         started = time.monotonic()
         retrying = Retrying(
             retry=retry_if_exception_type(db.DatabaseError),
@@ -315,6 +330,11 @@ class Pipeline:
             committed, rejected = retrying(self._write_isolating, batch.deliveries)
         except db.DatabaseError:
             return  # abandoned at shutdown: unsettled, so RabbitMQ redelivers it and every later batch
+        except SystematicFailure as exc:
+            # Unsettled, with the votes this batch already refused: they and every later batch are
+            # redelivered once the fault is fixed, instead of being dead-lettered one by one.
+            self._fail(str(exc))
+            return
         duration = time.monotonic() - started
         self._sequencer.done(batch, committed, rejected)
         self._database_ok()
@@ -377,10 +397,20 @@ class Pipeline:
         rejected). Raises DatabaseError (database trouble) for the retry policy.
         """
         refused: Exception | None = None
+        if self._systematic.is_set():
+            raise SystematicFailure("another flush worker found a systematic failure")
         try:
             outcome = self._db.write_batch([d.vote for d in batch])
         except db.DatabaseRejected as exc:
             refused = exc
+        except db.NotReplicated as exc:
+            # Committed on the primary but not acked: the retry finds these votes stored, so
+            # what this commit counted reaches the metrics now. An attempt that counted nothing
+            # (the retries themselves) is left out, or every retry would add redeliveries.
+            done = exc.outcome
+            if isinstance(done, db.BatchOutcome) and (done.new_votes or done.duplicate_attempts):
+                self._record_outcome(done, size=len(batch))
+            raise
         except db.DatabaseError:
             raise
         except Exception as exc:
@@ -402,8 +432,48 @@ class Pipeline:
             first = self._write_isolating(batch[:middle], whole=False)
             second = self._write_isolating(batch[middle:], whole=False)
             return first[0] + second[0], first[1] + second[1]
+        if unexpected:
+            self._admit_unexpected(refused)
         self._reject(batch[0], refused, unexpected=unexpected)
         return [], list(batch)
+
+    def _admit_unexpected(self, exc: Exception | None) -> None:
+        """Allow one more vote to be refused as `unexpected`, or raise SystematicFailure.
+
+        One vote that trips a bug is isolated and dead-lettered, and counting goes on. But
+        when every write raises (a bug in a new release, a driver change), isolation would
+        dead-letter the whole queue one vote at a time, with liveness green: past
+        MAX_UNEXPECTED_REJECTIONS in UNEXPECTED_REJECTIONS_WINDOW_SECONDS the service stops
+        instead (exit 1), and the votes stay in RabbitMQ until the fault is fixed.
+        """
+        limit, window = self._config.max_unexpected_rejections, self._config.unexpected_rejections_window_s
+        now = time.monotonic()
+        with self._unexpected_lock:
+            recent = self._unexpected
+            while recent and now - recent[0] > window:
+                recent.popleft()
+            if len(recent) < limit and not self._systematic.is_set():
+                recent.append(now)
+                return
+            already = self._systematic.is_set()
+            self._systematic.set()
+        if not already:
+            self._metrics.record_error("systematic_failure")
+            logger.critical(
+                "a systematic failure: %d votes refused as unexpected within %.0fs (MAX_UNEXPECTED_REJECTIONS=%d, "
+                "UNEXPECTED_REJECTIONS_WINDOW_SECONDS=%g), the last with %s: %s; the votes not yet refused stay in "
+                "RabbitMQ until the fault is fixed",
+                limit + 1,
+                window,
+                limit,
+                window,
+                type(exc).__name__,
+                exc,
+            )
+        raise SystematicFailure(
+            f"a systematic failure: more than {limit} votes refused as unexpected within {window:g}s "
+            f"(last: {type(exc).__name__})"
+        )
 
     def _reject(self, delivery: Delivery, exc: Exception | None, *, unexpected: bool) -> None:
         vote, tag = delivery.vote.vote_hash, delivery.tag

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tests.pg_servers import PG_BIN, PgServer, _as_postgres
 from tests.support import wait_for
@@ -48,6 +52,9 @@ class PgStandby(PgServer):
         _as_postgres(
             str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.source.port), "-U", "postgres",
             "-D", str(self.data), "-R", "-X", "stream", "--no-sync",
+            # At once: a spread checkpoint on a server that has just been written to (or promoted)
+            # takes minutes.
+            "--checkpoint=fast",
         )  # fmt: skip
         settings = {
             "port": str(self.port),
@@ -89,3 +96,24 @@ def pair(*, synchronous: bool) -> tuple[PgServer, PgStandby]:
         main.remove()
         raise
     return main, standby
+
+
+@contextmanager
+def frozen(server: PgServer) -> Iterator[None]:
+    """`server` stopped with SIGSTOP (its postmaster and their children) until the block ends.
+
+    For a standby: it stays connected, so the primary still lists it as synchronous, but it
+    confirms nothing, and the primary's commits wait for it.
+    """
+    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(postmaster)], check=True, capture_output=True, text=True
+    ).stdout.split()
+    pids = [postmaster, *(int(pid) for pid in children)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)

@@ -69,6 +69,8 @@ NON_DEFAULTS: dict[str, tuple[str, str, object]] = {
     "METRICS_MAX_LAWS": ("50", "metrics_max_laws", 50),
     "SHUTDOWN_TIMEOUT_SECONDS": ("30", "shutdown_timeout_s", 30.0),
     "STALL_TIMEOUT_SECONDS": ("45", "stall_timeout_s", 45.0),
+    "MAX_UNEXPECTED_REJECTIONS": ("3", "max_unexpected_rejections", 3),
+    "UNEXPECTED_REJECTIONS_WINDOW_SECONDS": ("30", "unexpected_rejections_window_s", 30.0),
     "PROMETHEUS_PORT": ("9100", "prometheus_port", 9100),
     "PROMETHEUS_BIND_ADDRESS": ("127.0.0.1", "prometheus_bind_address", "127.0.0.1"),
     "PROMETHEUS_TLS_CERT_FILE": (A_FILE, "prometheus_tls_cert_file", A_FILE),

@@ -138,6 +138,41 @@ def test_unexpected_errors_reject_only_the_offending_votes_and_counting_goes_on(
     assert_invariant(dbname)
 
 
+def test_a_systematic_failure_stops_the_service_instead_of_dead_lettering_the_queue(
+    make_service: MakeService, queue: str, dbname: str, tmp_path: Path
+) -> None:
+    dead = declare_with_dead_letters(queue)
+    # Every write raises, as after a bug in a new release: every vote is marked to raise.
+    votes = make_votes(400, laws=4, prefix="raise-value")
+    publish(queue, [v.body() for v in votes])
+    limit = 5
+    # Batches of 4: the first is isolated into 4 refused votes and settled (dead-lettered), the
+    # second refuses one more (the 5th) and then trips on the 6th, and is left unsettled.
+    broken = make_service({**injecting(tmp_path), "BATCH_SIZE": "4", "MAX_UNEXPECTED_REJECTIONS": str(limit)})
+    broken.expects_unexpected_errors = True
+    broken.start(wait_consuming=False)
+    assert broken.proc is not None
+    assert broken.proc.wait(60) == 1
+    logs = broken.logs()
+    assert "CRITICAL" in logs
+    assert "a systematic failure: 6 votes refused as unexpected within 60s" in logs
+    assert "stopping (exit code 1)" in logs
+    assert audit_count(dbname) == 0
+    dead_lettered = drain_queue(dead)
+    assert 0 < len(dead_lettered) <= limit
+    # Everything else is still in RabbitMQ, none of it acked or dead-lettered.
+    assert queue_state(queue) == (len(votes) - len(dead_lettered), 0)
+
+    # The fault fixed (no injection): every vote left in the queue is counted once.
+    fixed = make_service()
+    fixed.start()
+    left = [v for v in votes if v.body() not in set(dead_lettered)]
+    wait_for(lambda: audit_count(dbname) == len(left), timeout=60, what="the votes left counted")
+    wait_for(lambda: queue_state(queue)[0] == 0, timeout=30, what="queue drained")
+    assert fixed.stop() == 0
+    assert_all_counted_once(dbname, queue, left)
+
+
 @pytest.mark.parametrize("declared_again_by", ["the service", "an operator"])
 def test_a_consumer_cancelled_by_the_broker_consumes_again(
     make_service: MakeService, queue: str, dbname: str, declared_again_by: str

@@ -10,6 +10,7 @@ docs/high-availability.md records them.
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,8 +20,10 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+import db
+from config import Config
 from tests import pg_servers
-from tests.pg_replication import STANDBY_NAME, pair
+from tests.pg_replication import STANDBY_NAME, PgStandby, frozen, pair
 from tests.pg_servers import PgServer
 from tests.roles import INIT_DB, SERVICE_ROLE
 from tests.support import (
@@ -35,6 +38,7 @@ from tests.support import (
     stop_all,
     wait_for,
 )
+from votes import Vote, parse_message
 
 pytestmark = pytest.mark.skipif(pg_servers.unavailable() is not None, reason=str(pg_servers.unavailable()))
 
@@ -190,8 +194,10 @@ def test_with_require_sync_standby_consuming_stops_while_the_standby_is_away(ser
         assert svc.metric("database_failover_safe") == 0
         assert svc.metric("vote_consumption_held") == 1
         wait_for(lambda: svc.metric("rabbitmq_connected") == 0, timeout=10, what="the channel closed")
+        # At least: a batch whose commit returns just after the channel closed is counted and back
+        # in RabbitMQ too (its ack could not be sent), and is absorbed as redeliveries later.
         wait_for(
-            lambda: queue_state(queue) == (len(votes) - counted(primary), 0),
+            lambda: queue_state(queue)[1] == 0 and queue_state(queue)[0] >= len(votes) - counted(primary),
             timeout=60,
             what="every vote not counted back in RabbitMQ, no consumer",
         )
@@ -405,5 +411,215 @@ def test_check_names_the_primary_and_what_a_failover_could_lose(queue: str) -> N
         assert f"schema complete (writes go to 127.0.0.1:{primary.port})" in result.stdout
         assert f"ok: PostgreSQL replication on 127.0.0.1:{primary.port}: synchronous" in result.stdout
     finally:
+        standby.remove()
+        primary.remove()
+
+
+# -- acked means on two servers, per commit ----------------------------------------------------------
+
+
+def _database(server: PgServer, **settings: object) -> db.Database:
+    """The service's database layer on `server`, with POSTGRES_REQUIRE_SYNC_STANDBY."""
+    config = Config(
+        postgres_host="127.0.0.1",
+        postgres_port=server.port,
+        postgres_db=DB,
+        postgres_user="postgres",
+        postgres_require_sync_standby=True,
+        **settings,  # type: ignore[arg-type]
+    )
+    database = db.Database(config=config)
+    database.open()
+    return database
+
+
+def _votes(count: int, *, seed: int) -> list[Vote]:
+    return [parse_message(v.body(), max_bytes=4096).vote for v in make_votes(count, laws=3, seed=seed)]
+
+
+def _sync_waiter(server: PgServer) -> int | None:
+    """The pid of a service session whose commit waits for the synchronous standby, if any."""
+    rows = server.execute(
+        "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND application_name = 'vote-aggregator'"
+    )
+    return int(rows[0][0]) if rows else None
+
+
+def test_a_commit_whose_wait_for_the_standby_is_cancelled_is_not_taken_for_replicated() -> None:
+    primary, standby = pair(synchronous=True)
+    database = None
+    try:
+        primary.execute(f"CREATE DATABASE {DB}")
+        # A default that would let commits skip the standby: the service's sessions override it.
+        primary.execute(f"ALTER DATABASE {DB} SET synchronous_commit = local")
+        database = _database(primary)
+        database.ensure_schema()
+        assert database.replication_state().synchronous_commit == "on"
+
+        # The normal path: the commit waited for the standby. Written again (redeliveries only, no
+        # WAL, no wait), it is proved by the standby's flush position instead.
+        first = _votes(50, seed=81)
+        assert database.write_batch(first).new_votes == len(first)
+        assert database.write_batch(first).redeliveries == len(first)
+
+        second = _votes(50, seed=82)
+        with frozen(standby):
+            raised: list[BaseException] = []
+
+            def write() -> None:
+                try:
+                    database.write_batch(second)
+                except BaseException as exc:
+                    raised.append(exc)
+
+            writer = threading.Thread(target=write)
+            writer.start()
+            # The commit waits for the standby; a cancel (an operator's pg_cancel_backend, a
+            # pooler's timeout) ends the wait, and PostgreSQL reports it committed, with a WARNING.
+            pid = wait_for(lambda: _sync_waiter(primary), timeout=30, what="a commit waiting for the standby")
+            primary.execute("SELECT pg_cancel_backend(%s)", (pid,))
+            writer.join(30)
+            assert len(raised) == 1
+            error = raised[0]
+            assert isinstance(error, db.NotReplicated)
+            assert "canceling wait for synchronous replication" in str(error)
+            assert isinstance(error.outcome, db.BatchOutcome)
+            assert error.outcome.new_votes == len(second)
+            assert counted(primary) == len(first) + len(second)  # committed here, not on the standby
+            # Writing it again proves nothing: it writes no WAL, and its commit does not wait.
+            with pytest.raises(db.NotReplicated, match="did not wait for a synchronous standby"):
+                database.write_batch(second)
+        # The standby catches up: the same batch is now proved by its flush position.
+        wait_for(lambda: _replicated(database, second), timeout=30, what="the batch known to be on the standby")
+    finally:
+        if database is not None:
+            database.close()
+        standby.remove()
+        primary.remove()
+
+
+def _replicated(database: db.Database, votes: list[Vote]) -> bool:
+    try:
+        database.write_batch(votes)
+    except db.NotReplicated:
+        return False
+    return True
+
+
+def test_no_vote_is_acked_while_the_synchronous_standby_is_frozen(services: MakeService, queue: str) -> None:
+    primary, standby = pair(synchronous=True)
+    try:
+        primary.execute(f"CREATE DATABASE {DB}")
+        prefetch, batch = 400, 100
+        svc = services(
+            hosts(
+                primary,
+                standby,
+                POSTGRES_REQUIRE_SYNC_STANDBY="true",
+                POSTGRES_REPLICATION_CHECK_INTERVAL_SECONDS="0.5",
+                POSTGRES_QUERY_TIMEOUT_SECONDS="1",
+                BATCH_SIZE=str(batch),
+                RABBITMQ_PREFETCH_COUNT=str(prefetch),
+                **HA_RETRY,
+            )
+        ).start()
+        first = make_votes(1_000, laws=5, seed=83)
+        publish(queue, [v.body() for v in first])
+        wait_for(lambda: counted(primary) == len(first), timeout=60, what="the first votes counted")
+        wait_for(lambda: svc.metric("oldest_unacked_delivery_age_seconds") == 0, timeout=30, what="all of them acked")
+
+        second = make_votes(2_000, laws=5, seed=84)
+        with frozen(standby):
+            # Still attached, so still "sync" in pg_stat_replication: the periodic check sees nothing
+            # wrong, and consuming goes on. Each commit waits; the first wait is cancelled (PostgreSQL
+            # then reports the batch committed, with a WARNING), the next ones never end.
+            publish(queue, [v.body() for v in second])
+            pid = wait_for(lambda: _sync_waiter(primary), timeout=30, what="a commit waiting for the standby")
+            retries = svc.metric("database_retries_total")
+            primary.execute("SELECT pg_cancel_backend(%s)", (pid,))
+            handed_over = len(second) - prefetch  # ready while RabbitMQ waits for acks
+
+            # Retried and found unproven each time, past MAX_RETRY_ATTEMPTS (3): an outage. An ack
+            # would instead have RabbitMQ hand over more votes.
+            def retried_or_acked() -> bool:
+                return svc.metric("database_retries_total") >= retries + 4 or queue_state(queue)[0] < handed_over
+
+            wait_for(retried_or_acked, timeout=30, what="more retries, or an ack")
+            # The cancelled batch is committed on the primary, and not acked: RabbitMQ has handed
+            # over one prefetch window of the second votes and no more.
+            assert queue_state(queue) == (handed_over, 1)
+            assert counted(primary) == len(first) + batch
+            assert "canceling wait for synchronous replication" in svc.logs()
+            wait_for(lambda: probe(svc, "/readyz")[0] == 503, timeout=10, what="not ready")
+            assert "not known to be on a synchronous standby" in probe(svc, "/readyz")[1]
+            assert probe(svc, "/healthz")[0] == 200
+        # The standby catches up: the batch is proved by its flush position, and counting goes on.
+        wait_for(lambda: counted(primary) == len(first) + len(second), timeout=120, what="every vote counted")
+        wait_for(lambda: queue_state(queue)[0] == 0, timeout=60, what="the queue drained")
+        # The metrics count the cancelled batch's votes once, when they were committed.
+        aggregated = [v for (name, _labels), v in svc.metrics().items() if name == "votes_aggregated_total"]
+        assert sum(aggregated) == len(first) + len(second)
+        assert svc.stop() == 0
+        assert_counted_once(primary, queue, first + second)
+    finally:
+        standby.remove()
+        primary.remove()
+
+
+def _replayed(standby: PgServer) -> bool:
+    """The standby has applied all it received (its primary being gone, nothing more comes)."""
+    rows = standby.execute(
+        "SELECT pg_last_wal_receive_lsn() IS NULL OR pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn()"
+    )
+    return bool(rows[0][0])
+
+
+def test_after_a_failover_nothing_is_acked_on_a_promoted_server_without_a_standby(
+    services: MakeService, queue: str
+) -> None:
+    primary, standby = pair(synchronous=True)
+    another: PgStandby | None = None
+    try:
+        primary.execute(f"CREATE DATABASE {DB}")
+        votes = make_votes(10_000, laws=10, seed=85)
+        publish(queue, [v.body() for v in votes])
+        # The replication state is read every 5 s (the default): a failover manager that promotes
+        # the standby at once puts the promoted server in the service's hands before the next check.
+        svc = services(hosts(primary, standby, POSTGRES_REQUIRE_SYNC_STANDBY="true", **HA_RETRY)).start()
+        wait_for(lambda: counted(primary) > 2_000, timeout=60, interval=0.02, what="counting under way")
+        primary.stop(mode="immediate")  # a crash, with batches in the service's hands
+        # What the old primary acked is on the standby: read it there before it is promoted.
+        wait_for(lambda: _replayed(standby), timeout=30, what="the standby to replay what it received")
+        replicated = counted(standby)
+        standby.promote()  # with synchronous_standby_names empty: no standby of its own
+
+        # The batch in hand is written on the promoted server, which has no standby: not acked, and
+        # the hold then stops consuming. Every vote not acked goes back to RabbitMQ.
+        wait_for(lambda: counted(standby) > replicated, timeout=60, what="a batch written on the promoted server")
+        wait_for(lambda: svc.metric("vote_consumption_held") == 1, timeout=30, what="the hold")
+        wait_for(lambda: queue_state(queue)[1] == 0, timeout=30, what="no consumer")
+        acked = len(votes) - queue_state(queue)[0]
+        print(
+            f"\nSYNC failover: {acked} votes acked, {replicated} on the standby when it was promoted, "
+            f"{counted(standby) - replicated} written on it (not acked) before the hold"
+        )
+        assert acked <= replicated
+        assert "not known to be on a synchronous standby" in svc.logs()
+        assert probe(svc, "/healthz")[0] == 200
+
+        # The promoted server gets a synchronous standby: counting goes on, every vote once.
+        another = PgStandby(standby)
+        another.start()
+        standby.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{STANDBY_NAME}'")
+        standby.execute("SELECT pg_reload_conf()")
+        another.wait_streaming(sync_state="sync")
+        wait_for(lambda: counted(standby) == len(votes), timeout=120, what="every vote counted")
+        wait_for(lambda: queue_state(queue)[0] == 0, timeout=60, what="the queue drained")
+        assert svc.metric("vote_consumption_held") == 0
+        assert svc.stop() == 0
+        assert_counted_once(standby, queue, votes)
+    finally:
+        if another is not None:
+            another.remove()
         standby.remove()
         primary.remove()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,9 +12,11 @@ from prometheus_client import CollectorRegistry
 
 import db
 from config import Config
+from health import Health
 from metrics import Metrics
 from pipeline import Buffer, Delivery, Pipeline
 from summary import Summary
+from systemd import Notifier
 from tests.proxy import TcpProxy
 from tests.support import (
     POSTGRES_HOST,
@@ -41,7 +44,12 @@ class _Settled:
 
 
 def _pipeline(
-    dbname: str, *, port: int = POSTGRES_PORT, host: str = POSTGRES_HOST, **settings: Any
+    dbname: str,
+    *,
+    port: int = POSTGRES_PORT,
+    host: str = POSTGRES_HOST,
+    on_fatal: Callable[[str], None] = lambda _reason: None,
+    **settings: Any,
 ) -> tuple[Pipeline, db.Database, Metrics, _Settled]:
     config = Config(
         postgres_host=host,
@@ -62,7 +70,7 @@ def _pipeline(
         metrics=metrics,
         summary=Summary(interval_s=0),
         settle=settled,
-        on_fatal=lambda _reason: None,
+        on_fatal=on_fatal,
     )
     return pipeline, database, metrics, settled
 
@@ -189,3 +197,41 @@ def test_a_bunch_of_deliveries_that_fills_two_batches_wakes_two_writers() -> Non
     assert [tags for tags, _ in batches] == [[1, 2], [3, 4]]
     assert all(after < 1.5 for _, after in batches), batches
     assert len(buffer) == 1  # the fifth waits for its batch to fill or time out
+
+
+class _Consuming:
+    consuming = True
+    stopping = False
+
+
+def test_a_systematic_failure_fails_liveness_and_leaves_its_batch_unsettled(dbname: str) -> None:
+    apply_schema(dbname)
+    fatal: list[str] = []
+    pipeline, database, metrics, settled = _pipeline(dbname, on_fatal=fatal.append, max_unexpected_rejections=3)
+
+    def raises(votes: Sequence[Vote], *, chain: str | None = None) -> db.BatchOutcome:
+        raise TypeError("a driver that changed what it hands back")
+
+    database.write_batch = raises  # type: ignore[method-assign]  # a bug in the service's own code
+    health = Health(stall_timeout_s=120, notifier=Notifier({}))
+    health.watch(consumer=_Consuming(), pipeline=pipeline)
+    try:
+        assert health.liveness() == (True, "ok")
+        pipeline.start()
+        pipeline.buffer.extend([Delivery(_vote(n), n, 1, time.monotonic()) for n in range(1, 21)])
+        wait_for(lambda: fatal, timeout=10, what="the service told to stop")
+        wait_for(lambda: not pipeline.writing, timeout=10, what="the flush worker to stop writing")
+    finally:
+        database.close()
+    alive, reason = health.liveness()
+    assert not alive
+    assert "more than 3 votes refused as unexpected" in reason
+    assert fatal == [reason]
+    # Three votes were refused before the fourth tripped it, in the same batch: that batch is not
+    # settled at all, so none of its votes is dead-lettered; RabbitMQ redelivers them all.
+    assert settled.committed == []
+    assert settled.rejected == []
+    assert pipeline.unsettled == 1
+    assert _value(metrics, "aggregation_errors_total", error_type="systematic_failure") == 1
+    assert _value(metrics, "votes_rejected_total", reason="unexpected") == 3
+    assert query(dbname, "SELECT count(*) FROM vote_audit") == [(0,)]
