@@ -187,6 +187,14 @@ def test_the_environment_is_a_configuration_the_service_accepts(tmp_path: Path) 
     manifest_config(tmp_path)
 
 
+def test_the_database_settings_follow_the_high_availability_advice(tmp_path: Path) -> None:
+    """docs/high-availability.md: an acked vote survives a failover, and the next attempt after
+    one comes within a second."""
+    settings = manifest_config(tmp_path)
+    assert settings.postgres_require_sync_standby
+    assert settings.retry_max_delay_s <= 1
+
+
 def test_secrets_are_mounted_files(tmp_path: Path) -> None:
     pod = one("Deployment")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
