@@ -32,7 +32,7 @@ import pika.connection
 import pytest
 from ruamel.yaml import YAML
 
-from config import Config, load_config, variables
+from config import SECRET_FILES, Config, load_config, variables
 from tests.support import ROOT, NotifyListener, Service, make_votes, publish, query, queue_state, wait_for
 from tools.ports import free_port
 
@@ -194,7 +194,7 @@ def test_unit_settings_match_the_service() -> None:
 
 def test_environment_file_example_names_only_real_variables() -> None:
     text = ENV_EXAMPLE.read_text()
-    known = set(variables())
+    known = set(variables()) | set(SECRET_FILES)
     every = env_file_assignments(text, commented=True)
     assert set(every) <= known, set(every) - known
     # The active lines are a configuration the service accepts.
