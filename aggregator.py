@@ -31,7 +31,7 @@ import results
 import verify
 from amqp import amqp_parameters, describe_error, refused_by_broker
 from commands import check, init_db
-from config import HELP, Config, ConfigError, load_config, load_env_file, variables, version
+from config import HELP, SECRET_FILES_HELP, Config, ConfigError, load_config, load_env_file, variables, version
 from consumer import Consumer
 from exits import CONFIG as EXIT_CONFIG
 from exits import FAILURE as EXIT_FAILURE
@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         return str(value) if value != "" else "unset"
 
     lines = [f"  {name} (default {shown(defaults[name])}): {HELP[name]}" for name in defaults]
+    lines += [f"  {name} (default unset): {text}" for name, text in SECRET_FILES_HELP.items()]
     parser = argparse.ArgumentParser(
         prog="aggregator.py",
         description="Vote aggregation service: counts validated votes from RabbitMQ into PostgreSQL. "

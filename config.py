@@ -489,6 +489,17 @@ HELP: dict[str, str] = {
     "LOG_SUMMARY_INTERVAL_SECONDS": "how often an INFO line sums up throughput and errors (0: never)",
 }
 
+# Secrets that may be read from a file instead (Kubernetes and Docker mount secrets as files):
+# NAME_FILE names the file, whose content less one trailing newline is the value of NAME.
+SECRET_FILES: dict[str, str] = {
+    "RABBITMQ_PASSWORD_FILE": "RABBITMQ_PASSWORD",
+    "POSTGRES_PASSWORD_FILE": "POSTGRES_PASSWORD",
+}
+SECRET_FILES_HELP: dict[str, str] = {
+    file_name: f"file holding {name} (one trailing newline is dropped); set one of the two, not both"
+    for file_name, name in SECRET_FILES.items()
+}
+
 # Developer invariants, checked on import by every test run; not input validation.
 assert {f.name for f in fields(Config)} == {spec[0] for spec in _VARIABLES.values()}  # noqa: S101
 assert set(HELP) == set(_VARIABLES)  # noqa: S101
@@ -503,6 +514,7 @@ def variables() -> dict[str, object]:
 
 def load_config(environ: Mapping[str, str]) -> Config:
     """Build the configuration from `environ`; raise ConfigError on the first bad value."""
+    environ = _with_secret_files(environ)
     values: dict[str, object] = {}
     for name, (attr, parse, check) in _VARIABLES.items():
         raw = environ.get(name)
@@ -529,6 +541,27 @@ def load_config(environ: Mapping[str, str]) -> Config:
             f"{config.postgres_min_connections} > {config.postgres_max_connections}"
         )
     return config
+
+
+def _with_secret_files(environ: Mapping[str, str]) -> Mapping[str, str]:
+    """`environ` with each NAME of SECRET_FILES read from the file NAME_FILE names, if one does."""
+    read: dict[str, str] = {}
+    for file_name, name in SECRET_FILES.items():
+        path = environ.get(file_name)
+        if path is None or not path.strip():
+            continue
+        if name in environ:
+            # Which one would win is a guess an operator should not have to make (an old
+            # password left in an environment file, the new one in the mounted secret).
+            raise ConfigError(f"{name} and {file_name} are both set: set one of them")
+        try:
+            with open(_file(file_name, path), encoding="utf-8") as f:
+                value = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file_name} could not be read ({exc.__class__.__name__}), got {path!r}") from None
+        # `echo pw > file` and most editors end the file with a newline that is not part of the password.
+        read[name] = value.removesuffix("\n").removesuffix("\r")
+    return {**environ, **read} if read else environ
 
 
 def _check_server_lists(config: Config) -> None:

@@ -51,6 +51,11 @@ def table() -> str:
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, value in config.variables().items():
         rows.append(f"| `{name}` | {_default(value)} | {_text(config.HELP[name])} |")
+        rows += [
+            f"| `{file_name}` | unset | {_text(config.SECRET_FILES_HELP[file_name])} |"
+            for file_name, secret in config.SECRET_FILES.items()
+            if secret == name
+        ]
     return "\n".join(rows) + "\n"
 
 

@@ -344,3 +344,62 @@ def test_flush_workers_must_leave_a_connection_free() -> None:
     with pytest.raises(ConfigError, match="FLUSH_WORKERS"):
         load_config({"FLUSH_WORKERS": "10"})
     assert load_config({"FLUSH_WORKERS": "9"}).flush_workers == 9
+
+
+# -- secrets from files (*_PASSWORD_FILE): Kubernetes and Docker mount secrets as files -------------
+
+
+def test_passwords_are_read_from_files(tmp_path: Path) -> None:
+    rabbit, pg = tmp_path / "rabbitmq-password", tmp_path / "postgres-password"
+    rabbit.write_text(f" {RABBIT_SECRET} \n")  # one trailing newline dropped, the spaces kept
+    pg.write_text(PG_SECRET)
+
+    cfg = load_config({"RABBITMQ_PASSWORD_FILE": str(rabbit), "POSTGRES_PASSWORD_FILE": str(pg)})
+
+    assert cfg.rabbitmq_password == f" {RABBIT_SECRET} "
+    assert cfg.postgres_password == PG_SECRET
+    assert RABBIT_SECRET not in repr(cfg)
+    assert PG_SECRET not in repr(cfg)
+
+
+@pytest.mark.parametrize(("file_name", "name"), sorted(config.SECRET_FILES.items()))
+def test_a_password_and_its_file_together_are_refused(tmp_path: Path, name: str, file_name: str) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("from-the-file\n")
+    with pytest.raises(ConfigError, match=f"{name} and {file_name} are both set"):
+        load_config({name: "from-the-environment", file_name: str(secret)})
+    # Set but empty is still set: an empty password is a password.
+    with pytest.raises(ConfigError, match=f"{name} and {file_name} are both set"):
+        load_config({name: "", file_name: str(secret)})
+
+
+def test_an_unreadable_password_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="POSTGRES_PASSWORD_FILE must name a readable file"):
+        load_config({"POSTGRES_PASSWORD_FILE": str(tmp_path / "missing")})
+
+
+def test_both_set_exits_2_with_one_line(tmp_path: Path) -> None:
+    secret = tmp_path / "rabbitmq-password"
+    secret.write_text("guest\n")
+    result = run_cli(env=service_env(dbname="postgres", RABBITMQ_PASSWORD_FILE=str(secret)), timeout=30)
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "configuration error: RABBITMQ_PASSWORD and RABBITMQ_PASSWORD_FILE are both set: set one of them"
+    ]
+
+
+def test_the_service_logs_in_with_the_password_from_the_file(tmp_path: Path) -> None:
+    """--check against the test broker: the password in the file is the one sent (the database
+    named has no schema, so only the RabbitMQ lines are looked at)."""
+    env = service_env(dbname="postgres")
+    secret = tmp_path / "rabbitmq-password"
+    secret.write_text(env.pop("RABBITMQ_PASSWORD") + "\n")
+    good = run_cli("--check", env={**env, "RABBITMQ_PASSWORD_FILE": str(secret)}, timeout=60)
+    assert "ok: RabbitMQ" in good.stdout, good.stdout + good.stderr
+    assert "problem: RabbitMQ" not in good.stderr, good.stderr
+
+    secret.write_text("not-the-password\n")
+    bad = run_cli("--check", env={**env, "RABBITMQ_PASSWORD_FILE": str(secret)}, timeout=60)
+    assert "problem: RabbitMQ" in bad.stderr, bad.stderr
+    assert "ok: RabbitMQ" not in bad.stdout, bad.stdout

@@ -32,7 +32,7 @@ import pika.connection
 import pytest
 from ruamel.yaml import YAML
 
-from config import Config, load_config, variables
+from config import SECRET_FILES, Config, load_config, variables
 from tests.support import ROOT, NotifyListener, Service, make_votes, publish, query, queue_state, wait_for
 from tools.ports import free_port
 
@@ -194,7 +194,7 @@ def test_unit_settings_match_the_service() -> None:
 
 def test_environment_file_example_names_only_real_variables() -> None:
     text = ENV_EXAMPLE.read_text()
-    known = set(variables())
+    known = set(variables()) | set(SECRET_FILES)
     every = env_file_assignments(text, commented=True)
     assert set(every) <= known, set(every) - known
     # The active lines are a configuration the service accepts.
@@ -703,6 +703,15 @@ def test_prometheus_scrapes_the_aggregator_and_loads_the_alerts() -> None:
     prometheus = _yaml(PROMETHEUS_CONFIG)
     targets = [t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
     assert f"aggregator:{port}" in targets
+    # The alerts and the dashboard select the label app, not the job's name.
+    labels = {
+        t: sc.get("labels", {})
+        for job in prometheus["scrape_configs"]
+        for sc in job["static_configs"]
+        for t in sc["targets"]
+    }
+    assert labels[f"aggregator:{port}"] == {"app": "vote-aggregator"}
+    assert labels["rabbitmq:15692"] == {"app": "rabbitmq-queues"}
     for rule_file in prometheus["rule_files"]:
         assert rule_file in mounts, f"{rule_file} is not mounted into the prometheus container"
         assert (ROOT / mounts[rule_file]).is_file()

@@ -6,7 +6,9 @@ configuration parser; the shell scripts it mounts are checked by `sh -n`.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from config import load_config, variables
-from tests.support import ROOT
+from tests import pg_replication, pg_servers
+from tests.support import ROOT, wait_for
 from tests.test_deploy import compose_errors, timespan_s
 
 COMPOSE = ROOT / "deploy" / "docker-compose.ha.yml"
@@ -139,3 +142,98 @@ def test_mounted_scripts_parse_and_stop_on_errors(script: Path) -> None:
     assert subprocess.run(["sh", "-n", str(script)], capture_output=True, timeout=30).returncode == 0
     assert "set -eu" in script.read_text()
     assert script.stat().st_mode & 0o111, f"{script.name} must be executable: it is an entry point"
+
+
+# -- the PostgreSQL entry points, run for real against throwaway servers -------------------------------
+
+
+def _stubs(directory: Path, scripts: dict[str, str]) -> Path:
+    """A directory of small commands standing in for the image's, first on PATH."""
+    bin_dir = directory / "stub-bin"
+    bin_dir.mkdir()
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+    os.chmod(directory, 0o755)
+    return bin_dir
+
+
+@pytest.mark.skipif(pg_servers.unavailable() is not None, reason=str(pg_servers.unavailable()))
+def test_a_promoted_standby_does_not_wait_for_the_primarys_synchronous_standby() -> None:
+    """ha/postgres-standby.sh copies a primary whose ALTER SYSTEM names standby1 (as
+    ha/postgres-primary-init.sh does); promoted, the copy must not make its commits wait for it."""
+    primary = pg_replication.primary(synchronous=False)
+    standby = pg_servers.PgServer()
+    try:
+        primary.start()
+        primary.execute("ALTER SYSTEM SET synchronous_standby_names = 'standby1'")
+        primary.execute("SELECT pg_reload_conf()")
+        os.chmod(standby.base, 0o755)
+        shutil.chown(standby.base, "postgres", "postgres")
+        # The image's commands: gosu (run as a user), pg_basebackup reaching "postgres-primary",
+        # and its entry point (the server is started below instead).
+        bin_dir = _stubs(
+            standby.base,
+            {
+                "gosu": 'user=$1; shift; exec runuser -u "$user" -- "$@"',
+                "pg_basebackup": (
+                    'for a; do shift; case "$a" in --host=*|--username=*) ;; *) set -- "$@" "$a";; esac; done; '
+                    f"exec {pg_servers.PG_BIN}/pg_basebackup --host=127.0.0.1 --port={primary.port} "
+                    '--username=postgres --no-sync "$@"'
+                ),
+                "docker-entrypoint.sh": "exit 0",
+            },
+        )
+        script = ROOT / "deploy" / "ha" / "postgres-standby.sh"
+        env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PGDATA": str(standby.data), "REPLICATION_PASSWORD": "x"}
+        result = subprocess.run(["sh", str(script), "postgres"], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        with (standby.data / "postgresql.auto.conf").open("a") as conf:
+            conf.write(f"port = {standby.port}\nunix_socket_directories = '{standby.base}'\n")
+        standby._created = True  # made by the script, not by PgServer
+        standby.start()
+        standby.promote()
+        wait_for(lambda: standby.execute("SELECT pg_is_in_recovery()") == [(False,)], timeout=30, what="promoted")
+        assert standby.execute("SHOW synchronous_standby_names") == [("",)]
+        conn = standby.connect(options="-c statement_timeout=5000")
+        try:
+            with conn.cursor() as cur:
+                cur.execute("CREATE TABLE after_promotion (x int)")  # a commit
+            # A commit left waiting for a standby is cancelled by statement_timeout with this warning.
+            assert not [n for n in conn.notices if "synchronous replication" in n], conn.notices
+        finally:
+            conn.close()
+    finally:
+        standby.remove()
+        primary.remove()
+
+
+@pytest.mark.parametrize(("standby_answers", "starts"), [("t", False), ("f", True), (None, True)])
+def test_the_old_primary_refuses_to_start_once_the_standby_was_promoted(
+    tmp_path: Path, standby_answers: str | None, starts: bool
+) -> None:
+    """ha/postgres-primary.sh, with the image's psql and entry point stood in for: it asks
+    postgres-standby whether it is a primary now ("t"), a standby ("f"), or gets no answer."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "PG_VERSION").write_text("16\n")
+    psql = "exit 2" if standby_answers is None else f"echo {standby_answers}"
+    bin_dir = _stubs(tmp_path, {"psql": psql, "docker-entrypoint.sh": 'echo "entry point: $*"'})
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PGDATA": str(data), "POSTGRES_USER": "postgres"}
+    env["POSTGRES_PASSWORD"] = "postgres"
+    script = ROOT / "deploy" / "ha" / "postgres-primary.sh"
+    result = subprocess.run(["sh", str(script), "postgres"], env=env, capture_output=True, text=True, timeout=30)
+    if starts:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "entry point: postgres\n"
+    else:
+        assert result.returncode == 1
+        assert "postgres-standby has been promoted" in result.stderr
+        assert "entry point" not in result.stdout
+
+
+def test_the_primary_runs_its_entry_point() -> None:
+    primary = _services()["postgres-primary"]
+    mounts = {target: source for source, target in _bind_mounts(primary)}
+    assert mounts[primary["entrypoint"][0]] == ROOT / "deploy" / "ha" / "postgres-primary.sh"

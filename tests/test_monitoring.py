@@ -45,10 +45,15 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "aggregator.json"
 DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "aggregator.yml"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-JOB = "vote-aggregator"
-RABBITMQ_JOB = "rabbitmq-queues"  # RabbitMQ's plugin, on /metrics/detailed
-# The job each group of alerts.yml reads.
-GROUP_JOBS = {"vote-aggregator": JOB, "vote-aggregator-queue": RABBITMQ_JOB}
+# The rules and the dashboard select targets by this label, whatever their job is called
+# (docs/monitoring.md#scrape-labels); the scrape jobs of these tests are named otherwise, as the
+# Prometheus Operator names them, to show that the name does not matter.
+APP = "vote-aggregator"
+RABBITMQ_APP = "rabbitmq-queues"  # RabbitMQ's plugin, on /metrics/detailed
+JOB = "votes/vote-aggregator"
+RABBITMQ_JOB = "votes/rabbitmq"
+# The label value each group of alerts.yml selects.
+GROUP_APPS = {"vote-aggregator": APP, "vote-aggregator-queue": RABBITMQ_APP}
 # The queues the queue alerts and the dashboard's defaults name: the service's defaults.
 VOTE_QUEUE = Config().rabbitmq_queue
 DEAD_LETTER_QUEUE = Config().dead_letter_queue
@@ -162,8 +167,9 @@ def test_every_alert_has_labels_annotations_and_unit_tests() -> None:
     assert len(blocks) >= 10
     assert set(groups) == set(blocks)
     for name, body in blocks.items():
-        job = GROUP_JOBS[groups[name]]
-        assert f'job="{job}"' in body, f"{name} does not select job={job}"
+        app = GROUP_APPS[groups[name]]
+        assert f'app="{app}"' in body, f"{name} does not select app={app}"
+        assert "job=" not in body, f"{name} selects a job by name"
         severity = re.search(r"^\s*severity:\s*(\S+)", body, flags=re.MULTILINE)
         assert severity is not None, f"{name}: severity"
         assert severity.group(1) in SEVERITIES, f"{name}: severity"
@@ -269,13 +275,14 @@ def test_dashboard_is_well_formed_and_takes_its_datasource_from_a_variable() -> 
             assert target["datasource"] == DATASOURCE
             expr = target["expr"]
             assert expr.strip()
-            # Every selector reads this service's job and honours the instance picker, or
-            # reads RabbitMQ's job and the queue variables.
+            # Every selector reads this service's targets and honours the instance picker, or
+            # reads RabbitMQ's and the queue variables; none names a job.
             for selector in re.findall(r"\{([^}]*)\}", expr):
-                if f'job="{RABBITMQ_JOB}"' in selector:
+                assert "job=" not in selector, expr
+                if f'app="{RABBITMQ_APP}"' in selector:
                     assert re.search(r'queue="\$(vote_queue|dead_letter_queue)"', selector), expr
                 else:
-                    assert f'job="{JOB}"' in selector, expr
+                    assert f'app="{APP}"' in selector, expr
                     assert 'instance=~"$instance"' in selector, expr
             # A rate is shown per second (or, for a quantile of durations, in seconds);
             # only a ratio of two rates is a plain number.
@@ -295,9 +302,9 @@ def test_dashboard_is_well_formed_and_takes_its_datasource_from_a_variable() -> 
     assert "postgresql" in titles
     assert "rabbitmq" in titles
     # The queue: its depth, its consumers and the dead-letter queue.
-    assert 'rabbitmq_detailed_queue_messages_ready{job="rabbitmq-queues", queue="$vote_queue"}' in exprs
-    assert 'rabbitmq_detailed_queue_consumers{job="rabbitmq-queues", queue="$vote_queue"}' in exprs
-    assert 'rabbitmq_detailed_queue_messages{job="rabbitmq-queues", queue="$dead_letter_queue"}' in exprs
+    assert 'rabbitmq_detailed_queue_messages_ready{app="rabbitmq-queues", queue="$vote_queue"}' in exprs
+    assert 'rabbitmq_detailed_queue_consumers{app="rabbitmq-queues", queue="$vote_queue"}' in exprs
+    assert 'rabbitmq_detailed_queue_messages{app="rabbitmq-queues", queue="$dead_letter_queue"}' in exprs
     assert "dead-letter" in titles
 
 
@@ -405,11 +412,13 @@ class Prometheus:
 
 
 def rabbitmq_job(metrics_port: int) -> dict[str, Any]:
-    """The compose stack's scrape job of RabbitMQ's plugin (its path and families, as committed),
-    pointed at a node on 127.0.0.1:`metrics_port`."""
+    """The compose stack's scrape job of RabbitMQ's plugin (its path, families and label, as
+    committed), under another name, pointed at a node on 127.0.0.1:`metrics_port`."""
     jobs = YAML(typ="safe", pure=True).load(PROMETHEUS_CONFIG)["scrape_configs"]
-    (job,) = [j for j in jobs if j["job_name"] == RABBITMQ_JOB]
-    return {**job, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+    (job,) = [j for j in jobs if j["job_name"] == "rabbitmq-queues"]
+    (static,) = job["static_configs"]
+    target = {**static, "targets": [f"127.0.0.1:{metrics_port}"]}
+    return {**job, "job_name": RABBITMQ_JOB, "static_configs": [target]}
 
 
 @pytest.fixture
@@ -419,7 +428,9 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     started: list[Prometheus] = []
 
     def start(metrics_port: int, rabbitmq_metrics_port: int | None = None) -> Prometheus:
-        jobs = [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]
+        jobs = [
+            {"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"], "labels": {"app": APP}}]}
+        ]
         if rabbitmq_metrics_port is not None:
             jobs.append(rabbitmq_job(rabbitmq_metrics_port))
         config = {
@@ -523,18 +534,18 @@ def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
         assert load.poll() is None, "the load ended too early"
 
         value = prometheus.value
-        assert value(f'sum(rate(votes_aggregated_total{{job="{JOB}"}}[5s]))') > 0
-        assert value(f'database_up{{job="{JOB}"}}') == 1
-        assert value(f'rabbitmq_connected{{job="{JOB}"}}') == 1
-        reasons = {s["metric"]["reason"] for s in prometheus.query(f'votes_rejected_total{{job="{JOB}"}}')}
+        assert value(f'sum(rate(votes_aggregated_total{{app="{APP}"}}[5s]))') > 0
+        assert value(f'database_up{{app="{APP}"}}') == 1
+        assert value(f'rabbitmq_connected{{app="{APP}"}}') == 1
+        reasons = {s["metric"]["reason"] for s in prometheus.query(f'votes_rejected_total{{app="{APP}"}}')}
         assert {"invalid_json", "missing_field", "invalid_choice"} <= reasons
-        assert value(f'duplicate_vote_attempts_total{{job="{JOB}"}}') > 0
-        assert value(f'votes_redelivered_total{{job="{JOB}"}}') > 0
-        laws = {s["metric"]["law_id"] for s in prometheus.query(f'current_vote_totals{{job="{JOB}"}}')}
+        assert value(f'duplicate_vote_attempts_total{{app="{APP}"}}') > 0
+        assert value(f'votes_redelivered_total{{app="{APP}"}}') > 0
+        laws = {s["metric"]["law_id"] for s in prometheus.query(f'current_vote_totals{{app="{APP}"}}')}
         assert laws == {"law-001", "law-002", "law-003", "law-004"}
         # The queue as RabbitMQ reports it: one consumer (this service), the rejected
         # messages in the dead-letter queue.
-        queue_panels = {title: expr for title, _ref, expr in queries if RABBITMQ_JOB in expr}
+        queue_panels = {title: expr for title, _ref, expr in queries if RABBITMQ_APP in expr}
         assert value(queue_panels["Consumers on the queue"]) == 1
         assert value(queue_panels["Dead-lettered messages"]) > 0
 
@@ -606,8 +617,8 @@ def test_queue_alerts_follow_a_real_rabbitmq_queue(
     `for` are promtool's business)."""
     svc = make_service(node_env(node), queue_name=VOTE_QUEUE).start()
     prometheus = start_prometheus(svc.metrics_port, node.metrics_port)
-    consumers = f'rabbitmq_detailed_queue_consumers{{job="{RABBITMQ_JOB}", queue="{VOTE_QUEUE}"}}'
-    ready = f'rabbitmq_detailed_queue_messages_ready{{job="{RABBITMQ_JOB}", queue="{VOTE_QUEUE}"}}'
+    consumers = f'rabbitmq_detailed_queue_consumers{{app="{RABBITMQ_APP}", queue="{VOTE_QUEUE}"}}'
+    ready = f'rabbitmq_detailed_queue_messages_ready{{app="{RABBITMQ_APP}", queue="{VOTE_QUEUE}"}}'
     wait_for(lambda: prometheus.query(f"{consumers} == 1"), timeout=20, what="the service's consumer in Prometheus")
     queue_alerts = ("VoteQueueNoConsumer", "VoteQueueBacklogGrowing", "VoteQueueDeadLetters", "VoteQueueMetricsAbsent")
     states: dict[str, str] = {}
@@ -658,9 +669,9 @@ def test_prometheus_scrapes_the_service_down_as_up_zero(
     """What VoteAggregatorDown relies on: a stopped service is up == 0 for its job and instance."""
     svc = make_service().start()
     prometheus = start_prometheus(svc.metrics_port)
-    wait_for(lambda: prometheus.query(f'up{{job="{JOB}"}} == 1'), timeout=20, what="a successful scrape")
+    wait_for(lambda: prometheus.query(f'up{{app="{APP}"}} == 1'), timeout=20, what="a successful scrape")
     assert svc.stop() == 0
     started = time.monotonic()
-    down = wait_for(lambda: prometheus.query(f'up{{job="{JOB}"}} == 0'), timeout=20, what="up == 0")
+    down = wait_for(lambda: prometheus.query(f'up{{app="{APP}"}} == 0'), timeout=20, what="up == 0")
     assert down[0]["metric"]["instance"] == f"127.0.0.1:{svc.metrics_port}"
     assert time.monotonic() - started < 20

@@ -15,7 +15,13 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     rm -rf "${PGDATA:?}"/*
     sleep 2
   done
-  echo "primary_conninfo = 'host=postgres-primary user=replicator password=$REPLICATION_PASSWORD application_name=standby1'" \
+  # The copy carries the primary's ALTER SYSTEM settings, synchronous_standby_names = 'standby1'
+  # among them: promoted, this server would make every commit wait, for ever, for a standby1 that
+  # no longer exists (the name was its own). The later line wins. After a promotion it has no synchronous standby until one
+  # is built for it; the aggregators (POSTGRES_REQUIRE_SYNC_STANDBY) hold until then, and say so.
+  printf "%s\n" \
+    "primary_conninfo = 'host=postgres-primary user=replicator password=$REPLICATION_PASSWORD application_name=standby1'" \
+    "synchronous_standby_names = ''" \
     | gosu postgres tee -a "$PGDATA/postgresql.auto.conf" > /dev/null
 fi
 exec docker-entrypoint.sh "$@"
