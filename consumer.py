@@ -23,7 +23,16 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import Basic, BasicProperties
 
-from amqp import amqp_parameters, close_quietly, declare_queues, describe_error, open_connection, refused_by_broker
+from amqp import (
+    amqp_parameters,
+    close_quietly,
+    declare_queues,
+    describe_error,
+    existing_queue_arguments,
+    open_connection,
+    refused_by_broker,
+    what_happens_to_refused,
+)
 from config import Config, node_text
 from deadletters import DeadLetterer
 from exits import CONFIG as EXIT_CONFIG
@@ -114,6 +123,7 @@ class Consumer:
         # and when a delivery last arrived or consuming last (re)started (monotonic).
         self.queue_ready: int | None = None
         self.received_at = time.monotonic()
+        self._described = False  # an existing RABBITMQ_QUEUE's dead-lettering was said
         self._spare: BlockingChannel | None = None  # reads queue_ready; never consumes
         self._ready_read_at = 0.0
 
@@ -346,12 +356,28 @@ class Consumer:
         channel = connection.channel()
         try:
             channel.queue_declare(self._config.rabbitmq_queue, passive=True)
+            if not self._described:
+                self._describe_existing_queue(connection)
             return channel
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code != 404:
                 raise
         declare_queues(connection, self._config)
         return connection.channel()
+
+    def _describe_existing_queue(self, connection: BlockingConnection) -> None:
+        """Once per process: what happens to a refused or over-delivered message in a queue declared by
+        someone else (its dead-letter exchange and delivery limit, read from the broker's answers)."""
+        self._described = True
+        arguments = existing_queue_arguments(connection, self._config)
+        if arguments is None:
+            logger.warning(
+                "existing queue %s: could not find out what RabbitMQ does with a refused or over-delivered message",
+                self._config.rabbitmq_queue,
+            )
+            return
+        line = what_happens_to_refused(arguments, self._config)
+        logger.log(logging.WARNING if "DROPPED" in line else logging.INFO, "%s", line)
 
     def _start_consuming(self, connection: BlockingConnection, node: tuple[str, int]) -> str:
         channel = self._open_queue(connection)

@@ -139,6 +139,8 @@ def test_a_channel_closed_for_an_overdue_ack_leads_back_to_consuming(
     node.publish(queue, [v.body() for v in after])
     votes = first + held + after
     wait_for(lambda: audit_count(dbname) == len(votes), timeout=60, what="every vote counted")
+    # The votes whose acks could not be sent come back, and are absorbed.
+    wait_for(lambda: node_queue(node, queue) == (0, 0), timeout=60, interval=0.5, what="the queue drained")
     assert svc.stop() == 0
     logs = svc.logs()
     assert logs.count("RabbitMQ closed the channel consuming") == 1
@@ -146,7 +148,6 @@ def test_a_channel_closed_for_an_overdue_ack_leads_back_to_consuming(
     assert results(dbname) == expected_totals(votes)
     assert query(dbname, "SELECT count(*) FROM duplicate_attempts") == [(0,)]
     assert_invariant(dbname)
-    assert node_queue(node, queue) == (0, 0)
 
 
 # -- a consumer that no longer receives fails liveness ----------------------------------------------
@@ -178,6 +179,11 @@ def test_messages_ready_and_nothing_received_fails_liveness_and_the_watchdog(
             },
             queue_name=queue,
         ).start()
+        # Declared by someone else, without a dead-letter exchange: said at start-up.
+        assert (
+            f"existing classic queue {queue}: refused messages are copied to '{queue}.dlx' by the service; one it "
+            "cannot copy is DROPPED by RabbitMQ (no x-dead-letter-exchange); no delivery limit"
+        ) in svc.logs()
         wait_for(lambda: svc.metric("vote_queue_ready_messages", 0) > 0, timeout=15, what="the ready count read")
         wait_for(lambda: svc.http("/healthz")[0] == 503, timeout=20, what="/healthz failing")
         _status, reason = svc.http("/healthz")
