@@ -17,10 +17,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 from ruamel.yaml import YAML
 
@@ -48,7 +50,7 @@ PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 JOB = "vote-aggregator"
 RABBITMQ_JOB = "rabbitmq-queues"  # RabbitMQ's plugin, on /metrics/detailed
 # The job each group of alerts.yml reads.
-GROUP_JOBS = {"vote-aggregator": JOB, "vote-aggregator-queue": RABBITMQ_JOB}
+GROUP_JOBS = {"vote-aggregator": JOB, "vote-aggregator-queue": RABBITMQ_JOB, "vote-aggregator-broker": "rabbitmq"}
 # The queues the queue alerts and the dashboard's defaults name: the service's defaults.
 VOTE_QUEUE = Config().rabbitmq_queue
 DEAD_LETTER_QUEUE = Config().dead_letter_queue
@@ -664,3 +666,49 @@ def test_prometheus_scrapes_the_service_down_as_up_zero(
     down = wait_for(lambda: prometheus.query(f'up{{job="{JOB}"}} == 0'), timeout=20, what="up == 0")
     assert down[0]["metric"]["instance"] == f"127.0.0.1:{svc.metrics_port}"
     assert time.monotonic() - started < 20
+
+
+def test_a_real_node_counts_what_it_dead_letters_for_a_delivery_count(rabbit: MetricsNode) -> None:
+    """VoteQueueDeliveryLimitDeadLetters' counter, as RabbitMQ 3.10's plain /metrics names it, rises
+    when a quorum queue dead-letters a message past its x-delivery-limit."""
+    series = (
+        "rabbitmq_global_messages_dead_lettered_delivery_limit_total"
+        '{queue_type="rabbit_quorum_queue",dead_letter_strategy="at_least_once"}'
+    )
+
+    def counted() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{rabbit.metrics_port}/metrics", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(series + " "):
+                    return float(line.split()[-1])
+        return -1.0
+
+    before = counted()
+    assert before >= 0, "no such series"
+    queue, dead, exchange = (f"agg.limit.{uuid.uuid4().hex[:8]}{suffix}" for suffix in ("", ".dead", ".dlx"))
+    conn = pika.BlockingConnection(rabbit.params())
+    try:
+        channel = conn.channel()
+        channel.exchange_declare(exchange, "fanout", durable=True)
+        channel.queue_declare(dead, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.queue_bind(dead, exchange)
+        channel.queue_declare(
+            queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": 1,
+                "x-dead-letter-exchange": exchange,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+        rabbit.publish(queue, [b"a vote delivered too often"])
+        for _ in range(2):
+            method, _properties, _body = channel.basic_get(queue, auto_ack=False)
+            assert method is not None
+            channel.basic_nack(int(method.delivery_tag or 0), requeue=True)
+        wait_for(lambda: counted() == before + 1, timeout=20, what="the delivery-limit counter to rise")
+    finally:
+        conn.close()
+        rabbit.delete(queues=[queue, dead], exchanges=[exchange])
