@@ -228,10 +228,12 @@ def test_shutdown_is_bounded_when_the_broker_stops_answering(
         more = make_votes(200, laws=3, seed=183)
         publish(queue, [v.body() for v in more])
         proxy.pause()  # a partition: the broker neither answers nor closes
+        signalled = time.monotonic()
         svc.signal()
         assert svc.proc is not None
         # SHUTDOWN_TIMEOUT_SECONDS + the guard's 3 s, and room for a loaded machine.
         code = svc.proc.wait(timeout=2 + 3 + 10)
+        print(f"\nSHUTDOWN with the broker blackholed: exited {time.monotonic() - signalled:.1f}s after SIGTERM")
         assert code != 0
         assert "exiting now: votes not acked are redelivered" in svc.logs()
     finally:
