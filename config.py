@@ -464,9 +464,11 @@ HELP: dict[str, str] = {
     "MAX_MESSAGE_BYTES": "larger message bodies are rejected unparsed",
     "LAW_ID_PATTERN": "regular expression a whole law_id must match",
     "METRICS_MAX_LAWS": "distinct law_id label values in the metrics",
-    "SHUTDOWN_TIMEOUT_SECONDS": "time budget of a graceful stop",
+    "SHUTDOWN_TIMEOUT_SECONDS": "time budget of a graceful stop; past it (plus 3 s) the process exits even if "
+    "RabbitMQ does not answer",
     "STALL_TIMEOUT_SECONDS": "/healthz fails and systemd's watchdog is no longer fed when a vote has waited this "
-    "long for its ack while PostgreSQL answers",
+    "long for its ack while PostgreSQL answers, or when messages are ready in the queue and none has been "
+    "received for this long (unless held back on purpose)",
     "PROMETHEUS_PORT": "port of /metrics, /healthz and /readyz",
     "PROMETHEUS_BIND_ADDRESS": "address that port listens on (:: for every IPv6 and IPv4 address)",
     "PROMETHEUS_TLS_CERT_FILE": "serve that port over TLS with this certificate (chain), PEM",
