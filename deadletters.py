@@ -19,7 +19,7 @@ import os
 import socket
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -167,17 +167,32 @@ def read_all(connection: BlockingConnection, queue: str, *, limit: int) -> list[
     source = connection.channel()
     target = connection.channel()
     target.confirm_delivery()
-    present = source.queue_declare(queue, passive=True).method.message_count or 0
     letters: list[Letter] = []
-    for _ in range(min(present, limit)):
-        method, properties, body = source.basic_get(queue, auto_ack=False)
-        if method is None or properties is None or body is None:
-            break
-        tag = int(method.delivery_tag or 0)
+    for tag, properties, body in _present(source, queue, limit=limit):
         letters.append(Letter(tag, body, dict(properties.headers or {})))
         _to_the_back(target, queue, body, properties)
         source.basic_ack(tag)  # only now: the copy is in the queue
     return letters
+
+
+def _present(channel: BlockingChannel, queue: str, *, limit: int) -> Iterator[tuple[int, pika.BasicProperties, bytes]]:
+    """The messages in `queue` when this starts, at most `limit`, got one by one (not acked).
+
+    How many there are comes from the first basic.get's answer (messages left behind it), which
+    the queue itself computes: the message count of a passive queue.declare is only a statistic,
+    and RabbitMQ 3.10 answers 0 for a quorum queue whose leader is slow to answer it (seen
+    under load), which would read an empty queue.
+    """
+    count = limit
+    taken = 0
+    while taken < count:
+        method, properties, body = channel.basic_get(queue, auto_ack=False)
+        if method is None or properties is None or body is None:
+            return
+        if taken == 0:
+            count = min(limit, 1 + int(method.message_count or 0))
+        taken += 1
+        yield int(method.delivery_tag or 0), properties, body
 
 
 def _to_the_back(channel: BlockingChannel, queue: str, body: bytes, properties: pika.BasicProperties) -> None:
@@ -236,13 +251,9 @@ def replay(
     source = connection.channel()
     target = connection.channel()
     target.confirm_delivery()
-    total = source.queue_declare(config.dead_letter_queue, passive=True).method.message_count or 0
     replayed = left = 0
-    for _ in range(total):
-        method, properties, body = source.basic_get(config.dead_letter_queue, auto_ack=False)
-        if method is None or properties is None or body is None:
-            break
-        letter = Letter(int(method.delivery_tag or 0), body, dict(properties.headers or {}))
+    for tag, properties, body in _present(source, config.dead_letter_queue, limit=sys.maxsize):
+        letter = Letter(tag, body, dict(properties.headers or {}))
         chosen = everything or letter.reason in reasons or str(letter.fields().get("vote_hash", "")) in hashes
         if not chosen:
             # Moved to the back rather than returned: a return would count as a delivery (read_all).

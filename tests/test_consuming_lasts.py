@@ -388,10 +388,10 @@ def test_listing_dead_letters_again_and_again_neither_loses_nor_ages_a_message(
         conn.close()
 
     env = service_env(dbname=dbname, queue=queue)
-    for _ in range(5):
+    for attempt in range(5):
         listing = run_cli("dead-letters", "list", env=env)
         assert listing.returncode == 0, listing.stderr
-        assert listing.stdout.splitlines()[0] == "3 messages"
+        assert listing.stdout.splitlines()[0] == "3 messages", (attempt, listing.stdout, queue_state(dead))
         assert "      1  delivery_limit" in listing.stdout
         assert "not refused by the service: valid votes among them are NOT counted" in listing.stdout
         shown = run_cli("dead-letters", "show", "2", env=env)
