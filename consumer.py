@@ -526,7 +526,9 @@ class Consumer:
         """Every few seconds, how many messages wait in RABBITMQ_QUEUE (a passive declare on a spare channel).
 
         Liveness compares it with the last delivery: ready messages and nothing received for
-        STALL_TIMEOUT_SECONDS is a consumer that no longer consumes, whatever the cause.
+        STALL_TIMEOUT_SECONDS is a consumer that no longer consumes, whatever the cause. A busy
+        quorum queue may answer 0 (RabbitMQ 3.10 gives its leader 250 ms): that only delays
+        the verdict, it never makes one up.
         """
         now = time.monotonic()
         if now - self._ready_read_at < _READY_EVERY_S:

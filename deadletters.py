@@ -179,9 +179,9 @@ def _present(channel: BlockingChannel, queue: str, *, limit: int) -> Iterator[tu
     """The messages in `queue` when this starts, at most `limit`, got one by one (not acked).
 
     How many there are comes from the first basic.get's answer (messages left behind it), which
-    the queue itself computes: the message count of a passive queue.declare is only a statistic,
-    and RabbitMQ 3.10 answers 0 for a quorum queue whose leader is slow to answer it (seen
-    under load), which would read an empty queue.
+    the queue itself computes: the message count of a passive queue.declare is a statistic, and
+    RabbitMQ 3.10 answers 0 for a quorum queue whose leader does not answer it within 250 ms
+    (rabbit_quorum_queue:stat/1; seen once under load), which would read an empty queue.
     """
     count = limit
     taken = 0
