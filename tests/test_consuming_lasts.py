@@ -311,7 +311,17 @@ def test_database_outages_with_connection_blips_and_restarts_dead_letter_no_vali
         votes += more
         wait_for(lambda: "Retrying a batch" in svc.logs(), timeout=30, what="a failed write")
         blips(svc, 4)
+        assert "not consuming: PostgreSQL is failing" in svc.logs()
+        consumed = svc.logs().count("INFO MainThread consumer: consuming ")
         server.start()
+        back = time.monotonic()
+        wait_for(
+            lambda: svc.logs().count("INFO MainThread consumer: consuming ") > consumed,
+            timeout=30,
+            interval=0.05,
+            what="consuming again",
+        )
+        print(f"\nRESUMED consuming {time.monotonic() - back:.1f}s after PostgreSQL accepted connections again")
         wait_for(lambda: counted() == len(votes), timeout=60, what="votes counted after outage 1")
 
         # Outage 2: two blips, then a restart while PostgreSQL is still down, one more blip.
