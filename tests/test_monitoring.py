@@ -49,8 +49,9 @@ DASHBOARD_PROVIDERS = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 JOB = "vote-aggregator"
 RABBITMQ_JOB = "rabbitmq-queues"  # RabbitMQ's plugin, on /metrics/detailed
+BROKER_JOB = "rabbitmq"  # the same plugin's plain /metrics (global counters)
 # The job each group of alerts.yml reads.
-GROUP_JOBS = {"vote-aggregator": JOB, "vote-aggregator-queue": RABBITMQ_JOB, "vote-aggregator-broker": "rabbitmq"}
+GROUP_JOBS = {"vote-aggregator": JOB, "vote-aggregator-queue": RABBITMQ_JOB, "vote-aggregator-broker": BROKER_JOB}
 # The queues the queue alerts and the dashboard's defaults name: the service's defaults.
 VOTE_QUEUE = Config().rabbitmq_queue
 DEAD_LETTER_QUEUE = Config().dead_letter_queue
@@ -406,12 +407,13 @@ class Prometheus:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 
 
-def rabbitmq_job(metrics_port: int) -> dict[str, Any]:
-    """The compose stack's scrape job of RabbitMQ's plugin (its path and families, as committed),
+def rabbitmq_jobs(metrics_port: int) -> list[dict[str, Any]]:
+    """The compose stack's scrape jobs of RabbitMQ's plugin (paths and families, as committed),
     pointed at a node on 127.0.0.1:`metrics_port`."""
     jobs = YAML(typ="safe", pure=True).load(PROMETHEUS_CONFIG)["scrape_configs"]
-    (job,) = [j for j in jobs if j["job_name"] == RABBITMQ_JOB]
-    return {**job, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+    chosen = [j for j in jobs if j["job_name"] in (RABBITMQ_JOB, BROKER_JOB)]
+    assert len(chosen) == 2, chosen
+    return [{**job, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]} for job in chosen]
 
 
 @pytest.fixture
@@ -423,7 +425,7 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     def start(metrics_port: int, rabbitmq_metrics_port: int | None = None) -> Prometheus:
         jobs = [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]
         if rabbitmq_metrics_port is not None:
-            jobs.append(rabbitmq_job(rabbitmq_metrics_port))
+            jobs.extend(rabbitmq_jobs(rabbitmq_metrics_port))
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(ALERTS)],
@@ -500,9 +502,12 @@ def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
     try:
         prometheus = start_prometheus(svc.metrics_port, node.metrics_port)
         wait_for(
-            lambda: sorted(s["metric"]["job"] for s in prometheus.query("up == 1")) == sorted([JOB, RABBITMQ_JOB]),
+            lambda: (
+                sorted(s["metric"]["job"] for s in prometheus.query("up == 1"))
+                == sorted([JOB, RABBITMQ_JOB, BROKER_JOB])
+            ),
             timeout=20,
-            what=f"Prometheus to scrape jobs {JOB} and {RABBITMQ_JOB}",
+            what=f"Prometheus to scrape jobs {JOB}, {RABBITMQ_JOB} and {BROKER_JOB}",
         )
 
         # Every panel query answers with data once votes, rejects and duplicates flow.
