@@ -430,3 +430,35 @@ def drain_queue_with_headers(queue: str) -> list[tuple[bytes, dict[str, Any]]]:
             out.append((body, dict(properties.headers or {})))
     finally:
         conn.close()
+
+
+def test_an_existing_queue_says_what_happens_there_to_an_over_delivered_message(
+    make_service: MakeService, queue_names: list[str], dbname: str
+) -> None:
+    # Declared by someone else, with arguments other than the service's: a dead-letter exchange of
+    # its own and a delivery limit of 5. AMQP cannot read them; the broker's 406 answers name them.
+    queue = f"agg.test.{uuid.uuid4().hex[:12]}"
+    queue_names.append(queue)
+    conn = amqp_connection()
+    try:
+        conn.channel().queue_declare(
+            queue,
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-delivery-limit": 5, "x-dead-letter-exchange": "elsewhere.dlx"},
+        )
+    finally:
+        conn.close()
+    votes = make_votes(20, laws=1, seed=191)
+    publish(queue, [v.body() for v in votes])
+    svc = make_service(queue_name=queue).start()
+    wait_for(lambda: audit_count(dbname) == len(votes), timeout=30, what="votes counted")
+    assert svc.stop() == 0
+    lines = [line for line in svc.logs().splitlines() if f"existing quorum queue {queue}" in line]
+    assert len(lines) == 1
+    assert lines[0].split(" consumer: ", 1)[1] == (
+        f"existing quorum queue {queue}: refused messages are copied to '{queue}.dlx' by the service; one it "
+        "cannot copy is dead-lettered by RabbitMQ to exchange 'elsewhere.dlx'; a message delivered more than 5 "
+        "times is dead-lettered by RabbitMQ to exchange 'elsewhere.dlx' (policies not shown)"
+    )
+    assert " INFO " in lines[0]
+    assert_all_counted_once(dbname, queue, votes)
