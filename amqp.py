@@ -7,6 +7,7 @@ keeps a connection or a thread.
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from collections.abc import Callable
 
@@ -150,3 +151,76 @@ def close_quietly(close: Callable[[], None]) -> None:
         close()
     except Exception as exc:  # closing something already broken
         logger.debug("ignored while closing: %s", exc)
+
+
+# RabbitMQ's answer to a queue.declare whose arguments differ from the queue's: "... inequivalent arg
+# 'x-delivery-limit' for queue 'q' in vhost '/': received the value '3' of type 'signedint' but current
+# is none". The broker names one argument per answer, with the queue's own value.
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '([^']+)' .*but current is (none|the value '([^']*)' of type '(\w+)'|'([^']*)')"
+)
+_MAX_PROBES = 8
+
+
+def existing_queue_arguments(connection: BlockingConnection, c: Config) -> dict[str, object] | None:
+    """The arguments RABBITMQ_QUEUE really has (as far as declare can tell), or None if not found out.
+
+    The service uses a queue that already exists as it is. What happens there to a refused
+    or over-delivered message is in the queue's arguments, which AMQP cannot read; but a
+    declare with other arguments is refused with a 406 naming one differing argument and its
+    current value. Each answer corrects one argument, on a throwaway channel, until the
+    broker accepts: a declare equivalent to the queue changes nothing. Policies
+    (`rabbitmqctl set_policy`) are not seen this way.
+    """
+    arguments: dict[str, object] = dict(queue_arguments(c))
+    durable = True
+    for _ in range(_MAX_PROBES):
+        channel = connection.channel()
+        try:
+            channel.queue_declare(c.rabbitmq_queue, durable=durable, arguments=arguments)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            logger.debug("probing the arguments of %s: %s", c.rabbitmq_queue, exc.reply_text)
+            match = _INEQUIVALENT.search(str(exc.reply_text))
+            if exc.reply_code != 406 or match is None:
+                return None
+            name, _current, value, kind, flag = match.groups()
+            if name == "durable":
+                durable = flag == "true"
+            elif value is None and flag is None:
+                arguments.pop(name, None)
+            elif kind == "bool" or (kind is None and flag in ("true", "false")):
+                arguments[name] = (value if value is not None else flag) == "true"
+            elif kind in ("signedint", "long", "short", "byte", "unsignedint", "unsignedshort", "unsignedbyte"):
+                arguments[name] = int(value)
+            elif value is None and isinstance(arguments.get(name), int) and flag.lstrip("-").isdigit():
+                arguments[name] = int(flag)  # the short answer ("received '20' but current is '5'") has no type
+            else:
+                arguments[name] = value if value is not None else flag
+            continue
+        close_quietly(channel.close)
+        return arguments
+    return None
+
+
+def what_happens_to_refused(arguments: dict[str, object], c: Config) -> str:
+    """One line: where a refused or over-delivered message of RABBITMQ_QUEUE goes, from its arguments."""
+    exchange = arguments.get("x-dead-letter-exchange")
+    queue_type = arguments.get("x-queue-type", "classic")
+    # Only quorum queues count deliveries; a classic queue accepts the argument and ignores it.
+    limit = arguments.get("x-delivery-limit") if queue_type == "quorum" else None
+    if exchange:
+        where = f"dead-lettered by RabbitMQ to exchange {exchange!r}"
+    else:
+        where = "DROPPED by RabbitMQ (no x-dead-letter-exchange)"
+    copied = (
+        f"refused messages are copied to {c.dead_letter_exchange!r} by the service; one it cannot copy is {where}"
+        if c.rabbitmq_dead_lettering
+        else f"a refused message is {where}"
+    )
+    if limit is not None:
+        over = f"a message delivered more than {limit} times is {where}"
+    elif queue_type == "quorum":
+        over = "no x-delivery-limit (RabbitMQ 4 applies 20 to quorum queues)"
+    else:
+        over = "no delivery limit"
+    return f"existing {queue_type} queue {c.rabbitmq_queue}: {copied}; {over} (policies not shown)"

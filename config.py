@@ -470,9 +470,11 @@ HELP: dict[str, str] = {
     "MAX_MESSAGE_BYTES": "larger message bodies are rejected unparsed",
     "LAW_ID_PATTERN": "regular expression a whole law_id must match",
     "METRICS_MAX_LAWS": "distinct law_id label values in the metrics",
-    "SHUTDOWN_TIMEOUT_SECONDS": "time budget of a graceful stop",
+    "SHUTDOWN_TIMEOUT_SECONDS": "time budget of a graceful stop; past it (plus 3 s) the process exits even if "
+    "RabbitMQ does not answer",
     "STALL_TIMEOUT_SECONDS": "/healthz fails and systemd's watchdog is no longer fed when a vote has waited this "
-    "long for its ack while PostgreSQL answers",
+    "long for its ack while PostgreSQL answers, or when messages are ready in the queue and none has been "
+    "received for this long (unless held back on purpose)",
     "MAX_UNEXPECTED_REJECTIONS": "votes whose write raised an unexpected error dead-lettered within "
     "UNEXPECTED_REJECTIONS_WINDOW_SECONDS; one more is a systematic failure: the service stops (exit 1) and "
     "leaves the rest in RabbitMQ",

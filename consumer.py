@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import ssl
 import threading
 import time
@@ -22,7 +23,16 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import Basic, BasicProperties
 
-from amqp import amqp_parameters, close_quietly, declare_queues, describe_error, open_connection, refused_by_broker
+from amqp import (
+    amqp_parameters,
+    close_quietly,
+    declare_queues,
+    describe_error,
+    existing_queue_arguments,
+    open_connection,
+    refused_by_broker,
+    what_happens_to_refused,
+)
 from config import Config, node_text
 from deadletters import DeadLetterer
 from exits import CONFIG as EXIT_CONFIG
@@ -38,6 +48,11 @@ logger = logging.getLogger(__name__)
 
 # How long the connection thread blocks in pika between checks of the stop flag.
 _POLL_S = 0.05
+# Past SHUTDOWN_TIMEOUT_SECONDS, how long the guard lets a shutdown go on (the last acks, closing
+# the channel and the connection) before it ends the process.
+_GUARD_MARGIN_S = 3.0
+# How often the connection thread reads how many messages are ready in RABBITMQ_QUEUE (for liveness).
+_READY_EVERY_S = 3.0
 # Valid deliveries reach the buffer in bunches of at most this many (and at the end of each
 # loop turn): a bunch waits at most a few milliseconds, a vote never waits for a later one.
 _HANDOFF = 64
@@ -59,7 +74,8 @@ class _Then:
 
 
 class ConsumerCancelled(Exception):
-    """RabbitMQ cancelled our consumer (queue deleted, or the node holding it went away)."""
+    """RabbitMQ ended our consumer or its channel: a cancel (queue deleted, or the node holding it went
+    away), or the channel closed by the broker (an ack overdue past consumer_timeout, a channel error)."""
 
 
 class Consumer:
@@ -84,6 +100,7 @@ class Consumer:
         self._hold = hold or (lambda: None)
         self._nodes = [node_text(host, port) for host, port in config.rabbitmq_nodes]
         self._stop = threading.Event()
+        self._ran = threading.Event()  # run() returned
         self._deadline = float("inf")
         self._pipeline: Pipeline | None = None
         # The current connection and channel, and the session number that names
@@ -102,6 +119,13 @@ class Consumer:
         # of every loop turn, one lock round per bunch instead of one per vote.
         self._arrived: list[Delivery] = []
         self._rejected = 0
+        # For liveness (health.py): messages ready in RABBITMQ_QUEUE at the last look (None: unknown),
+        # and when a delivery last arrived or consuming last (re)started (monotonic).
+        self.queue_ready: int | None = None
+        self.received_at = time.monotonic()
+        self._described = False  # an existing RABBITMQ_QUEUE's dead-lettering was said
+        self._spare: BlockingChannel | None = None  # reads queue_ready; never consumes
+        self._ready_read_at = 0.0
 
     # -- any thread ---------------------------------------------------------------
 
@@ -145,6 +169,13 @@ class Consumer:
         that it comes last. The backoff only grows once every node failed in a row: while
         another node answers, nothing waits.
         """
+        threading.Thread(target=self._guard_shutdown, name="shutdown-guard", daemon=True).start()
+        try:
+            return self._run(pipeline)
+        finally:
+            self._ran.set()
+
+    def _run(self, pipeline: Pipeline) -> int:
         self._pipeline = pipeline
         self._warn_about_prefetch()
         nodes = self._config.rabbitmq_nodes
@@ -183,6 +214,27 @@ class Consumer:
                 self._wait(delay)
                 delay = min(delay * 2, self._config.rabbitmq_reconnect_max_delay_s)
         return self._finish(code)
+
+    def _guard_shutdown(self) -> None:
+        """Ends the process when a shutdown outlasts SHUTDOWN_TIMEOUT_SECONDS (plus a margin).
+
+        pika's blocking calls (basic_cancel, closing the channel and the connection, a passive
+        declare) wait for the broker's answer without a timeout: a broker that stops answering
+        (a partition, a blackholing firewall) would hold the shutdown until the heartbeat gives
+        up, or forever. Nothing is lost by leaving: a vote is acked only after its commit, so
+        whatever is not acked yet is redelivered and the database absorbs what was committed.
+        """
+        self._stop.wait()
+        if self._ran.wait(max(self._deadline + _GUARD_MARGIN_S - time.monotonic(), 0.0)):
+            return  # the connection thread is done with pika
+        logger.error(
+            "shutdown still not done %.0fs after SHUTDOWN_TIMEOUT_SECONDS=%g (RabbitMQ not answering?); exiting now: "
+            "votes not acked are redelivered",
+            _GUARD_MARGIN_S,
+            self._config.shutdown_timeout_s,
+        )
+        logging.shutdown()
+        os._exit(EXIT_FAILURE)
 
     def _finish(self, code: int) -> int:
         """After the loop: stopped while disconnected, or refused. Writes what is buffered."""
@@ -268,6 +320,8 @@ class Consumer:
 
     def _disconnected(self, connection: BlockingConnection | None) -> None:
         self._forget_channel()
+        self._spare = None
+        self.queue_ready = None
         self._metrics.record_rabbitmq_node(self._nodes, None)
         self._connection = None
         self._dead_letterer.attach(None)
@@ -302,6 +356,8 @@ class Consumer:
         channel = connection.channel()
         try:
             channel.queue_declare(self._config.rabbitmq_queue, passive=True)
+            if not self._described:
+                self._describe_existing_queue(connection)
             return channel
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code != 404:
@@ -309,12 +365,27 @@ class Consumer:
         declare_queues(connection, self._config)
         return connection.channel()
 
+    def _describe_existing_queue(self, connection: BlockingConnection) -> None:
+        """Once per process: what happens to a refused or over-delivered message in a queue declared by
+        someone else (its dead-letter exchange and delivery limit, read from the broker's answers)."""
+        self._described = True
+        arguments = existing_queue_arguments(connection, self._config)
+        if arguments is None:
+            logger.warning(
+                "existing queue %s: could not find out what RabbitMQ does with a refused or over-delivered message",
+                self._config.rabbitmq_queue,
+            )
+            return
+        line = what_happens_to_refused(arguments, self._config)
+        logger.log(logging.WARNING if "DROPPED" in line else logging.INFO, "%s", line)
+
     def _start_consuming(self, connection: BlockingConnection, node: tuple[str, int]) -> str:
         channel = self._open_queue(connection)
         channel.basic_qos(prefetch_count=self._config.rabbitmq_prefetch_count)
         self._cancelled = False
         channel.add_on_cancel_callback(self._on_cancelled)
         self._session += 1
+        self.received_at = time.monotonic()
         consumer_tag = channel.basic_consume(self._config.rabbitmq_queue, on_message_callback=self._on_message)
         self._channel = channel
         self._consumed = True
@@ -347,17 +418,21 @@ class Consumer:
         assert self._pipeline is not None
         consumer_tag: str | None = None
         self._cancelled = False  # a cancel on an earlier connection is dealt with
-        while not self._stop.is_set() and not self._cancelled:
+        ended: str | None = None
+        while not self._stop.is_set() and ended is None:
             consumer_tag = self._follow_hold(connection, node, consumer_tag)
             self._pump(connection)
             self._on_turn()
             self._report_received()
+            ended = self._ended(consumer_tag)
+            self._read_ready(connection)
         self._report_received()
-        if not self._stop.is_set():
-            # The channel stays open after a cancel, but nothing arrives on it any
-            # more. Closing it hands its unacked votes back to RabbitMQ; a new
-            # channel declares the queue again if it is gone, as at start-up.
-            raise ConsumerCancelled(f"RabbitMQ cancelled the consumer of {self._config.rabbitmq_queue}")
+        if ended is not None:
+            # Nothing arrives on this channel any more, and pika says so nowhere else: a
+            # channel the broker closed stays quiet for good. Its unacked votes are back in
+            # the queue (redelivered, counted once); starting over on a new connection
+            # declares the queue again if it is gone, as at start-up.
+            raise ConsumerCancelled(ended)
         logger.info("stopping: no new messages; writing %d buffered votes", len(self._pipeline.buffer))
         channel = self._channel
         if channel is not None and consumer_tag is not None:
@@ -385,11 +460,28 @@ class Consumer:
     ) -> str | None:
         """Start or stop consuming as the hold says; returns the consumer tag while consuming."""
         held = self._hold()
+        if held is None and consumer_tag is None:
+            held = self._database_hold()
         if held is None:
             return consumer_tag if consumer_tag is not None else self._start_consuming(connection, node)
         if consumer_tag is not None or not self._consumed:
             self._stand_by(held)
         return None
+
+    def _database_hold(self) -> str | None:
+        """Why not to start consuming while PostgreSQL fails, or None.
+
+        Only consuming (again) is held, never a channel already consuming: what it holds is kept
+        and written once PostgreSQL is back. But every vote delivered during an outage goes back
+        to the queue at each reconnect, and a quorum queue's delivery limit counts each return
+        (x-delivery-limit, RabbitMQ 3.10+): a flapping network during a long outage would
+        otherwise dead-letter valid votes. Held, they stay in the queue, delivered once.
+        """
+        pipeline = self._pipeline
+        if pipeline is None or not pipeline.database_failing:
+            return None
+        why = pipeline.database_error or "a batch is being retried"
+        return f"PostgreSQL is failing ({why}); consuming resumes when it answers"
 
     def _stand_by(self, reason: str) -> None:
         """Stop consuming and hand back every vote not yet acked; the connection stays open.
@@ -415,6 +507,42 @@ class Consumer:
 
     def _on_cancelled(self, _method: object) -> None:
         self._cancelled = True
+
+    def _ended(self, consumer_tag: str | None) -> str | None:
+        """Why the broker ended the consumer or its channel, or None while it is consuming (or held)."""
+        if self._cancelled:
+            return f"RabbitMQ cancelled the consumer of {self._config.rabbitmq_queue}"
+        channel = self._channel
+        if consumer_tag is None or channel is None or not channel.is_closed:
+            return None
+        # BlockingChannel keeps the broker's Channel.Close (code and text) only in this attribute.
+        reason = getattr(channel, "_closing_reason", None)
+        return (
+            f"RabbitMQ closed the channel consuming {self._config.rabbitmq_queue} "
+            f"({describe_error(reason) if reason is not None else 'no reason given'})"
+        )
+
+    def _read_ready(self, connection: BlockingConnection) -> None:
+        """Every few seconds, how many messages wait in RABBITMQ_QUEUE (a passive declare on a spare channel).
+
+        Liveness compares it with the last delivery: ready messages and nothing received for
+        STALL_TIMEOUT_SECONDS is a consumer that no longer consumes, whatever the cause. A busy
+        quorum queue may answer 0 (RabbitMQ 3.10 gives its leader 250 ms): that only delays
+        the verdict, it never makes one up.
+        """
+        now = time.monotonic()
+        if now - self._ready_read_at < _READY_EVERY_S:
+            return
+        self._ready_read_at = now
+        try:
+            if self._spare is None or not self._spare.is_open:
+                self._spare = connection.channel()
+            frame = self._spare.queue_declare(self._config.rabbitmq_queue, passive=True)
+            ready = frame.method.message_count
+            self.queue_ready = int(ready) if ready is not None else None
+        except pika.exceptions.ChannelClosedByBroker:
+            self._spare, self.queue_ready = None, None  # the queue is gone: the consumer is cancelled too
+        self._metrics.queue_ready.set(self.queue_ready or 0)
 
     def _pump(self, connection: BlockingConnection) -> None:
         """One turn of pika's loop: deliveries are handed to the buffer by its end, whatever happens."""
@@ -473,6 +601,7 @@ class Consumer:
         # Fed once per loop turn, not once per message: the counter takes a lock on every increment.
         received, rejected = self._received, self._rejected
         if received or rejected:
+            self.received_at = time.monotonic()
             self._metrics.messages_received.inc(received)
             self._summary.received(received, rejected)
             self._received = self._rejected = 0

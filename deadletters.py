@@ -19,7 +19,7 @@ import os
 import socket
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -40,6 +40,8 @@ AT = "x-rejected-at"  # ISO 8601, UTC
 BY = "x-rejected-by"  # vote-aggregator@host:pid
 QUEUE = "x-original-queue"
 _DETAIL_MAX = 300
+# x-death's reason for a message RabbitMQ dead-lettered for its delivery count.
+DELIVERY_LIMIT = "delivery_limit"
 
 
 class DeadLetterer:
@@ -140,19 +142,64 @@ def _rabbitmq_reason(headers: dict[str, Any]) -> str:
     deaths = headers.get("x-death")
     if deaths:
         why = deaths[0].get("reason", b"")
-        return f"({why.decode() if isinstance(why, bytes) else why} by RabbitMQ, reason not recorded)"
+        why = why.decode() if isinstance(why, bytes) else str(why)
+        if why == DELIVERY_LIMIT:
+            # Delivered more often than the queue's x-delivery-limit: never refused by the
+            # service, so most likely a valid vote that was never counted.
+            return DELIVERY_LIMIT
+        return f"({why} by RabbitMQ, reason not recorded)"
     return "(unknown)"
 
 
-def read_all(channel: BlockingChannel, queue: str, *, limit: int) -> list[Letter]:
-    """Up to `limit` messages, unacked: they go back to the queue when the channel closes."""
+def read_all(connection: BlockingConnection, queue: str, *, limit: int) -> list[Letter]:
+    """Up to `limit` messages from the head of the queue, each moved unchanged to its back.
+
+    Reading without taking must not age a message: a message got and returned counts as a
+    delivery, and a dead-letter queue with a delivery limit (a quorum queue's x-delivery-limit,
+    or RabbitMQ 4's default of 20) would drop or divert a message listed that many times. So
+    each message read is published again to the back of the same queue, properties and headers
+    as they were (less the broker's x-delivery-count), and acked once the broker confirmed the
+    copy. Reading every message present (the queue holds no more than `limit`) leaves the queue
+    in its order; with more, the ones read end up behind the others. Interrupted between a
+    confirm and its ack, a message is in the queue twice (the copy at the back, the original
+    back at the head): never lost.
+    """
+    source = connection.channel()
+    target = connection.channel()
+    target.confirm_delivery()
     letters: list[Letter] = []
-    while len(letters) < limit:
+    for tag, properties, body in _present(source, queue, limit=limit):
+        letters.append(Letter(tag, body, dict(properties.headers or {})))
+        _to_the_back(target, queue, body, properties)
+        source.basic_ack(tag)  # only now: the copy is in the queue
+    return letters
+
+
+def _present(channel: BlockingChannel, queue: str, *, limit: int) -> Iterator[tuple[int, pika.BasicProperties, bytes]]:
+    """The messages in `queue` when this starts, at most `limit`, got one by one (not acked).
+
+    How many there are comes from the first basic.get's answer (messages left behind it), which
+    the queue itself computes: the message count of a passive queue.declare is a statistic, and
+    RabbitMQ 3.10 answers 0 for a quorum queue whose leader does not answer it within 250 ms
+    (rabbit_quorum_queue:stat/1; seen once under load), which would read an empty queue.
+    """
+    count = limit
+    taken = 0
+    while taken < count:
         method, properties, body = channel.basic_get(queue, auto_ack=False)
         if method is None or properties is None or body is None:
-            break
-        letters.append(Letter(int(method.delivery_tag or 0), body, dict(properties.headers or {})))
-    return letters
+            return
+        if taken == 0:
+            count = min(limit, 1 + int(method.message_count or 0))
+        taken += 1
+        yield int(method.delivery_tag or 0), properties, body
+
+
+def _to_the_back(channel: BlockingChannel, queue: str, body: bytes, properties: pika.BasicProperties) -> None:
+    """Publish a confirmed copy of a message to the back of `queue` (the channel is in confirm mode)."""
+    headers = {key: value for key, value in (properties.headers or {}).items() if key != "x-delivery-count"}
+    properties.headers = headers or None
+    channel.basic_publish("", queue, body, properties, mandatory=True)
 
 
 def list_letters(letters: Sequence[Letter], *, show_citizens: bool, out: TextIO) -> None:
@@ -160,6 +207,13 @@ def list_letters(letters: Sequence[Letter], *, show_citizens: bool, out: TextIO)
     print(f"{len(letters)} messages", file=out)
     for reason, count in counts.most_common():
         print(f"  {count:6d}  {reason}", file=out)
+    if counts[DELIVERY_LIMIT]:
+        print(
+            f"{counts[DELIVERY_LIMIT]} dead-lettered by RabbitMQ after too many deliveries (x-delivery-limit), "
+            "not refused by the service: valid votes among them are NOT counted; "
+            f"count them with `dead-letters replay --reason {DELIVERY_LIMIT}`",
+            file=out,
+        )
     print(file=out)
     print(f"{'#':>5}  {'rejected at':29}  {'reason':22}  {'law':12}  {'citizen':14}  vote_hash", file=out)
     for index, letter in sorted(enumerate(letters, 1), key=lambda item: item[1].at):
@@ -197,17 +251,16 @@ def replay(
     source = connection.channel()
     target = connection.channel()
     target.confirm_delivery()
-    total = source.queue_declare(config.dead_letter_queue, passive=True).method.message_count or 0
     replayed = left = 0
-    for _ in range(total):
-        method, properties, body = source.basic_get(config.dead_letter_queue, auto_ack=False)
-        if method is None or properties is None or body is None:
-            break
-        letter = Letter(int(method.delivery_tag or 0), body, dict(properties.headers or {}))
+    for tag, properties, body in _present(source, config.dead_letter_queue, limit=sys.maxsize):
+        letter = Letter(tag, body, dict(properties.headers or {}))
         chosen = everything or letter.reason in reasons or str(letter.fields().get("vote_hash", "")) in hashes
         if not chosen:
+            # Moved to the back rather than returned: a return would count as a delivery (read_all).
+            _to_the_back(target, config.dead_letter_queue, body, properties)
+            source.basic_ack(letter.tag)
             left += 1
-            continue  # stays unacked: back in the dead-letter queue when the channel closes
+            continue
         headers = {key: value for key, value in letter.headers.items() if not key.startswith("x-")}
         headers["x-replayed-from"] = config.dead_letter_queue
         copy = pika.BasicProperties(
@@ -236,7 +289,7 @@ def run(config: Config, args: Any, *, parameters: pika.ConnectionParameters, out
             )
             print(f"replayed {replayed} messages to {config.rabbitmq_queue}; {left} left in {config.dead_letter_queue}")
             return exits.OK
-        letters = read_all(connection.channel(), config.dead_letter_queue, limit=args.limit)
+        letters = read_all(connection, config.dead_letter_queue, limit=args.limit)
         if args.action == "show":
             if not 1 <= args.index <= len(letters):
                 print(f"no message #{args.index}: the queue holds {len(letters)}", file=sys.stderr)

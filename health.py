@@ -27,10 +27,16 @@ class _Consumer(Protocol):
     @property
     def stopping(self) -> bool: ...
 
+    queue_ready: int | None
+    received_at: float
+
 
 class _Pipeline(Protocol):
     database_error: str | None
     fatal: str | None
+
+    @property
+    def database_failing(self) -> bool: ...
 
     def oldest_unacked_age(self) -> float: ...
 
@@ -46,6 +52,9 @@ class Health:
         self._turned_at = time.monotonic()
         self._next_watchdog = 0.0
         self._hold: Callable[[], str | None] = lambda: None
+        # The last time not receiving was deliberate (a hold, PostgreSQL failing, stopping): a
+        # stall is counted from the latest of this and the consumer's last delivery.
+        self._excused_at = time.monotonic()
 
     def watch(self, *, consumer: _Consumer, pipeline: _Pipeline, hold: Callable[[], str | None] | None = None) -> None:
         """`hold`: why the consumer is told not to consume (ReplicationWatch.hold_reason), or None."""
@@ -56,6 +65,7 @@ class Health:
     def turned(self) -> None:
         """Called on every turn of the connection loop: records it, and pings systemd while alive."""
         now = self._turned_at = time.monotonic()
+        self._excused(now)  # every turn, /healthz asked or not: a hold just ended is no stall
         interval = self._notifier.watchdog_interval_s
         if interval is None or now < self._next_watchdog:
             return
@@ -73,8 +83,9 @@ class Health:
         """/healthz: the service is still counting, or can still count once PostgreSQL is back.
 
         Not alive when the connection loop stopped turning, when a batch may have
-        been left unsettled, or when a vote has been held unacked for longer than
-        STALL_TIMEOUT_SECONDS while PostgreSQL answers. While PostgreSQL is down,
+        been left unsettled, when messages wait in the queue and none has been received
+        for STALL_TIMEOUT_SECONDS (unless held back on purpose), or when a vote has been
+        held unacked for longer than STALL_TIMEOUT_SECONDS while PostgreSQL answers. While PostgreSQL is down,
         votes wait by design and a restart would not help.
         """
         pipeline = self._pipeline
@@ -85,6 +96,9 @@ class Health:
             return False, f"the RabbitMQ connection loop has not turned for {silent:.0f}s"
         if pipeline.fatal is not None:
             return False, pipeline.fatal
+        stalled = self._not_receiving()
+        if stalled is not None:
+            return False, stalled
         age = pipeline.oldest_unacked_age()
         if age > self._stall_timeout_s and pipeline.database_error is None:
             return False, (
@@ -92,6 +106,35 @@ class Health:
                 f"(STALL_TIMEOUT_SECONDS={self._stall_timeout_s:g}) while PostgreSQL answers"
             )
         return True, "ok"
+
+    def _not_receiving(self) -> str | None:
+        """Why consuming itself has stalled, or None: messages wait in RABBITMQ_QUEUE and none has
+        arrived for STALL_TIMEOUT_SECONDS, whatever the cause (a channel or consumer the broker
+        ended unnoticed, a broker that stopped delivering). Holding back on purpose is not a stall."""
+        consumer, pipeline = self._consumer, self._pipeline
+        if consumer is None or pipeline is None:
+            return None
+        now = time.monotonic()
+        if self._excused(now):
+            return None
+        ready = consumer.queue_ready
+        quiet = now - max(consumer.received_at, self._excused_at)
+        if not ready or quiet <= self._stall_timeout_s:
+            return None
+        return (
+            f"{ready} messages are ready in the queue and none has been received for {quiet:.0f}s "
+            f"(STALL_TIMEOUT_SECONDS={self._stall_timeout_s:g})"
+        )
+
+    def _excused(self, now: float) -> bool:
+        """Not receiving is deliberate right now; noted, so that a stall is counted from after it."""
+        consumer, pipeline = self._consumer, self._pipeline
+        if consumer is None or pipeline is None:
+            return True
+        if consumer.stopping or pipeline.database_failing or self._hold() is not None:
+            self._excused_at = now
+            return True
+        return False
 
     def readiness(self) -> tuple[bool, str]:
         """/readyz: consuming from RabbitMQ, PostgreSQL answering, and counting."""

@@ -194,6 +194,12 @@ class Metrics:
             "standby has every commit",
             registry=r,
         )
+        self.queue_ready = Gauge(
+            "vote_queue_ready_messages",
+            "Messages ready in RABBITMQ_QUEUE (not yet delivered to any consumer), read by the service every few "
+            "seconds; with nothing received for STALL_TIMEOUT_SECONDS, /healthz fails",
+            registry=r,
+        )
 
     def record_rabbitmq_node(self, nodes: Iterable[str], current: str | None) -> None:
         """Mark `current` (or none) as the node the service is connected to."""

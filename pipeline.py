@@ -27,8 +27,10 @@ from votes import Vote
 
 logger = logging.getLogger(__name__)
 
-# With no batch to write for this long, a flush worker checks that PostgreSQL answers.
+# With no batch to write for this long, a flush worker checks that PostgreSQL answers;
+# while it is failing, every second (the consumer waits for that answer to consume again).
 _IDLE_CHECK_S = 10.0
+_FAILING_CHECK_S = 1.0
 
 
 @dataclass(slots=True)
@@ -224,6 +226,7 @@ class Pipeline:
         self._abandon = threading.Event()  # shutdown budget spent: stop retrying
         self.database_error: str | None = None  # why the last database operation failed, if it did
         self._last_database_check = time.monotonic()
+        self._write_failed = False  # a write attempt failed (not a conflict) since PostgreSQL last answered
         self.fatal: str | None = None  # set when a batch may be left unsettled: the service must exit 1
         # When the last votes refused as `unexpected` were, within UNEXPECTED_REJECTIONS_WINDOW_SECONDS.
         self._unexpected_lock = threading.Lock()
@@ -242,6 +245,11 @@ class Pipeline:
         """Seconds since the oldest delivery held (buffered or being written) arrived; 0 when none."""
         oldest = [t for t in (self._sequencer.oldest_received_at(), self.buffer.oldest_received_at()) if t is not None]
         return max(time.monotonic() - min(oldest), 0.0) if oldest else 0.0
+
+    @property
+    def database_failing(self) -> bool:
+        """PostgreSQL is failing: known down, or a batch write failed since it last answered."""
+        return self.database_error is not None or self._write_failed
 
     @property
     def unsettled(self) -> int:
@@ -288,7 +296,9 @@ class Pipeline:
                     self._write(batch)
                 elif draining:
                     return
-                elif time.monotonic() - self._last_database_check >= _IDLE_CHECK_S:
+                elif time.monotonic() - self._last_database_check >= (
+                    _FAILING_CHECK_S if self.database_failing else _IDLE_CHECK_S
+                ):
                     self._check_database()
                 self._summary.maybe_log(buffered=len(self.buffer))
                 if self._abandon.is_set() or self._systematic.is_set():
@@ -351,7 +361,29 @@ class Pipeline:
         )
 
     def _sleep(self, seconds: float) -> None:
-        self._abandon.wait(seconds)  # a spent shutdown budget cuts the wait short
+        """Wait before a retry; cut short by a spent shutdown budget, or by PostgreSQL answering again.
+
+        The consumer does not consume while PostgreSQL fails (Consumer._database_hold): a
+        retry backoff of up to RETRY_MAX_DELAY_SECONDS would keep it waiting after the outage.
+        """
+        deadline = time.monotonic() + seconds
+        down = False  # only an answer after a failed ping ends the wait: a server that answers
+        # throughout (a lock, a read-only server) keeps the full backoff
+        while not self._abandon.wait(min(_FAILING_CHECK_S, max(deadline - time.monotonic(), 0.0))):
+            if time.monotonic() >= deadline:
+                return
+            if self._answers():
+                if down:
+                    return
+            else:
+                down = True
+
+    def _answers(self) -> bool:
+        try:
+            self._db.ping()
+        except db.DatabaseError:
+            return False
+        return True
 
     def _before_retry(self, state: RetryCallState) -> None:
         """Log and count a failed attempt. Past MAX_RETRY_ATTEMPTS it is an outage, not a blip."""
@@ -361,6 +393,8 @@ class Pipeline:
         conflict = isinstance(exc, db.TransactionConflict)
         self._metrics.database_retries.inc()
         self._summary.error()
+        if not conflict:
+            self._write_failed = True
         attempt = state.attempt_number
         if attempt <= self._config.max_retry_attempts:
             logger.warning(
@@ -514,6 +548,7 @@ class Pipeline:
 
     def _database_ok(self) -> None:
         self._last_database_check = time.monotonic()
+        self._write_failed = False
         if self.database_error is not None:
             logger.info("PostgreSQL is answering again")
         self.database_error = None

@@ -75,7 +75,9 @@ class MetricsNode:
     """One standalone node: AMQP on 127.0.0.1:`amqp_port` (guest/guest, allowed from loopback),
     rabbitmq_prometheus on 127.0.0.1:`metrics_port`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, config: str = "") -> None:
+        """`config`: more rabbitmq.conf lines (for example `consumer_timeout = 5000`)."""
+        self._config = config
         self.base = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
         self.amqp_port = free_port()
         self.metrics_port = free_port()
@@ -98,7 +100,7 @@ class MetricsNode:
         (self.base / "rabbitmq.conf").write_text(
             f"listeners.tcp.local = 127.0.0.1:{self.amqp_port}\n"
             f"prometheus.tcp.port = {self.metrics_port}\n"
-            "prometheus.tcp.ip = 127.0.0.1\n"
+            "prometheus.tcp.ip = 127.0.0.1\n" + self._config
         )
         (self.base / "plugins").write_text("[rabbitmq_prometheus].\n")
         (self.base / "node").write_text(self.name + "\n")

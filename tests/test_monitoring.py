@@ -17,10 +17,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 from ruamel.yaml import YAML
 
@@ -50,10 +52,12 @@ PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 # Prometheus Operator names them, to show that the name does not matter.
 APP = "vote-aggregator"
 RABBITMQ_APP = "rabbitmq-queues"  # RabbitMQ's plugin, on /metrics/detailed
+BROKER_APP = "rabbitmq"  # the same plugin's plain /metrics (global counters)
 JOB = "votes/vote-aggregator"
 RABBITMQ_JOB = "votes/rabbitmq"
+BROKER_JOB = "votes/rabbitmq-global"
 # The label value each group of alerts.yml selects.
-GROUP_APPS = {"vote-aggregator": APP, "vote-aggregator-queue": RABBITMQ_APP}
+GROUP_APPS = {"vote-aggregator": APP, "vote-aggregator-queue": RABBITMQ_APP, "vote-aggregator-broker": BROKER_APP}
 # The queues the queue alerts and the dashboard's defaults name: the service's defaults.
 VOTE_QUEUE = Config().rabbitmq_queue
 DEAD_LETTER_QUEUE = Config().dead_letter_queue
@@ -411,14 +415,19 @@ class Prometheus:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 
 
-def rabbitmq_job(metrics_port: int) -> dict[str, Any]:
-    """The compose stack's scrape job of RabbitMQ's plugin (its path, families and label, as
-    committed), under another name, pointed at a node on 127.0.0.1:`metrics_port`."""
+def rabbitmq_jobs(metrics_port: int) -> list[dict[str, Any]]:
+    """The compose stack's scrape jobs of RabbitMQ's plugin (paths, families and labels, as
+    committed), under other names, pointed at a node on 127.0.0.1:`metrics_port`."""
     jobs = YAML(typ="safe", pure=True).load(PROMETHEUS_CONFIG)["scrape_configs"]
-    (job,) = [j for j in jobs if j["job_name"] == "rabbitmq-queues"]
-    (static,) = job["static_configs"]
-    target = {**static, "targets": [f"127.0.0.1:{metrics_port}"]}
-    return {**job, "job_name": RABBITMQ_JOB, "static_configs": [target]}
+    names = {"rabbitmq-queues": RABBITMQ_JOB, "rabbitmq": BROKER_JOB}
+    chosen = [j for j in jobs if j["job_name"] in names]
+    assert len(chosen) == 2, chosen
+    renamed = []
+    for job in chosen:
+        (static,) = job["static_configs"]
+        target = {**static, "targets": [f"127.0.0.1:{metrics_port}"]}
+        renamed.append({**job, "job_name": names[job["job_name"]], "static_configs": [target]})
+    return renamed
 
 
 @pytest.fixture
@@ -432,7 +441,7 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
             {"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"], "labels": {"app": APP}}]}
         ]
         if rabbitmq_metrics_port is not None:
-            jobs.append(rabbitmq_job(rabbitmq_metrics_port))
+            jobs.extend(rabbitmq_jobs(rabbitmq_metrics_port))
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(ALERTS)],
@@ -509,9 +518,12 @@ def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
     try:
         prometheus = start_prometheus(svc.metrics_port, node.metrics_port)
         wait_for(
-            lambda: sorted(s["metric"]["job"] for s in prometheus.query("up == 1")) == sorted([JOB, RABBITMQ_JOB]),
+            lambda: (
+                sorted(s["metric"]["job"] for s in prometheus.query("up == 1"))
+                == sorted([JOB, RABBITMQ_JOB, BROKER_JOB])
+            ),
             timeout=20,
-            what=f"Prometheus to scrape jobs {JOB} and {RABBITMQ_JOB}",
+            what=f"Prometheus to scrape jobs {JOB}, {RABBITMQ_JOB} and {BROKER_JOB}",
         )
 
         # Every panel query answers with data once votes, rejects and duplicates flow.
@@ -675,3 +687,49 @@ def test_prometheus_scrapes_the_service_down_as_up_zero(
     down = wait_for(lambda: prometheus.query(f'up{{app="{APP}"}} == 0'), timeout=20, what="up == 0")
     assert down[0]["metric"]["instance"] == f"127.0.0.1:{svc.metrics_port}"
     assert time.monotonic() - started < 20
+
+
+def test_a_real_node_counts_what_it_dead_letters_for_a_delivery_count(rabbit: MetricsNode) -> None:
+    """VoteQueueDeliveryLimitDeadLetters' counter, as RabbitMQ 3.10's plain /metrics names it, rises
+    when a quorum queue dead-letters a message past its x-delivery-limit."""
+    series = (
+        "rabbitmq_global_messages_dead_lettered_delivery_limit_total"
+        '{queue_type="rabbit_quorum_queue",dead_letter_strategy="at_least_once"}'
+    )
+
+    def counted() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{rabbit.metrics_port}/metrics", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(series + " "):
+                    return float(line.split()[-1])
+        return -1.0
+
+    before = counted()
+    assert before >= 0, "no such series"
+    queue, dead, exchange = (f"agg.limit.{uuid.uuid4().hex[:8]}{suffix}" for suffix in ("", ".dead", ".dlx"))
+    conn = pika.BlockingConnection(rabbit.params())
+    try:
+        channel = conn.channel()
+        channel.exchange_declare(exchange, "fanout", durable=True)
+        channel.queue_declare(dead, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.queue_bind(dead, exchange)
+        channel.queue_declare(
+            queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": 1,
+                "x-dead-letter-exchange": exchange,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+        rabbit.publish(queue, [b"a vote delivered too often"])
+        for _ in range(2):
+            method, _properties, _body = channel.basic_get(queue, auto_ack=False)
+            assert method is not None
+            channel.basic_nack(int(method.delivery_tag or 0), requeue=True)
+        wait_for(lambda: counted() == before + 1, timeout=20, what="the delivery-limit counter to rise")
+    finally:
+        conn.close()
+        rabbit.delete(queues=[queue, dead], exchanges=[exchange])
