@@ -281,6 +281,9 @@ def test_the_budget_the_policy_and_the_monitor_select_the_pods(tmp_path: Path) -
     queues = one("PodMonitor", "vote-aggregator-rabbitmq-queues")["spec"]["podMetricsEndpoints"][0]
     assert {"targetLabel": "app", "replacement": "rabbitmq-queues"} in queues["relabelings"]
     assert queues["path"] == "/metrics/detailed"
+    (broker,) = one("PodMonitor", "vote-aggregator-rabbitmq-global")["spec"]["podMetricsEndpoints"]
+    assert {"targetLabel": "app", "replacement": "rabbitmq"} in broker["relabelings"]
+    assert broker["path"] == "/metrics"
 
 
 def test_the_prometheus_rule_carries_the_alerts_of_alerts_yml(tmp_path: Path) -> None:

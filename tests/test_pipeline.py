@@ -200,8 +200,14 @@ def test_a_bunch_of_deliveries_that_fills_two_batches_wakes_two_writers() -> Non
 
 
 class _Consuming:
+    """A consumer that receives as fast as votes come: liveness then depends on the pipeline alone."""
+
     consuming = True
     stopping = False
+    queue_ready: int | None = 0
+
+    def __init__(self) -> None:
+        self.received_at = time.monotonic()
 
 
 def test_a_systematic_failure_fails_liveness_and_leaves_its_batch_unsettled(dbname: str) -> None:
