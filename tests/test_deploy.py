@@ -705,13 +705,14 @@ def test_prometheus_scrapes_the_aggregator_and_loads_the_alerts() -> None:
     assert f"aggregator:{port}" in targets
     # The alerts and the dashboard select the label app, not the job's name.
     labels = {
-        t: sc.get("labels", {})
+        job["job_name"]: (t, sc.get("labels", {}))
         for job in prometheus["scrape_configs"]
         for sc in job["static_configs"]
         for t in sc["targets"]
     }
-    assert labels[f"aggregator:{port}"] == {"app": "vote-aggregator"}
-    assert labels["rabbitmq:15692"] == {"app": "rabbitmq-queues"}
+    assert labels["vote-aggregator"] == (f"aggregator:{port}", {"app": "vote-aggregator"})
+    assert labels["rabbitmq-queues"] == ("rabbitmq:15692", {"app": "rabbitmq-queues"})
+    assert labels["rabbitmq"] == ("rabbitmq:15692", {"app": "rabbitmq"})
     for rule_file in prometheus["rule_files"]:
         assert rule_file in mounts, f"{rule_file} is not mounted into the prometheus container"
         assert (ROOT / mounts[rule_file]).is_file()
