@@ -90,6 +90,11 @@ CREATE TABLE IF NOT EXISTS vote_chain (
 -- Digests do not compress: spare the server the attempt.
 ALTER TABLE vote_chain ALTER COLUMN row_digests SET STORAGE EXTERNAL;
 
+-- (integrity, issue 20) How the link's row digests were computed (chain.py): 1 by PostgreSQL,
+-- recorded_at included (earlier versions); 2 by the service, from the votes it sent.
+ALTER TABLE vote_chain ADD COLUMN IF NOT EXISTS digest_format smallint NOT NULL DEFAULT 1
+    CHECK (digest_format IN (1, 2));
+
 -- ---------------------------------------------------------------------------
 -- Append-only (docs/security.md#the-append-only-audit).
 --

@@ -315,6 +315,9 @@ class Pipeline:
             committed, rejected = retrying(self._write_isolating, batch.deliveries)
         except db.DatabaseError:
             return  # abandoned at shutdown: unsettled, so RabbitMQ redelivers it and every later batch
+        except db.IntegrityFailure as exc:
+            self._integrity_failed(batch, exc)
+            return
         duration = time.monotonic() - started
         self._sequencer.done(batch, committed, rejected)
         self._database_ok()
@@ -329,6 +332,25 @@ class Pipeline:
             duration,
             extra={"batch_size": len(batch.deliveries), "duration_s": round(duration, 4), "rejected": len(rejected)},
         )
+
+    def _integrity_failed(self, batch: Batch, exc: db.IntegrityFailure) -> None:
+        """PostgreSQL stored something else than what was sent (its transaction was rolled back).
+
+        Not retried: whatever altered the batch would alter it again, and the retries would hide
+        it. Not rejected: the votes are sound, so they must not leave RabbitMQ for the dead-letter
+        queue. The batch stays unsettled, which holds back every later ack, and the service stops
+        (exit 1): RabbitMQ keeps every vote for an instance that can store them faithfully, and a
+        supervisor's restarts make the failure loud (VoteAggregatorIntegrityFailure, CrashLoop)
+        instead of a service that stays up counting nothing.
+        """
+        self._metrics.integrity_failures.inc()
+        self._metrics.record_error("integrity")
+        logger.critical(
+            "integrity failure: %s; batch of %d votes left unacked (RabbitMQ keeps them), stopping",
+            exc,
+            len(batch.deliveries),
+        )
+        self._fail(f"integrity failure: {exc}")
 
     def _sleep(self, seconds: float) -> None:
         self._abandon.wait(seconds)  # a spent shutdown budget cuts the wait short
@@ -381,7 +403,7 @@ class Pipeline:
             outcome = self._db.write_batch([d.vote for d in batch])
         except db.DatabaseRejected as exc:
             refused = exc
-        except db.DatabaseError:
+        except (db.DatabaseError, db.IntegrityFailure):
             raise
         except Exception as exc:
             refused = exc
