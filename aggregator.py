@@ -25,6 +25,7 @@ import pika.exceptions
 
 import db
 import deadletters
+import heads
 import httpauth
 import logsetup
 import results
@@ -88,6 +89,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="CHAIN:SEQ:DIGEST",
         help="a chain head as the service logged it; fails unless the chain still leads to it (repeatable)",
     )
+    verify_parser.add_argument(
+        "--heads",
+        metavar="FILE",
+        help="signed chain heads (CHAIN_HEADS_FILE, or an observer's copy): fails unless the database holds "
+        "exactly the chains FILE vouches for",
+    )
+    verify_parser.add_argument(
+        "--keys",
+        metavar="PUBLIC_KEYS",
+        help="PEM file of the instances' Ed25519 public keys the heads must be signed with",
+    )
     _add_dead_letters(commands)
     return parser
 
@@ -136,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "results":
             return results.print_results(config, law_id=args.law, fmt=args.format)
         if args.command == "verify":
-            return verify.print_verify(config, heads=args.head)
+            return verify.print_verify(config, heads=args.head, heads_file=args.heads, keys=args.keys)
         if args.command == "dead-letters":
             return _dead_letters(config, args)
     except (db.DatabaseMissing, db.DatabaseConfigError) as exc:
@@ -167,6 +179,11 @@ def serve(config: Config) -> int:
     health = Health(stall_timeout_s=config.stall_timeout_s, notifier=notifier)
     if not _serve_http(config, metrics, health):
         return EXIT_CONFIG
+    try:
+        signing_key = heads.load_signing_key(config.chain_signing_key_file)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return EXIT_CONFIG
     notifier.notify("STATUS=connecting to PostgreSQL")
     try:
         database = _open_database(config, stop)
@@ -177,7 +194,10 @@ def serve(config: Config) -> int:
         return EXIT_OK
     replication = _replication_watch(config, database, metrics)
     try:
-        code = _count_votes(config, database, metrics, health, notifier, replication, stop, running)
+        recorder = heads.HeadRecorder(
+            config=config, chains=database.chains, instance=database.instance_id, key=signing_key
+        )
+        code = _count_votes(config, database, metrics, health, notifier, replication, stop, running, recorder)
     finally:
         replication.stop()
         database.close()
@@ -208,6 +228,7 @@ def _count_votes(
     replication: ReplicationWatch,
     stop: threading.Event,
     running: list[Consumer],
+    recorder: heads.HeadRecorder,
 ) -> int:
     """Wire the consumer and the pipeline, and consume until stopped. Returns the exit code."""
     _read_totals(database, metrics)
@@ -234,8 +255,17 @@ def _count_votes(
     if stop.is_set():
         consumer.request_stop()
     pipeline.start()
-    code = _exit_code(consumer.run(pipeline), pipeline)
-    # The last heads, so that a log kept elsewhere anchors every committed batch.
+    recorder.start()
+    try:
+        code = _exit_code(consumer.run(pipeline), pipeline)
+    finally:
+        # The final heads, signed, once no batch is being written: they anchor every committed batch.
+        try:
+            recorder.stop()
+        except Exception:
+            logger.exception("could not record the final chain heads")
+            code = EXIT_FAILURE
+    # The last heads in the log too, so that a log kept elsewhere anchors them as well.
     summary.log_heads()
     return code
 
