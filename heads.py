@@ -46,13 +46,7 @@ def load_signing_key(path: str) -> Ed25519PrivateKey:
     if not path:
         dev = Path(DEVELOPMENT_KEY_FILE)
         if not dev.exists():
-            key = Ed25519PrivateKey.generate()
-            pem = key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-            fd = os.open(dev, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(pem)
+            _create_key(dev)
         logger.warning(
             "CHAIN_SIGNING_KEY_FILE is unset: chain heads are signed with a development key (%s), "
             "which proves nothing to anyone else; make a key per instance for an election "
@@ -67,6 +61,24 @@ def load_signing_key(path: str) -> Ed25519PrivateKey:
     if not isinstance(loaded, Ed25519PrivateKey):
         raise ValueError(f"CHAIN_SIGNING_KEY_FILE {path}: not an Ed25519 key")
     return loaded
+
+
+def _create_key(path: Path) -> None:
+    """A new key in `path`, written whole before it appears: instances started together in one
+    directory all read the one that was linked first."""
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    draft = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(pem)
+    try:
+        os.link(draft, path)
+    except FileExistsError:
+        pass
+    finally:
+        draft.unlink()
 
 
 def public_hex(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:

@@ -334,7 +334,7 @@ def _verdict(report: Report, total: int) -> str:
     if report.broken_links:
         problems.append(f"{len(report.broken_links)} chain links broken")
     if report.heads:
-        problems.append(f"{len(report.heads)} given heads not found")
+        problems.append(f"{len(report.heads)} differences from the heads")
     return "verdict: FAILED: " + "; ".join(problems)
 
 
