@@ -344,7 +344,6 @@ class Pipeline:
         instead of a service that stays up counting nothing.
         """
         self._metrics.integrity_failures.inc()
-        self._metrics.record_error("integrity")
         logger.critical(
             "integrity failure: %s; batch of %d votes left unacked (RabbitMQ keeps them), stopping",
             exc,
