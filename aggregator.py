@@ -12,6 +12,7 @@ picture):
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ import heads
 import httpauth
 import logsetup
 import results
+import seal
 import verify
 from amqp import amqp_parameters, describe_error, refused_by_broker
 from commands import check, init_db
@@ -46,6 +48,9 @@ from systemd import Notifier
 logger = logging.getLogger(__name__)
 
 VERSION = version()
+
+
+_POLLS_CLOSED_HELP = "the polls are closed: print per-law figures although RESULTS_EMBARGO is true (the use is logged)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     results_parser = commands.add_parser("results", help="print the counts stored in PostgreSQL and exit")
     results_parser.add_argument("--law", metavar="ID", help="only this law")
     results_parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    results_parser.add_argument("--polls-closed", action="store_true", help=_POLLS_CLOSED_HELP)
     verify_parser = commands.add_parser(
         "verify",
         help="recount vote_audit against vote_results and check the hash chains; exit 0 when all agree, 1 if not",
@@ -89,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="CHAIN:SEQ:DIGEST",
         help="a chain head as the service logged it; fails unless the chain still leads to it (repeatable)",
     )
+    verify_parser.add_argument("--polls-closed", action="store_true", help=_POLLS_CLOSED_HELP)
     verify_parser.add_argument(
         "--heads",
         metavar="FILE",
@@ -99,6 +106,15 @@ def _parser() -> argparse.ArgumentParser:
         "--keys",
         metavar="PUBLIC_KEYS",
         help="PEM file of the instances' Ed25519 public keys the heads must be signed with",
+    )
+    seal_parser = commands.add_parser(
+        "seal",
+        help="once the queue is drained and every instance stopped: verify, then print one signed record of the "
+        "totals and every chain's final head (the polls are closed)",
+    )
+    seal_parser.add_argument("--out", metavar="FILE", help="also append the record to FILE")
+    seal_parser.add_argument(
+        "--skip-queue-check", action="store_true", help="do not ask RabbitMQ whether RABBITMQ_QUEUE is drained"
     )
     _add_dead_letters(commands)
     return parser
@@ -146,9 +162,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.init_db:
             return init_db(config)
         if args.command == "results":
+            if _withheld(config, args):
+                print(
+                    "error: RESULTS_EMBARGO is true: per-law results are withheld while the polls are open; "
+                    "once they have closed, pass --polls-closed (its use is logged) or set RESULTS_EMBARGO=false",
+                    file=sys.stderr,
+                )
+                return EXIT_CONFIG
             return results.print_results(config, law_id=args.law, fmt=args.format)
         if args.command == "verify":
-            return verify.print_verify(config, heads=args.head, heads_file=args.heads, keys=args.keys)
+            return verify.print_verify(
+                config,
+                heads=args.head,
+                heads_file=args.heads,
+                keys=args.keys,
+                embargo=_withheld(config, args),
+            )
+        if args.command == "seal":
+            return seal.run(config, out_path=args.out, skip_queue_check=args.skip_queue_check)
         if args.command == "dead-letters":
             return _dead_letters(config, args)
     except (db.DatabaseMissing, db.DatabaseConfigError) as exc:
@@ -158,6 +189,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return serve(config)
+
+
+def _withheld(config: Config, args: argparse.Namespace) -> bool:
+    """The embargo holds for `results` and `verify` too (docs/security.md#the-results-embargo): lifting
+    it for one command takes --polls-closed, and that is said in the log, with who asked."""
+    if not config.results_embargo:
+        return False
+    if not args.polls_closed:
+        return True
+    logger.warning(
+        "%s: per-law figures printed under RESULTS_EMBARGO because --polls-closed was given (by %s)",
+        args.command,
+        _who(),
+    )
+    return False
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 def _dead_letters(config: Config, args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ Exit code 0 when everything agrees, 1 otherwise, 2 for bad input (docs/security.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -117,6 +119,13 @@ class Report:
 
 
 def run_checks(config: Config, *, heads: Sequence[Head] = (), signed: SignedHeads | None = None) -> Report:
+    return run_checks_with_chains(config, heads=heads, signed=signed)[0]
+
+
+def run_checks_with_chains(
+    config: Config, *, heads: Sequence[Head] = (), signed: SignedHeads | None = None
+) -> tuple[Report, dict[str, dict[int, bytes]]]:
+    """The report, and every chain's links as recomputed (chain id -> seq -> digest)."""
     report = Report()
     with db.read_only(config, snapshot=True) as cur:
         cur.execute(_RECOUNT)
@@ -132,7 +141,8 @@ def run_checks(config: Config, *, heads: Sequence[Head] = (), signed: SignedHead
             _check_rows(report, rows)
     if signed is not None:
         _check_signed_heads(report, recomputed, signed)
-    return report
+        _check_seals(report, signed)
+    return report, recomputed
 
 
 def _check_rows(report: Report, rows: Iterable[tuple[Any, ...]]) -> None:
@@ -210,6 +220,7 @@ class SignedHeads:
     source: str
     heads: list[heads_mod.SignedHead]
     trusted: set[str] | None
+    seals: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: str, keys: str | None) -> SignedHeads:
@@ -221,9 +232,45 @@ class SignedHeads:
         except OSError as exc:
             raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
         found = [heads_mod.parse_head(r, source=path) for r in records if r["kind"] == "chain_head"]
-        if not found:
-            raise ValueError(f"{path}: no chain head in it")
-        return cls(path, found, trusted)
+        seals = [r for r in records if r["kind"] == "seal"]
+        for record in seals:
+            # A seal vouches for each chain's final head, on the seal's own signature.
+            found += _seal_heads(record, source=path)
+        if not found and not seals:
+            raise ValueError(f"{path}: no chain head or seal in it")
+        return cls(path, found, trusted, seals)
+
+
+def _seal_heads(record: dict[str, Any], *, source: str) -> list[heads_mod.SignedHead]:
+    number = record.get("_line", 0)
+    try:
+        ok = heads_mod.signature_ok({k: v for k, v in record.items() if k != "_line"})
+        return [
+            heads_mod.SignedHead(str(chain_id), int(seq), bytes.fromhex(digest), True, str(record["key"]), ok, number)
+            for chain_id, (seq, digest) in record["chains"].items()
+        ]
+    except (KeyError, ValueError, TypeError, AttributeError):
+        raise ValueError(f"{source} line {number}: a seal needs chains, totals, key and signature") from None
+
+
+def _check_seals(report: Report, signed: SignedHeads) -> None:
+    """The totals in vote_results must be the sealed ones, and the seal's digest must be of them."""
+    stored = {law.law_id: [law.results_oui or 0, law.results_non or 0] for law in report.laws}
+    for record in signed.seals:
+        where = f"{signed.source} line {record.get('_line', 0)}"
+        totals = record.get("totals")
+        if not isinstance(totals, dict) or record.get("totals_digest") != totals_digest(totals):
+            report.heads.append(f"{where}: the seal's totals do not match its totals digest")
+            continue
+        differing = sorted(law for law in stored.keys() | totals.keys() if stored.get(law) != totals.get(law))
+        if differing:
+            report.heads.append(f"{where}: vote_results differs from the sealed totals for {', '.join(differing)}")
+
+
+def totals_digest(totals: dict[str, Any]) -> str:
+    """sha256 of the totals' canonical JSON ({law: [oui, non]}, sorted keys, no spaces), as a seal holds it."""
+    text = json.dumps(totals, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _check_signed_heads(report: Report, recomputed: dict[str, dict[int, bytes]], signed: SignedHeads) -> None:
@@ -301,8 +348,9 @@ _ROW_WORDS = {
 }
 
 
-def render(report: Report) -> str:
-    out = _table(report.laws)
+def render(report: Report, *, embargo: bool = False) -> str:
+    """The report; under the embargo without a per-law figure (which laws differ is still named)."""
+    out = _table(report.laws) if not embargo else [f"per-law counts withheld: RESULTS_EMBARGO ({_EMBARGO_HINT})"]
     total = sum(law.audit_oui + law.audit_non for law in report.laws)
     out.append(f"hash chains: {report.chains} chains, {report.links:,} links, {report.chained_rows:,} rows chained")
     out += [f"link: {line}" for line in report.broken_links]
@@ -317,6 +365,9 @@ def render(report: Report) -> str:
             out.append(f"{kind}: ... and {hidden:,} more")
     out.append(_verdict(report, total))
     return "\n".join(out) + "\n"
+
+
+_EMBARGO_HINT = "--polls-closed prints them once the polls have closed"
 
 
 def _verdict(report: Report, total: int) -> str:
@@ -344,6 +395,7 @@ def print_verify(
     heads: Sequence[str],
     heads_file: str | None = None,
     keys: str | None = None,
+    embargo: bool = False,
     out: TextIO = sys.stdout,
 ) -> int:
     try:
@@ -355,5 +407,5 @@ def print_verify(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report = run_checks(config, heads=parsed, signed=signed)
-    out.write(render(report))
+    out.write(render(report, embargo=embargo))
     return 0 if report.ok else 1

@@ -368,3 +368,59 @@ def test_the_service_signs_its_heads_into_the_file_and_the_exchange(
     observed = tmp_path / "observed.jsonl"
     observed.write_text("".join(line + "\n" for line in published))
     assert verify_heads(dbname, observed, public)[0] == 0
+
+
+# -- closing the polls ----------------------------------------------------------------------------
+
+
+def test_the_seal_vouches_for_the_totals_and_every_final_head(
+    election: tuple[str, Path, Path], tmp_path: Path, queue: str
+) -> None:
+    dbname, _heads_file, _public = election
+    officials, officials_public = key_files(tmp_path, "officials")
+    private = tmp_path / "officials.pem"
+    private.write_bytes(
+        officials.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    sealed = tmp_path / "seal.jsonl"
+    env = service_env(dbname=dbname, queue=queue, CHAIN_SIGNING_KEY_FILE=str(private))
+
+    publish(queue, [b"a vote still waiting"])
+    busy = run_cli("seal", "--out", str(sealed), env=env)
+    assert busy.returncode == 1
+    assert f"queue {queue} holds 1 messages and has 0 consumers" in busy.stderr
+    assert not sealed.exists()
+    connection = amqp_connection()
+    connection.channel().queue_purge(queue)
+    connection.close()
+
+    done = run_cli("seal", "--out", str(sealed), env=env)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(sealed.read_text())
+    assert record["kind"] == "seal"
+    assert record["totals"] == {"law-0": [50, 50], "law-1": [50, 50], "law-2": [50, 50]}
+    assert list(record["chains"]) == ["legit"]
+    assert record["chains"]["legit"][0] == 3
+    assert "sealed the count: 3 laws, 1 chains" in done.stderr
+    assert verify(dbname, sealed, officials_public)[0] == 0
+
+    # Anything written after the seal: a vote slipped in with its count, in a chain of its own.
+    with store(dbname, tmp_path) as late:
+        late.write_batch([vote(9999, law="law-0")], chain="late")
+    code, lines = verify(dbname, sealed, officials_public)
+    assert code == 1
+    text = "\n".join(lines)
+    assert "chain late (1 links) is in the database but no head in" in text
+    assert "vote_results differs from the sealed totals for law-0" in text
+
+
+def test_a_seal_is_refused_for_a_database_that_does_not_verify(election: tuple[str, Path, Path], queue: str) -> None:
+    dbname, _heads_file, _public = election
+    with maintenance(dbname) as cur:
+        cur.execute("UPDATE vote_audit SET choice = 'oui' WHERE vote_hash = %s", (vote(1).vote_hash,))
+    done = run_cli("seal", env=service_env(dbname=dbname, queue=queue))
+    assert done.returncode == 1
+    assert "error: the database does not verify: nothing sealed" in done.stderr
+    assert '"kind"' not in done.stdout

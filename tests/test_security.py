@@ -540,3 +540,37 @@ def test_verify_runs_under_the_service_role_too(dbname: str, svc_role: ServiceRo
     done = run_cli("verify", env=service_env(dbname=dbname, **svc_role.env()))
     assert done.returncode == 1, done.stderr
     assert "added: vote ab in no chain link" in done.stdout
+
+
+def test_under_the_embargo_results_and_verify_print_no_per_law_figure_unless_the_polls_are_closed(
+    dbname: str,
+) -> None:
+    apply_scripts(dbname)
+    query(
+        dbname,
+        'INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp") '
+        "SELECT to_hex(1000 + i), 'c-' || i, 'law-x', CASE WHEN i < 37 THEN 'oui' ELSE 'non' END, now() "
+        "FROM generate_series(0, 58) i",
+    )
+    query(dbname, "INSERT INTO vote_results (law_id, oui_count, non_count) VALUES ('law-x', 37, 22)")
+    env = service_env(dbname=dbname)  # RESULTS_EMBARGO unset: true
+
+    withheld = run_cli("results", "--format", "csv", env=env)
+    assert withheld.returncode == 2
+    assert withheld.stdout == ""
+    assert "RESULTS_EMBARGO is true" in withheld.stderr
+    audit = run_cli("verify", env=env)
+    assert audit.returncode == 1  # the rows are in no chain link, which it still says
+    assert "per-law counts withheld: RESULTS_EMBARGO" in audit.stdout
+    assert not re.search(r"\b(37|22)\b", audit.stdout), audit.stdout
+
+    closed = run_cli("results", "--format", "csv", "--polls-closed", env=env)
+    assert closed.returncode == 0
+    assert "law-x,37,22" in closed.stdout
+    assert re.search(r"WARNING .*results: per-law figures printed under RESULTS_EMBARGO because --polls-closed "
+                     r"was given \(by \S+\)", closed.stderr), closed.stderr  # fmt: skip
+    audit = run_cli("verify", "--polls-closed", env=env)
+    assert [line.split()[:5] for line in audit.stdout.splitlines() if line.startswith("law-x")] == [
+        ["law-x", "37", "22", "37", "22"]
+    ]
+    assert "verify: per-law figures printed under RESULTS_EMBARGO" in audit.stderr
