@@ -233,7 +233,8 @@ def serve(config: Config) -> int:
     if not _serve_http(config, metrics, health):
         return EXIT_CONFIG
     try:
-        signing_key = heads.load_signing_key(config.chain_signing_key_file)
+        heads.check_heads_file(config.chain_heads_file)
+        signing_key = heads.load_signing_key(config.chain_signing_key_file, heads_file=config.chain_heads_file)
     except ValueError as exc:
         logger.error("%s", exc)
         return EXIT_CONFIG

@@ -432,20 +432,15 @@ def _rollback(conn: psycopg2.extensions.connection) -> bool:
         return False
 
 
-def row_digest_sql(alias: str, *, recorded: bool = False) -> str:
-    """SQL for the digest of one audit row of table alias `alias`, as chain.row_digest computes it.
-
-    The batch statement returns it over the rows it stored, to be compared with the digests the
-    service computed from what it sent. Every column: the text ones each prefixed with its length,
-    so that no two different rows encode alike, then the time in PostgreSQL's binary form
-    (microseconds, whatever the session's time zone); with `recorded` (format 1) recorded_at too.
+def row_digest_sql(alias: str) -> str:
+    """SQL for the digest of one audit row of table alias `alias`, as chain.row_digest computes it
+    (format 2). The batch statement returns it over the rows it stored, to be compared with the
+    digests the service computed from what it sent: the time in PostgreSQL's binary form
+    (microseconds, whatever the session's time zone).
     """
-    recorded_at = f" || timestamptz_send({alias}.recorded_at)" if recorded else ""
     return (
-        "sha256(convert_to(concat("
-        f"length({alias}.vote_hash), ':', {alias}.vote_hash, length({alias}.citizen_id), ':', {alias}.citizen_id, "
-        f"length({alias}.law_id), ':', {alias}.law_id, length({alias}.choice), ':', {alias}.choice), 'UTF8') "
-        f"""|| timestamptz_send({alias}."timestamp"){recorded_at})"""
+        f"sha256(convert_to(concat_ws(E'\\x1f', {alias}.vote_hash, {alias}.citizen_id, {alias}.law_id, "
+        f"""{alias}.choice), 'UTF8') || timestamptz_send({alias}."timestamp"))"""
     )
 
 

@@ -34,19 +34,22 @@ from config import Config
 
 logger = logging.getLogger(__name__)
 
-# Where `make run` keeps the key it makes when CHAIN_SIGNING_KEY_FILE is unset: fine for trying
-# the service, never for an election (the warning says so at every start).
+# The key `make run` gets when CHAIN_SIGNING_KEY_FILE is unset, made next to CHAIN_HEADS_FILE:
+# fine for trying the service, never for an election (the warning says so at every start).
 DEVELOPMENT_KEY_FILE = "chain-signing-key.dev.pem"
 KINDS = ("chain_head", "seal")
 
 
-def load_signing_key(path: str) -> Ed25519PrivateKey:
-    """The Ed25519 private key in PEM file `path`; with an empty path, the development key
-    (made on first use). Raises ValueError naming the file when it cannot be used."""
+def load_signing_key(path: str, *, heads_file: str) -> Ed25519PrivateKey:
+    """The Ed25519 private key in PEM file `path`; with an empty path, the development key, next to
+    `heads_file` (made on first use). Raises ValueError naming the file when it cannot be used."""
     if not path:
-        dev = Path(DEVELOPMENT_KEY_FILE)
+        dev = Path(heads_file).parent / DEVELOPMENT_KEY_FILE
         if not dev.exists():
-            _create_key(dev)
+            try:
+                _create_key(dev)
+            except OSError as exc:
+                raise ValueError(f"cannot make a development signing key in {dev.parent} ({exc.strerror})") from None
         logger.warning(
             "CHAIN_SIGNING_KEY_FILE is unset: chain heads are signed with a development key (%s), "
             "which proves nothing to anyone else; make a key per instance for an election "
@@ -182,6 +185,15 @@ def parse_head(record: dict[str, Any], *, source: str) -> SignedHead:
     if head.seq < 1 or len(head.digest) != 32 or not head.chain_id:
         raise ValueError(f"{source} line {number}: a chain head needs seq >= 1 and a 32-byte digest")
     return head
+
+
+def check_heads_file(path: str) -> None:
+    """ValueError when CHAIN_HEADS_FILE cannot be appended to: said at start, not at the first head."""
+    try:
+        with open(path, "a", encoding="ascii"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"CHAIN_HEADS_FILE {path}: cannot append to it ({exc.strerror})") from None
 
 
 class HeadRecorder:

@@ -55,7 +55,7 @@ def seal_record(config: Config, report: verify.Report, chains: dict[str, dict[in
 
 def run(config: Config, *, out_path: str | None, skip_queue_check: bool = False, out: TextIO = sys.stdout) -> int:
     try:
-        key = heads.load_signing_key(config.chain_signing_key_file)
+        key = heads.load_signing_key(config.chain_signing_key_file, heads_file=config.chain_heads_file)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

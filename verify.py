@@ -154,14 +154,12 @@ def _check_rows(report: Report, rows: Iterable[tuple[Any, ...]]) -> None:
         elif chain_id is None:
             kind = "added"
         else:
-            digest = chain.row_digest(
-                vote_hash,
-                citizen,
-                law,
-                choice,
-                int.from_bytes(ts, "big", signed=True),
-                int.from_bytes(recorded_at, "big", signed=True) if digest_format == 1 else None,
-            )
+            timestamp_us = int.from_bytes(ts, "big", signed=True)
+            if digest_format == 1:
+                recorded_us = int.from_bytes(recorded_at, "big", signed=True)
+                digest = chain.row_digest_v1(vote_hash, citizen, law, choice, timestamp_us, recorded_us)
+            else:
+                digest = chain.row_digest(vote_hash, citizen, law, choice, timestamp_us)
             if digest == bytes(recorded):
                 continue
             kind = "altered"
