@@ -424,3 +424,30 @@ def test_a_seal_is_refused_for_a_database_that_does_not_verify(election: tuple[s
     assert done.returncode == 1
     assert "error: the database does not verify: nothing sealed" in done.stderr
     assert '"kind"' not in done.stdout
+
+
+def test_without_a_key_the_service_makes_a_development_key_and_says_so(
+    make_service: MakeService, dbname: str, queue: str, tmp_path: Path
+) -> None:
+    svc = make_service({"CHAIN_HEADS_EXCHANGE": ""}).start()
+    publish(queue, [VoteMsg(f"{i:04x}", f"citizen-{i}", "law-1", "oui").body() for i in range(20)])
+    wait_for(lambda: audit_count(dbname) == 20, timeout=30, what="every vote counted")
+    assert svc.stop() == 0
+    dev = svc.heads_path.parent / heads.DEVELOPMENT_KEY_FILE
+    assert "CHAIN_SIGNING_KEY_FILE is unset: chain heads are signed with a development key" in svc.logs()
+    key = heads.load_signing_key(str(dev), heads_file=str(svc.heads_path))
+    public = tmp_path / "dev.pub.pem"
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    assert verify_heads(dbname, svc.heads_path, public)[0] == 0
+
+
+def test_an_unwritable_heads_file_stops_start_up_as_a_configuration_error(
+    make_service: MakeService, tmp_path: Path
+) -> None:
+    svc = make_service({"CHAIN_HEADS_FILE": str(tmp_path / "no-such-dir" / "heads.jsonl")}).start(wait_consuming=False)
+    assert svc.proc is not None
+    assert svc.proc.wait(30) == 2
+    assert "CHAIN_HEADS_FILE " in svc.logs()
+    assert "cannot append to it (No such file or directory)" in svc.logs()
