@@ -313,7 +313,16 @@ class Database:
                 "SELECT name FROM unnest(%s::text[]) AS name WHERE to_regclass(name) IS NULL",
                 (list(SCHEMA_OBJECTS),),
             )
-            return [row[0] for row in cur.fetchall()]
+            missing = [row[0] for row in cur.fetchall()]
+            # (integrity, issue 20) A schema from before the service computed the chain: the batch
+            # statement would fail on every attempt, so it is applied (or asked for) at start.
+            cur.execute(
+                "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('vote_chain') "
+                "AND attname = 'digest_format' AND NOT attisdropped"
+            )
+            if "vote_chain" not in missing and cur.fetchone() is None:
+                missing.append("vote_chain.digest_format")
+            return missing
 
     def apply_schema(self) -> None:
         """Apply init_db.sql (idempotent), one instance at a time."""

@@ -451,3 +451,16 @@ def test_an_unwritable_heads_file_stops_start_up_as_a_configuration_error(
     assert svc.proc.wait(30) == 2
     assert "CHAIN_HEADS_FILE " in svc.logs()
     assert "cannot append to it (No such file or directory)" in svc.logs()
+
+
+def test_a_schema_from_before_the_service_computed_the_chain_is_upgraded_at_start(
+    make_service: MakeService, dbname: str, queue: str
+) -> None:
+    apply_scripts(dbname)
+    query(dbname, "ALTER TABLE vote_chain DROP COLUMN digest_format")
+    svc = make_service(as_superuser=True).start()
+    assert "schema objects missing (vote_chain.digest_format): applying init_db.sql" in svc.logs()
+    publish(queue, [VoteMsg(f"{i:04x}", f"citizen-{i}", "law-1", "oui").body() for i in range(10)])
+    wait_for(lambda: audit_count(dbname) == 10, timeout=30, what="every vote counted")
+    assert svc.stop() == 0
+    assert query(dbname, "SELECT DISTINCT digest_format FROM vote_chain") == [(2,)]
