@@ -249,7 +249,11 @@ def serve(config: Config) -> int:
     replication = _replication_watch(config, database, metrics)
     try:
         recorder = heads.HeadRecorder(
-            config=config, chains=database.chains, instance=database.instance_id, key=signing_key
+            config=config,
+            chains=database.chains,
+            instance=database.instance_id,
+            key=signing_key,
+            before_final=database.settle_pending_links,
         )
         code = _count_votes(config, database, metrics, health, notifier, replication, stop, running, recorder)
     finally:

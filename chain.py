@@ -133,6 +133,10 @@ class Chains:
         with self._lock:
             self._pending[link.chain_id] = link
 
+    def pending_links(self) -> list[Link]:
+        with self._lock:
+            return list(self._pending.values())
+
     def committed(self, link: Link) -> None:
         with self._lock:
             self._pending.pop(link.chain_id, None)

@@ -396,6 +396,18 @@ class Database:
             self.chains.committed(outcome.link)  # only now: the commit is confirmed
         return outcome
 
+    def settle_pending_links(self) -> None:
+        """Before the final heads: a link whose commit was not confirmed is this instance's head if
+        PostgreSQL holds it (the answer to COMMIT was lost), so that the final head is the last link."""
+        for link in self.chains.pending_links():
+            with self._transaction() as cur:
+                cur.execute(
+                    "SELECT seq, digest FROM vote_chain WHERE chain_id = %s ORDER BY seq DESC LIMIT 1", (link.chain_id,)
+                )
+                row = cur.fetchone()
+            if row is not None and (row[0], bytes(row[1])) == (link.seq, link.digest):
+                self.chains.committed(link)
+
     def privilege_warnings(self) -> list[str]:
         """What this connection's role may do beyond the service's needs (docs/security.md#least-privilege)."""
         with self._transaction() as cur:

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,9 +201,18 @@ class HeadRecorder:
     CHAIN_HEADS_FILE and publishes them. It owns its own RabbitMQ connection: the consumer's is
     the connection thread's alone."""
 
-    def __init__(self, *, config: Config, chains: Chains, instance: str, key: Ed25519PrivateKey) -> None:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        chains: Chains,
+        instance: str,
+        key: Ed25519PrivateKey,
+        before_final: Callable[[], None] | None = None,
+    ) -> None:
         self._config = config
         self._chains = chains
+        self._before_final = before_final
         self._instance = instance
         self._key = key
         self._recorded: dict[str, int] = {}  # chain id -> seq last recorded
@@ -218,7 +227,13 @@ class HeadRecorder:
     def stop(self) -> None:
         """Stop the thread, then record every chain's final head (after the last batch committed)."""
         self._stop.set()
-        self._thread.join(self._config.shutdown_timeout_s)
+        if self._thread.ident is not None:
+            self._thread.join(self._config.shutdown_timeout_s)
+        if self._before_final is not None:
+            try:
+                self._before_final()
+            except Exception as exc:  # the final heads matter more: recorded as the instance knows them
+                logger.warning("could not settle the chains' last links before the final heads: %s", exc)
         self.record(final=True)
         if self._connection is not None:
             close_quietly(self._connection.close)

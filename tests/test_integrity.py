@@ -464,3 +464,32 @@ def test_a_schema_from_before_the_service_computed_the_chain_is_upgraded_at_star
     wait_for(lambda: audit_count(dbname) == 10, timeout=30, what="every vote counted")
     assert svc.stop() == 0
     assert query(dbname, "SELECT DISTINCT digest_format FROM vote_chain") == [(2,)]
+
+
+def test_the_final_head_takes_up_a_link_committed_without_its_answer(dbname: str, tmp_path: Path) -> None:
+    apply_scripts(dbname)
+    key, public = key_files(tmp_path)
+    with store(dbname, tmp_path) as first:
+        first.write_batch([vote(i) for i in range(10)], chain="c")
+        outcome = first.write_batch([vote(i) for i in range(10, 20)], chain="c")
+    assert outcome.link is not None
+    with store(dbname, tmp_path) as database:
+        database.chains.committed(stored_link(outcome.link, seq=1, dbname=dbname))
+        database.chains.propose(outcome.link)  # link 2 sent, its COMMIT's answer lost
+        recorder = heads.HeadRecorder(
+            config=config_for(dbname, tmp_path),  # type: ignore[arg-type]
+            chains=database.chains,
+            instance=database.instance_id,
+            key=key,
+            before_final=database.settle_pending_links,
+        )
+        recorder.stop()  # never started: records the final heads only
+    [record] = [json.loads(line) for line in (tmp_path / "heads.jsonl").read_text().splitlines()]
+    assert (record["seq"], record["final"]) == (2, True)
+    assert verify(dbname, tmp_path / "heads.jsonl", public)[0] == 0
+
+
+def stored_link(link: db.ChainLink, *, seq: int, dbname: str) -> db.ChainLink:
+    """The link `seq` of `link`'s chain, as stored."""
+    [(digest,)] = query(dbname, "SELECT digest FROM vote_chain WHERE chain_id = %s AND seq = %s", (link.chain_id, seq))
+    return db.ChainLink(link.chain_id, seq, bytes(digest))
