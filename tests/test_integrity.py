@@ -493,3 +493,23 @@ def stored_link(link: db.ChainLink, *, seq: int, dbname: str) -> db.ChainLink:
     """The link `seq` of `link`'s chain, as stored."""
     [(digest,)] = query(dbname, "SELECT digest FROM vote_chain WHERE chain_id = %s AND seq = %s", (link.chain_id, seq))
     return db.ChainLink(link.chain_id, seq, bytes(digest))
+
+
+def test_check_names_the_signing_key_and_refuses_one_it_cannot_read(
+    dbname: str, svc_role: ServiceRole, queue: str, tmp_path: Path
+) -> None:
+    apply_scripts(dbname)
+    key, _public = key_files(tmp_path)
+    private = tmp_path / "instance.pem"
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    env = service_env(dbname=dbname, queue=queue, CHAIN_HEADS_FILE=str(tmp_path / "heads.jsonl"), **svc_role.env())
+    done = run_cli("--check", env={**env, "CHAIN_SIGNING_KEY_FILE": str(private)})
+    assert done.returncode == 0, done.stderr
+    assert f"ok: chain heads signed by key {heads.public_hex(key)} into {tmp_path / 'heads.jsonl'}" in done.stdout
+    not_a_key = tmp_path / "not-a-key.pem"
+    not_a_key.write_text("hello\n")
+    done = run_cli("--check", env={**env, "CHAIN_SIGNING_KEY_FILE": str(not_a_key)})
+    assert done.returncode == 2
+    assert f"problem: CHAIN_SIGNING_KEY_FILE {not_a_key}: cannot read an Ed25519 private key" in done.stderr
