@@ -98,9 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     verify_parser.add_argument("--polls-closed", action="store_true", help=_POLLS_CLOSED_HELP)
     verify_parser.add_argument(
         "--heads",
+        action="append",
+        default=[],
         metavar="FILE",
-        help="signed chain heads (CHAIN_HEADS_FILE, or an observer's copy): fails unless the database holds "
-        "exactly the chains FILE vouches for",
+        help="signed chain heads (each instance's CHAIN_HEADS_FILE, an observer's copy) or a seal: fails unless "
+        "the database holds exactly the chains the FILEs vouch for (repeatable)",
     )
     verify_parser.add_argument(
         "--keys",
@@ -174,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return verify.print_verify(
                 config,
                 heads=args.head,
-                heads_file=args.heads,
+                heads_files=args.heads,
                 keys=args.keys,
                 embargo=_withheld(config, args),
             )

@@ -137,6 +137,7 @@ class SignedHead:
     key: str
     signature_ok: bool
     line: int
+    source: str = ""
 
     def __str__(self) -> str:
         return f"{self.chain_id}:{self.seq}:{self.digest.hex()}{' (final)' if self.final else ''}"
@@ -177,8 +178,9 @@ def parse_head(record: dict[str, Any], *, source: str) -> SignedHead:
             digest=bytes.fromhex(record["digest"]),
             final=bool(record["final"]),
             key=str(record.get("key", "")),
-            signature_ok=signature_ok({k: v for k, v in record.items() if k != "_line"}),
+            signature_ok=signature_ok({k: v for k, v in record.items() if not k.startswith("_")}),
             line=number,
+            source=source,
         )
     except (KeyError, ValueError, TypeError):
         raise ValueError(f"{source} line {number}: a chain head needs chain_id, seq, digest and final") from None

@@ -213,7 +213,7 @@ def _check_links(
 
 @dataclass(frozen=True)
 class SignedHeads:
-    """The heads of a --heads file, and the keys it must be signed with (None: --keys not given)."""
+    """The heads of the --heads files, and the keys they must be signed with (None: --keys not given)."""
 
     source: str
     heads: list[heads_mod.SignedHead]
@@ -221,30 +221,37 @@ class SignedHeads:
     seals: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def load(cls, path: str, keys: str | None) -> SignedHeads:
-        """ValueError (bad input: exit 2) when the file or the keys cannot be read."""
+    def load(cls, paths: Sequence[str], keys: str | None) -> SignedHeads:
+        """ValueError (bad input: exit 2) when a file or the keys cannot be read."""
+        found: list[heads_mod.SignedHead] = []
+        seals: list[dict[str, Any]] = []
         try:
-            with open(path, encoding="utf-8") as lines:
-                records = heads_mod.parse_records(lines, source=path)
             trusted = heads_mod.load_public_keys(keys) if keys else None
+            for path in paths:
+                with open(path, encoding="utf-8") as lines:
+                    records = heads_mod.parse_records(lines, source=path)
+                if not records:
+                    raise ValueError(f"{path}: no chain head or seal in it")
+                for record in records:
+                    record["_source"] = path
+                    if record["kind"] == "seal":
+                        seals.append(record)
+                        # A seal vouches for each chain's final head, on the seal's own signature.
+                        found += _seal_heads(record, source=path)
+                    else:
+                        found.append(heads_mod.parse_head(record, source=path))
         except OSError as exc:
             raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
-        found = [heads_mod.parse_head(r, source=path) for r in records if r["kind"] == "chain_head"]
-        seals = [r for r in records if r["kind"] == "seal"]
-        for record in seals:
-            # A seal vouches for each chain's final head, on the seal's own signature.
-            found += _seal_heads(record, source=path)
-        if not found and not seals:
-            raise ValueError(f"{path}: no chain head or seal in it")
-        return cls(path, found, trusted, seals)
+        return cls(", ".join(paths), found, trusted, seals)
 
 
 def _seal_heads(record: dict[str, Any], *, source: str) -> list[heads_mod.SignedHead]:
     number = record.get("_line", 0)
     try:
-        ok = heads_mod.signature_ok({k: v for k, v in record.items() if k != "_line"})
+        ok = heads_mod.signature_ok({k: v for k, v in record.items() if not k.startswith("_")})
+        key = str(record["key"])
         return [
-            heads_mod.SignedHead(str(chain_id), int(seq), bytes.fromhex(digest), True, str(record["key"]), ok, number)
+            heads_mod.SignedHead(str(chain_id), int(seq), bytes.fromhex(digest), True, key, ok, number, source)
             for chain_id, (seq, digest) in record["chains"].items()
         ]
     except (KeyError, ValueError, TypeError, AttributeError):
@@ -255,7 +262,7 @@ def _check_seals(report: Report, signed: SignedHeads) -> None:
     """The totals in vote_results must be the sealed ones, and the seal's digest must be of them."""
     stored = {law.law_id: [law.results_oui or 0, law.results_non or 0] for law in report.laws}
     for record in signed.seals:
-        where = f"{signed.source} line {record.get('_line', 0)}"
+        where = f"{record['_source']} line {record.get('_line', 0)}"
         totals = record.get("totals")
         if not isinstance(totals, dict) or record.get("totals_digest") != totals_digest(totals):
             report.heads.append(f"{where}: the seal's totals do not match its totals digest")
@@ -275,7 +282,7 @@ def _check_signed_heads(report: Report, recomputed: dict[str, dict[int, bytes]],
     """The database must hold exactly what the file vouches for (docs/security.md#verify)."""
     by_chain: dict[str, list[heads_mod.SignedHead]] = {}
     for head in signed.heads:
-        where = f"{signed.source} line {head.line}"
+        where = f"{head.source} line {head.line}"
         if not head.signature_ok:
             report.heads.append(f"{where}: head {head}: its signature does not match it (forged or altered)")
             continue
@@ -391,16 +398,16 @@ def print_verify(
     config: Config,
     *,
     heads: Sequence[str],
-    heads_file: str | None = None,
+    heads_files: Sequence[str] = (),
     keys: str | None = None,
     embargo: bool = False,
     out: TextIO = sys.stdout,
 ) -> int:
     try:
         parsed = [Head.parse(h) for h in heads]
-        if keys and not heads_file:
+        if keys and not heads_files:
             raise ValueError("--keys needs --heads")
-        signed = SignedHeads.load(heads_file, keys) if heads_file else None
+        signed = SignedHeads.load(heads_files, keys) if heads_files else None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

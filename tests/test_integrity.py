@@ -513,3 +513,32 @@ def test_check_names_the_signing_key_and_refuses_one_it_cannot_read(
     done = run_cli("--check", env={**env, "CHAIN_SIGNING_KEY_FILE": str(not_a_key)})
     assert done.returncode == 2
     assert f"problem: CHAIN_SIGNING_KEY_FILE {not_a_key}: cannot read an Ed25519 private key" in done.stderr
+
+
+def test_verify_takes_the_heads_of_every_instance_together(dbname: str, tmp_path: Path) -> None:
+    """Two instances, a heads file each: one file vouches for only its own chain; both together for all."""
+    apply_scripts(dbname)
+    files = []
+    for n in (1, 2):
+        directory = tmp_path / f"instance-{n}"
+        directory.mkdir()
+        key, _public = key_files(tmp_path, f"instance-{n}")
+        with store(dbname, directory) as database:
+            database.write_batch([vote(i) for i in range(100 * n, 100 * n + 10)], chain=f"instance-{n}/flush-1")
+            files.append(record_heads(database, directory, key, final=True))
+    keys = tmp_path / "instances.pub.pem"
+    keys.write_bytes((tmp_path / "instance-1.pub.pem").read_bytes() + (tmp_path / "instance-2.pub.pem").read_bytes())
+    code, lines = verify_heads(dbname, files[0], keys)
+    assert code == 1
+    assert any("chain instance-2/flush-1 (1 links) is in the database but no head" in line for line in lines)
+    done = run_cli(
+        "verify",
+        "--heads",
+        str(files[0]),
+        "--heads",
+        str(files[1]),
+        "--keys",
+        str(keys),
+        env=service_env(dbname=dbname),
+    )
+    assert done.returncode == 0, done.stdout
