@@ -18,10 +18,14 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
 # Every module aggregator.py imports, and the schema db.py applies (tests/test_deploy.py checks the list).
-COPY aggregator.py amqp.py commands.py config.py consumer.py db.py dbconnect.py dberrors.py deadletters.py exits.py health.py httpauth.py logsetup.py metrics.py pipeline.py results.py summary.py systemd.py verify.py votes.py init_db.sql pyproject.toml ./
+COPY aggregator.py amqp.py chain.py commands.py config.py consumer.py db.py dbconnect.py dberrors.py deadletters.py exits.py heads.py health.py httpauth.py logsetup.py metrics.py pipeline.py results.py seal.py summary.py systemd.py verify.py votes.py init_db.sql pyproject.toml ./
 # Compiled once here, as root: the service's user cannot write to /app.
 RUN python -m compileall -q /app \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin aggregator
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin aggregator \
+    && mkdir -p /var/lib/vote-aggregator && chown 10001 /var/lib/vote-aggregator
+# The signed chain heads (docs/security.md#signed-heads), and the development signing key made next
+# to them when CHAIN_SIGNING_KEY_FILE is unset: /app is not the service's to write. Mount a volume here.
+ENV CHAIN_HEADS_FILE=/var/lib/vote-aggregator/chain-heads.jsonl
 USER 10001
 
 EXPOSE 8001

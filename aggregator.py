@@ -12,6 +12,7 @@ picture):
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
 import signal
@@ -25,9 +26,11 @@ import pika.exceptions
 
 import db
 import deadletters
+import heads
 import httpauth
 import logsetup
 import results
+import seal
 import verify
 from amqp import amqp_parameters, describe_error, refused_by_broker
 from commands import check, init_db
@@ -45,6 +48,9 @@ from systemd import Notifier
 logger = logging.getLogger(__name__)
 
 VERSION = version()
+
+
+_POLLS_CLOSED_HELP = "the polls are closed: print per-law figures although RESULTS_EMBARGO is true (the use is logged)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     results_parser = commands.add_parser("results", help="print the counts stored in PostgreSQL and exit")
     results_parser.add_argument("--law", metavar="ID", help="only this law")
     results_parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    results_parser.add_argument("--polls-closed", action="store_true", help=_POLLS_CLOSED_HELP)
     verify_parser = commands.add_parser(
         "verify",
         help="recount vote_audit against vote_results and check the hash chains; exit 0 when all agree, 1 if not",
@@ -88,6 +95,29 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="CHAIN:SEQ:DIGEST",
         help="a chain head as the service logged it; fails unless the chain still leads to it (repeatable)",
+    )
+    verify_parser.add_argument("--polls-closed", action="store_true", help=_POLLS_CLOSED_HELP)
+    verify_parser.add_argument(
+        "--heads",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="signed chain heads (each instance's CHAIN_HEADS_FILE, an observer's copy) or a seal: fails unless "
+        "the database holds exactly the chains the FILEs vouch for (repeatable)",
+    )
+    verify_parser.add_argument(
+        "--keys",
+        metavar="PUBLIC_KEYS",
+        help="PEM file of the instances' Ed25519 public keys the heads must be signed with",
+    )
+    seal_parser = commands.add_parser(
+        "seal",
+        help="once the queue is drained and every instance stopped: verify, then print one signed record of the "
+        "totals and every chain's final head (the polls are closed)",
+    )
+    seal_parser.add_argument("--out", metavar="FILE", help="also append the record to FILE")
+    seal_parser.add_argument(
+        "--skip-queue-check", action="store_true", help="do not ask RabbitMQ whether RABBITMQ_QUEUE is drained"
     )
     _add_dead_letters(commands)
     return parser
@@ -135,9 +165,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.init_db:
             return init_db(config)
         if args.command == "results":
+            if _withheld(config, args):
+                print(
+                    "error: RESULTS_EMBARGO is true: per-law results are withheld while the polls are open; "
+                    "once they have closed, pass --polls-closed (its use is logged) or set RESULTS_EMBARGO=false",
+                    file=sys.stderr,
+                )
+                return EXIT_CONFIG
             return results.print_results(config, law_id=args.law, fmt=args.format)
         if args.command == "verify":
-            return verify.print_verify(config, heads=args.head)
+            return verify.print_verify(
+                config,
+                heads=args.head,
+                heads_files=args.heads,
+                keys=args.keys,
+                embargo=_withheld(config, args),
+            )
+        if args.command == "seal":
+            return seal.run(config, out_path=args.out, skip_queue_check=args.skip_queue_check)
         if args.command == "dead-letters":
             return _dead_letters(config, args)
     except (db.DatabaseMissing, db.DatabaseConfigError) as exc:
@@ -147,6 +192,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return serve(config)
+
+
+def _withheld(config: Config, args: argparse.Namespace) -> bool:
+    """The embargo holds for `results` and `verify` too (docs/security.md#the-results-embargo): lifting
+    it for one command takes --polls-closed, and that is said in the log, with who asked."""
+    if not config.results_embargo:
+        return False
+    if not args.polls_closed:
+        return True
+    logger.warning(
+        "%s: per-law figures printed under RESULTS_EMBARGO because --polls-closed was given (by %s)",
+        args.command,
+        _who(),
+    )
+    return False
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 def _dead_letters(config: Config, args: argparse.Namespace) -> int:
@@ -168,6 +235,12 @@ def serve(config: Config) -> int:
     health = Health(stall_timeout_s=config.stall_timeout_s, notifier=notifier)
     if not _serve_http(config, metrics, health):
         return EXIT_CONFIG
+    try:
+        heads.check_heads_file(config.chain_heads_file)
+        signing_key = heads.load_signing_key(config.chain_signing_key_file, heads_file=config.chain_heads_file)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return EXIT_CONFIG
     notifier.notify("STATUS=connecting to PostgreSQL")
     try:
         database = _open_database(config, stop)
@@ -178,7 +251,14 @@ def serve(config: Config) -> int:
         return EXIT_OK
     replication = _replication_watch(config, database, metrics)
     try:
-        code = _count_votes(config, database, metrics, health, notifier, replication, stop, running)
+        recorder = heads.HeadRecorder(
+            config=config,
+            chains=database.chains,
+            instance=database.instance_id,
+            key=signing_key,
+            before_final=database.settle_pending_links,
+        )
+        code = _count_votes(config, database, metrics, health, notifier, replication, stop, running, recorder)
     finally:
         replication.stop()
         database.close()
@@ -209,6 +289,7 @@ def _count_votes(
     replication: ReplicationWatch,
     stop: threading.Event,
     running: list[Consumer],
+    recorder: heads.HeadRecorder,
 ) -> int:
     """Wire the consumer and the pipeline, and consume until stopped. Returns the exit code."""
     _read_totals(database, metrics)
@@ -235,8 +316,17 @@ def _count_votes(
     if stop.is_set():
         consumer.request_stop()
     pipeline.start()
-    code = _exit_code(consumer.run(pipeline), pipeline)
-    # The last heads, so that a log kept elsewhere anchors every committed batch.
+    recorder.start()
+    try:
+        code = _exit_code(consumer.run(pipeline), pipeline)
+    finally:
+        # The final heads, signed, once no batch is being written: they anchor every committed batch.
+        try:
+            recorder.stop()
+        except Exception:
+            logger.exception("could not record the final chain heads")
+            code = EXIT_FAILURE
+    # The last heads in the log too, so that a log kept elsewhere anchors them as well.
     summary.log_heads()
     return code
 

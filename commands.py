@@ -12,6 +12,7 @@ import pika.exceptions
 
 import db
 import exits
+import heads
 import httpauth
 from amqp import amqp_parameters, describe_error, open_connection, refused_by_broker
 from config import Config
@@ -44,7 +45,25 @@ def check(config: Config) -> list[Problem]:
 
     Rights beyond the service's needs (a superuser, say) are `warning:` lines on stdout, not problems.
     """
-    return [*_check_rabbitmq(config), *_check_postgres(config), *_check_metrics_port(config)]
+    return [
+        *_check_rabbitmq(config),
+        *_check_postgres(config),
+        *_check_metrics_port(config),
+        *_check_chain_heads(config),
+    ]
+
+
+def _check_chain_heads(config: Config) -> list[Problem]:
+    """The heads file can be appended to and the signing key read, as start-up needs them."""
+    try:
+        heads.check_heads_file(config.chain_heads_file)
+        # Unset: the service makes a development key at start and warns there; --check makes no file.
+        if config.chain_signing_key_file:
+            key = heads.load_signing_key(config.chain_signing_key_file, heads_file=config.chain_heads_file)
+            print(f"ok: chain heads signed by key {heads.public_hex(key)} into {config.chain_heads_file}")
+    except ValueError as exc:
+        return [Problem(str(exc), certain=True)]
+    return []
 
 
 def _check_rabbitmq(config: Config) -> list[Problem]:

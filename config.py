@@ -114,6 +114,11 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "text"
     log_summary_interval_s: float = 10.0
+    # Signed chain heads kept outside the database (docs/security.md#signed-heads).
+    chain_signing_key_file: str = ""
+    chain_heads_file: str = "chain-heads.jsonl"
+    chain_heads_exchange: str = "vote.chain-heads"
+    chain_heads_interval_s: float = 10.0
 
     def rabbitmq_url_for_logs(self, node: tuple[str, int] | None = None) -> str:
         """Where RabbitMQ is (one node, or every node), for log lines: never the password."""
@@ -412,6 +417,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], object], Callable[[str, fl
     "LOG_LEVEL": ("log_level", _log_level, None),
     "LOG_FORMAT": ("log_format", _log_format, None),
     "LOG_SUMMARY_INTERVAL_SECONDS": ("log_summary_interval_s", _parse_float, _at_least(0)),
+    "CHAIN_SIGNING_KEY_FILE": ("chain_signing_key_file", _file, None),
+    "CHAIN_HEADS_FILE": ("chain_heads_file", _parse_str, None),
+    "CHAIN_HEADS_EXCHANGE": ("chain_heads_exchange", _parse_str, None),
+    "CHAIN_HEADS_INTERVAL_SECONDS": ("chain_heads_interval_s", _parse_float, _positive),
 }
 
 # One line per variable, for --help (and kept in step with .env.example by a test).
@@ -489,6 +498,12 @@ HELP: dict[str, str] = {
     "LOG_LEVEL": "DEBUG, INFO, WARNING, ERROR or CRITICAL",
     "LOG_FORMAT": "text, or json for one JSON object per line",
     "LOG_SUMMARY_INTERVAL_SECONDS": "how often an INFO line sums up throughput and errors (0: never)",
+    "CHAIN_SIGNING_KEY_FILE": "Ed25519 private key (PEM) that signs this instance's chain heads; unset: a development "
+    "key made on first run, with a warning",
+    "CHAIN_HEADS_FILE": "signed chain heads are appended here, one JSON line each, periodically and at each stop",
+    "CHAIN_HEADS_EXCHANGE": "the same lines are published to this fanout exchange, for observers "
+    "(empty: not published)",
+    "CHAIN_HEADS_INTERVAL_SECONDS": "how often the heads of the chains that grew are signed and recorded",
 }
 
 # Secrets that may be read from a file instead (Kubernetes and Docker mount secrets as files):

@@ -9,7 +9,6 @@ psycopg2's exceptions stop here. Callers see:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ import psycopg2.pool
 from psycopg2.extras import execute_values
 from psycopg2.pool import ThreadedConnectionPool
 
+import chain as hashchain
 from config import Config, node_text
 from dbconnect import (
     PooledConnection,
@@ -61,6 +61,7 @@ __all__ = [
     "DatabaseMissing",
     "DatabaseRejected",
     "DatabaseUnavailable",
+    "IntegrityFailure",
     "NotReplicated",
     "ReplicationState",
     "RetryableError",
@@ -131,13 +132,9 @@ def _required_standbys(names: str) -> int:
     return int(match.group(1)) if match else 1  # "s1, s2" means FIRST 1 (s1, s2)
 
 
-@dataclass(frozen=True)
-class ChainLink:
-    """The link a committed batch added to its writer's hash chain (docs/security.md#tamper-evidence)."""
-
-    chain_id: str
-    seq: int
-    digest: bytes
+# The link a committed batch added to its writer's hash chain (docs/security.md#tamper-evidence).
+ChainLink = hashchain.Link
+IntegrityFailure = hashchain.IntegrityFailure
 
 
 @dataclass
@@ -203,6 +200,8 @@ class Database:
         self._server: str | None = None  # host:port of the server the last connection reached
         # Names this process's hash chains: unique across hosts, processes and restarts.
         self.instance_id = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # Where each of them ends, as this instance committed it (heads.py signs these).
+        self.chains = hashchain.Chains()
 
     # -- pool ---------------------------------------------------------------
 
@@ -331,7 +330,16 @@ class Database:
                 "SELECT name FROM unnest(%s::text[]) AS name WHERE to_regclass(name) IS NULL",
                 (list(SCHEMA_OBJECTS),),
             )
-            return [row[0] for row in cur.fetchall()]
+            missing = [row[0] for row in cur.fetchall()]
+            # (integrity, issue 20) A schema from before the service computed the chain: the batch
+            # statement would fail on every attempt, so it is applied (or asked for) at start.
+            cur.execute(
+                "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('vote_chain') "
+                "AND attname = 'digest_format' AND NOT attisdropped"
+            )
+            if "vote_chain" not in missing and cur.fetchone() is None:
+                missing.append("vote_chain.digest_format")
+            return missing
 
     def apply_schema(self) -> None:
         """Apply init_db.sql (idempotent), one instance at a time."""
@@ -391,11 +399,27 @@ class Database:
             chain = f"{self.instance_id}/{threading.current_thread().name}"[:100]
         if not self._config.postgres_require_sync_standby:
             with self._transaction() as cur:
-                return _write_batch(cur, votes, chain=chain)
-        check = _CommitCheck()
-        with self._transaction(replicated=check) as cur:
-            check.outcome = _write_batch(cur, votes, chain=chain)
-        return check.outcome
+                outcome = _write_batch(cur, votes, chain=chain, chains=self.chains)
+        else:
+            check = _CommitCheck()
+            with self._transaction(replicated=check) as cur:
+                check.outcome = _write_batch(cur, votes, chain=chain, chains=self.chains)
+            outcome = check.outcome
+        if outcome.link is not None:
+            self.chains.committed(outcome.link)  # only now: the commit is confirmed (and replicated, if required)
+        return outcome
+
+    def settle_pending_links(self) -> None:
+        """Before the final heads: a link whose commit was not confirmed is this instance's head if
+        PostgreSQL holds it (the answer to COMMIT was lost), so that the final head is the last link."""
+        for link in self.chains.pending_links():
+            with self._transaction() as cur:
+                cur.execute(
+                    "SELECT seq, digest FROM vote_chain WHERE chain_id = %s ORDER BY seq DESC LIMIT 1", (link.chain_id,)
+                )
+                row = cur.fetchone()
+            if row is not None and (row[0], bytes(row[1])) == (link.seq, link.digest):
+                self.chains.committed(link)
 
     def privilege_warnings(self) -> list[str]:
         """What this connection's role may do beyond the service's needs (docs/security.md#least-privilege)."""
@@ -527,40 +551,32 @@ def _rollback(conn: psycopg2.extensions.connection) -> bool:
 
 
 def row_digest_sql(alias: str) -> str:
-    """SQL for the digest of one audit row of table alias `alias` (the batch and `verify` share it).
-
-    Every column: the text ones each prefixed with its length, so that no two
-    different rows encode alike, then both times in PostgreSQL's binary form
+    """SQL for the digest of one audit row of table alias `alias`, as chain.row_digest computes it
+    (format 2). The batch statement returns it over the rows it stored, to be compared with the
+    digests the service computed from what it sent: the time in PostgreSQL's binary form
     (microseconds, whatever the session's time zone).
     """
     return (
-        "sha256(convert_to(concat("
-        f"length({alias}.vote_hash), ':', {alias}.vote_hash, length({alias}.citizen_id), ':', {alias}.citizen_id, "
-        f"length({alias}.law_id), ':', {alias}.law_id, length({alias}.choice), ':', {alias}.choice), 'UTF8') "
-        f"""|| timestamptz_send({alias}."timestamp") || timestamptz_send({alias}.recorded_at))"""
+        f"sha256(convert_to(concat_ws(E'\\x1f', {alias}.vote_hash, {alias}.citizen_id, {alias}.law_id, "
+        f"""{alias}.choice), 'UTF8') || timestamptz_send({alias}."timestamp"))"""
     )
 
 
-def genesis_digest(chain_id: str) -> bytes:
-    """The `previous digest` of a chain's first link."""
-    return hashlib.sha256(chain_id.encode()).digest()
-
-
-def link_digest_from_content(previous: bytes, seq: int, content: bytes) -> bytes:
-    """A link's digest, as the batch statement computes it; `content` is
-    sha256(the link's vote hashes joined by ',' || its row digests)."""
-    return hashlib.sha256(previous + seq.to_bytes(8, "big", signed=True) + content).digest()
+genesis_digest = hashchain.genesis_digest
+link_digest_from_content = hashchain.link_digest
 
 
 # One round trip counts a whole batch: insert the audit rows, aggregate the
-# ones that were new per law, add them to vote_results, extend the writer's
-# hash chain with the new rows, and return the new totals, the link, and the
-# hashes that were already stored. Rows are inserted and locked in key order
+# ones that were new per law, add them to vote_results, add the link the
+# service computed for the batch, and return the new totals, the link, the
+# hashes that were already stored, where the chain ended before, and a digest
+# of the rows as PostgreSQL stored them (after any trigger), which the service
+# compares with what it sent. Rows are inserted and locked in key order
 # (vote_hash, then law_id) so that instances writing overlapping batches cannot
-# deadlock. Only rows this statement inserted enter the link: a redelivered
-# vote is already in the link of the batch that first stored it. The chain's
-# head is read here, in the transaction, not kept in memory: after a commit
-# whose answer was lost, the next batch still links to what was committed.
+# deadlock. The link is computed over every vote of the batch, the common case:
+# it is added only when every one of them was new and the chain still ends
+# where this instance last left it; otherwise none is added here and the
+# service adds the right one (_INSERT_LINK) or stops.
 # Composed from this module's constants only (S608): every value travels as a parameter.
 _COUNT_BATCH = f"""
 WITH incoming AS (
@@ -569,14 +585,11 @@ WITH incoming AS (
         AS t(vote_hash varchar, citizen_id varchar, law_id varchar, choice varchar, ts timestamptz)
 ), last_link AS (
     SELECT seq, digest FROM vote_chain WHERE chain_id = %(chain)s ORDER BY seq DESC LIMIT 1
-), head AS (
-    SELECT coalesce((SELECT seq FROM last_link), 0) + 1 AS seq,
-           coalesce((SELECT digest FROM last_link), sha256(convert_to(%(chain)s::text, 'UTF8'))) AS previous
 ), inserted AS (
     INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp")
     SELECT vote_hash, citizen_id, law_id, choice, ts FROM incoming ORDER BY vote_hash
     ON CONFLICT (vote_hash) DO NOTHING
-    RETURNING vote_hash, citizen_id, law_id, choice, "timestamp", recorded_at
+    RETURNING vote_hash, citizen_id, law_id, choice, "timestamp"
 ), counted AS (
     SELECT law_id,
            count(*) FILTER (WHERE choice = 'oui') AS oui,
@@ -590,16 +603,12 @@ WITH incoming AS (
         non_count = r.non_count + EXCLUDED.non_count,
         updated_at = now()
     RETURNING law_id, oui_count, non_count
-), digested AS (
-    SELECT i.vote_hash, {row_digest_sql("i")} AS d FROM inserted i
 ), link AS (
-    -- One pass feeds both aggregates, so hashes and digests come in the same order (whichever).
-    INSERT INTO vote_chain (chain_id, seq, vote_hashes, row_digests, digest)
-    SELECT %(chain)s, h.seq, r.hashes, r.digests,
-           sha256(h.previous || int8send(h.seq)
-                  || sha256(convert_to(array_to_string(r.hashes, ','), 'UTF8') || r.digests))
-    FROM head h, (SELECT array_agg(vote_hash) AS hashes, string_agg(d, ''::bytea) AS digests FROM digested) r
-    WHERE r.hashes IS NOT NULL
+    INSERT INTO vote_chain (chain_id, seq, vote_hashes, row_digests, digest, digest_format)
+    SELECT %(chain)s, %(seq)s, string_to_array(%(hashes)s, ','), decode(%(rows)s, 'hex'), %(digest)s, {hashchain.FORMAT}
+    WHERE (SELECT count(*) FROM inserted) = %(n)s
+      AND (SELECT seq FROM last_link) IS NOT DISTINCT FROM %(previous_seq)s
+      AND (SELECT digest FROM last_link) IS NOT DISTINCT FROM %(previous)s
     RETURNING seq, digest
 )
 SELECT 'law', c.law_id, c.oui, c.non, t.oui_count, t.non_count, NULL::bytea
@@ -609,6 +618,22 @@ SELECT 'stored', i.vote_hash, NULL, NULL, NULL, NULL, NULL FROM incoming i
 WHERE NOT EXISTS (SELECT 1 FROM inserted n WHERE n.vote_hash = i.vote_hash)
 UNION ALL
 SELECT 'link', NULL, seq, NULL, NULL, NULL, digest FROM link
+UNION ALL
+SELECT 'head', NULL, (SELECT seq FROM last_link), NULL, NULL, NULL, (SELECT digest FROM last_link)
+UNION ALL
+SELECT 'rows', NULL, count(*), NULL, NULL, NULL, sha256(coalesce(string_agg(d, ''::bytea ORDER BY d), ''::bytea))
+FROM (SELECT {row_digest_sql("i")} AS d FROM inserted i) s
+"""  # noqa: S608
+# The link of a batch of which only some votes were new, on the same terms.
+_INSERT_LINK = f"""
+WITH last_link AS (
+    SELECT seq, digest FROM vote_chain WHERE chain_id = %(chain)s ORDER BY seq DESC LIMIT 1
+)
+INSERT INTO vote_chain (chain_id, seq, vote_hashes, row_digests, digest, digest_format)
+SELECT %(chain)s, %(seq)s, string_to_array(%(hashes)s, ','), decode(%(rows)s, 'hex'), %(digest)s, {hashchain.FORMAT}
+WHERE (SELECT seq FROM last_link) IS NOT DISTINCT FROM %(previous_seq)s
+  AND (SELECT digest FROM last_link) IS NOT DISTINCT FROM %(previous)s
+RETURNING seq, digest
 """  # noqa: S608
 _SELECT_STORED = 'SELECT vote_hash, citizen_id, law_id, choice, "timestamp" FROM vote_audit WHERE vote_hash = ANY(%s)'
 _INSERT_ATTEMPTS = (
@@ -640,7 +665,9 @@ def _votes_document(votes: Sequence[Vote]) -> str:
     ]) + "]"  # fmt: skip
 
 
-def _write_batch(cur: psycopg2.extensions.cursor, votes: Sequence[Vote], *, chain: str) -> BatchOutcome:
+def _write_batch(
+    cur: psycopg2.extensions.cursor, votes: Sequence[Vote], *, chain: str, chains: hashchain.Chains
+) -> BatchOutcome:
     outcome = BatchOutcome()
     # The first copy of each hash is the candidate; later copies in the batch are
     # judged against whichever vote ends up stored under that hash.
@@ -653,30 +680,114 @@ def _write_batch(cur: psycopg2.extensions.cursor, votes: Sequence[Vote], *, chai
             candidates[vote.vote_hash] = vote
     if not candidates:
         return outcome
-    conflicting = _count_new(cur, list(candidates.values()), outcome, chain=chain)
+    conflicting = _count_new(cur, list(candidates.values()), outcome, chain=chain, chains=chains)
     if conflicting or copies:
         _judge_the_rest(cur, candidates, conflicting, copies, outcome)
     return outcome
 
 
+def _link_params(chain: str, head: hashchain.Head, hashes: list[str], digests: list[bytes]) -> dict[str, Any]:
+    """The link that extends `head` with these rows, as parameters of _COUNT_BATCH and _INSERT_LINK."""
+    rows = b"".join(digests)
+    seq = head.seq + 1
+    return {
+        "chain": chain,
+        "seq": seq,
+        "hashes": ",".join(hashes),  # hex digits: no comma inside one
+        "rows": rows.hex(),
+        "digest": hashchain.link_digest(head.digest, seq, hashchain.content_digest(hashes, rows)),
+        "previous_seq": head.seq or None,
+        "previous": head.digest if head.seq else None,
+    }
+
+
 def _count_new(
-    cur: psycopg2.extensions.cursor, candidates: list[Vote], outcome: BatchOutcome, *, chain: str
+    cur: psycopg2.extensions.cursor,
+    candidates: list[Vote],
+    outcome: BatchOutcome,
+    *,
+    chain: str,
+    chains: hashchain.Chains,
 ) -> list[str]:
-    """Insert and count the votes whose hash is new, and chain them; returns the hashes already stored."""
-    cur.execute(_COUNT_BATCH, {"votes": _votes_document(candidates), "chain": chain})
+    """Insert and count the votes whose hash is new, and chain them; returns the hashes already stored.
+
+    Raises IntegrityFailure when PostgreSQL stored anything else than what was sent, or its
+    chain does not end where this instance left it.
+    """
+    micros, row_digest = hashchain.micros, hashchain.row_digest
+    digests = [row_digest(v.vote_hash, v.citizen_id, v.law_id, v.choice, micros(v.timestamp)) for v in candidates]
+    head = chains.head(chain)
+    params = _link_params(chain, head, [v.vote_hash for v in candidates], digests)
+    cur.execute(_COUNT_BATCH, {**params, "votes": _votes_document(candidates), "n": len(candidates)})
     conflicting: list[str] = []
+    link: ChainLink | None = None
+    found = head
+    stored_rows, stored = 0, b""
     for kind, key, oui, non, oui_total, non_total, digest in cur.fetchall():
         if kind == "stored":
             conflicting.append(key)
         elif kind == "link":
-            outcome.link = ChainLink(chain_id=chain, seq=oui, digest=bytes(digest))
+            link = ChainLink(chain_id=chain, seq=oui, digest=bytes(digest))
+        elif kind == "head":
+            # No link yet: the genesis, as chains.head() gives it for a chain this instance never extended.
+            found = hashchain.Head(oui, bytes(digest)) if oui is not None else chains.genesis(chain)
+        elif kind == "rows":
+            stored_rows, stored = oui, bytes(digest)
         else:
             outcome.totals[key] = (oui_total, non_total)
             if oui:
                 outcome.counted[(key, "oui")] = oui
             if non:
                 outcome.counted[(key, "non")] = non
+    _check_head(chains, chain, head, found)
+
+    new = range(len(candidates))
+    if conflicting:
+        skip = set(conflicting)
+        new = [i for i, v in enumerate(candidates) if v.vote_hash not in skip]  # type: ignore[assignment]
+    # What PostgreSQL says it stored (after any trigger), against what was sent.
+    if stored_rows != len(new) or stored != hashchain.stored_digest([digests[i] for i in new]):
+        raise IntegrityFailure(
+            f"PostgreSQL stored {stored_rows} audit rows that differ from the {len(new)} new votes sent "
+            f"(chain {chain}): something between the service and the table changed them"
+        )
+    expected: dict[tuple[str, str], int] = {}
+    for i in new:
+        key = (candidates[i].law_id, candidates[i].choice)
+        expected[key] = expected.get(key, 0) + 1
+    if expected != outcome.counted:
+        raise IntegrityFailure(f"PostgreSQL counted other votes per law and choice than the ones sent (chain {chain})")
+
+    if not new:
+        if link is not None:
+            raise IntegrityFailure(f"PostgreSQL added link {link.seq} to chain {chain} for a batch with no new vote")
+        return conflicting
+    if link is None and conflicting:
+        # Some votes were stored already: the link holds only the new ones.
+        params = _link_params(chain, head, [candidates[i].vote_hash for i in new], [digests[i] for i in new])
+        cur.execute(_INSERT_LINK, params)
+        row = cur.fetchone()
+        link = ChainLink(chain_id=chain, seq=row[0], digest=bytes(row[1])) if row is not None else None
+    if link is None or link != ChainLink(chain, params["seq"], params["digest"]):
+        raise IntegrityFailure(f"PostgreSQL did not store link {params['seq']} of chain {chain} as sent")
+    chains.propose(link)
+    outcome.link = link
     return conflicting
+
+
+def _check_head(chains: hashchain.Chains, chain: str, head: hashchain.Head, found: hashchain.Head) -> None:
+    """The chain must end in PostgreSQL where this instance left it."""
+    if found == head:
+        return
+    pending = chains.pending(chain)
+    if pending is not None and (found.seq, found.digest) == (pending.seq, pending.digest):
+        # A commit whose answer was lost did happen: the chain goes on from it.
+        chains.committed(pending)
+        raise TransactionConflict(f"link {pending.seq} of chain {chain} was committed after all; retrying the batch")
+    raise IntegrityFailure(
+        f"chain {chain} ends at link {found.seq} in PostgreSQL, but this instance last committed link {head.seq}: "
+        "another writer extended, cut or rewrote it"
+    )
 
 
 def _judge_the_rest(

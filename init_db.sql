@@ -90,6 +90,11 @@ CREATE TABLE IF NOT EXISTS vote_chain (
 -- Digests do not compress: spare the server the attempt.
 ALTER TABLE vote_chain ALTER COLUMN row_digests SET STORAGE EXTERNAL;
 
+-- (integrity, issue 20) How the link's row digests were computed (chain.py): 1 by PostgreSQL,
+-- recorded_at included (earlier versions); 2 by the service, from the votes it sent.
+ALTER TABLE vote_chain ADD COLUMN IF NOT EXISTS digest_format smallint NOT NULL DEFAULT 1
+    CHECK (digest_format IN (1, 2));
+
 -- ---------------------------------------------------------------------------
 -- Append-only (docs/security.md#the-append-only-audit).
 --
@@ -170,8 +175,9 @@ BEGIN
     EXECUTE format('GRANT SELECT, INSERT ON duplicate_attempts TO %I', grantee);
     -- INSERT ... ON CONFLICT DO UPDATE of the counts; the trigger lets them only grow.
     EXECUTE format('GRANT SELECT, INSERT, UPDATE (oui_count, non_count, updated_at) ON vote_results TO %I', grantee);
-    -- `python aggregator.py results` with the service's settings.
-    EXECUTE format('GRANT SELECT ON vote_statistics TO %I', grantee);
+    -- (integrity, issue 20) Not vote_statistics: officials read results under a role of their own.
+    -- No temporary tables: one named pg_class would shadow the catalog in an unpinned search_path.
+    EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM %I', current_database(), grantee);
     -- The replication state, and nothing more of the server's activity.
     EXECUTE format('GRANT EXECUTE ON FUNCTION vote_replication_standbys() TO %I', grantee);
 END $$;
@@ -184,4 +190,27 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = grantee) AND grantee <> current_user THEN
         PERFORM vote_aggregator_grant(grantee);
     END IF;
+END $$;
+
+-- ---------------------------------------------------------------------------
+-- (integrity, issue 20) Hardening (docs/security.md#hardening).
+--
+-- Every trigger function and the functions the triggers and grants rely on resolve names in
+-- pg_catalog first and in pg_temp last: a temporary table named pg_class cannot stand in for the
+-- catalog (and open the maintenance path). The append-only triggers fire ALWAYS, so that
+-- `SET session_replication_role = replica` does not switch them off. No role but the database's
+-- owner creates temporary tables (PostgreSQL grants TEMPORARY to PUBLIC by default).
+DO $$
+DECLARE
+    fn text;
+    rel text;
+BEGIN
+    FOREACH fn IN ARRAY ARRAY['vote_maintenance_allowed(oid)', 'vote_append_only()', 'vote_aggregator_grant(name)'] LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, %I, pg_temp', fn, current_schema());
+    END LOOP;
+    FOREACH rel IN ARRAY ARRAY['vote_audit', 'duplicate_attempts', 'vote_chain', 'vote_results'] LOOP
+        EXECUTE format('ALTER TABLE %I ENABLE ALWAYS TRIGGER append_only_rows', rel);
+        EXECUTE format('ALTER TABLE %I ENABLE ALWAYS TRIGGER append_only_truncate', rel);
+    END LOOP;
+    EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
 END $$;

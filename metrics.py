@@ -225,6 +225,12 @@ class Metrics:
             "Connections to the metrics port dropped because their TLS handshake failed (or was plain HTTP)",
             registry=r,
         )
+        self.integrity_failures = Counter(
+            "vote_integrity_failures",
+            "Batches PostgreSQL stored otherwise than sent, or whose hash chain did not end where this instance "
+            "left it: left unacked, and the service stops",
+            registry=r,
+        )
 
     def _law_series(self, law_id: str) -> _LawSeries | None:
         """The series of a law, or None once METRICS_MAX_LAWS laws have theirs.

@@ -345,6 +345,9 @@ class Pipeline:
             # redelivered once the fault is fixed, instead of being dead-lettered one by one.
             self._fail(str(exc))
             return
+        except db.IntegrityFailure as exc:
+            self._integrity_failed(batch, exc)
+            return
         duration = time.monotonic() - started
         self._sequencer.done(batch, committed, rejected)
         self._database_ok()
@@ -359,6 +362,24 @@ class Pipeline:
             duration,
             extra={"batch_size": len(batch.deliveries), "duration_s": round(duration, 4), "rejected": len(rejected)},
         )
+
+    def _integrity_failed(self, batch: Batch, exc: db.IntegrityFailure) -> None:
+        """PostgreSQL stored something else than what was sent (its transaction was rolled back).
+
+        Not retried: whatever altered the batch would alter it again, and the retries would hide
+        it. Not rejected: the votes are sound, so they must not leave RabbitMQ for the dead-letter
+        queue. The batch stays unsettled, which holds back every later ack, and the service stops
+        (exit 1): RabbitMQ keeps every vote for an instance that can store them faithfully, and a
+        supervisor's restarts make the failure loud (VoteAggregatorIntegrityFailure, CrashLoop)
+        instead of a service that stays up counting nothing.
+        """
+        self._metrics.integrity_failures.inc()
+        logger.critical(
+            "integrity failure: %s; batch of %d votes left unacked (RabbitMQ keeps them), stopping",
+            exc,
+            len(batch.deliveries),
+        )
+        self._fail(f"integrity failure: {exc}")
 
     def _sleep(self, seconds: float) -> None:
         """Wait before a retry; cut short by a spent shutdown budget, or by PostgreSQL answering again.
@@ -445,7 +466,7 @@ class Pipeline:
             if isinstance(done, db.BatchOutcome) and (done.new_votes or done.duplicate_attempts):
                 self._record_outcome(done, size=len(batch))
             raise
-        except db.DatabaseError:
+        except (db.DatabaseError, db.IntegrityFailure):
             raise
         except Exception as exc:
             refused = exc

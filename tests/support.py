@@ -411,9 +411,12 @@ class Service:
                 "BATCH_TIMEOUT_SECONDS": TEST_BATCH_TIMEOUT_S,
                 # Tests read the per-law series; tests/test_security.py runs the embargo (the default).
                 "RESULTS_EMBARGO": "false",
+                # Each run's signed chain heads in a file of its own, next to its log.
+                "CHAIN_HEADS_FILE": str(log_path.with_name(f"{log_path.stem}.heads.jsonl")),
                 **(env or {}),
             },
         )
+        self.heads_path = Path(self.env["CHAIN_HEADS_FILE"])
         self.proc: subprocess.Popen[bytes] | None = None
         # A test that provokes unexpected errors on purpose says so; any other
         # test fails when the service logged a traceback or counted one.

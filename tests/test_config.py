@@ -80,6 +80,14 @@ NON_DEFAULTS: dict[str, tuple[str, str, object]] = {
     "LOG_LEVEL": ("WARNING", "log_level", "WARNING"),
     "LOG_FORMAT": ("json", "log_format", "json"),
     "LOG_SUMMARY_INTERVAL_SECONDS": ("60", "log_summary_interval_s", 60.0),
+    "CHAIN_SIGNING_KEY_FILE": (A_FILE, "chain_signing_key_file", A_FILE),
+    "CHAIN_HEADS_FILE": (
+        "/var/lib/vote-aggregator/heads.jsonl",
+        "chain_heads_file",
+        "/var/lib/vote-aggregator/heads.jsonl",
+    ),
+    "CHAIN_HEADS_EXCHANGE": ("audit.heads", "chain_heads_exchange", "audit.heads"),
+    "CHAIN_HEADS_INTERVAL_SECONDS": ("30", "chain_heads_interval_s", 30.0),
 }
 
 

@@ -299,7 +299,9 @@ def copied_sources(text: str) -> set[str]:
 def runtime_files(entry: str = "aggregator") -> set[str]:
     """Files the service needs at run time: the repository modules `entry` imports, recursively
     (imports inside functions included), and the repository files they name (init_db.sql)."""
-    top_level = {p.name for p in ROOT.iterdir() if p.is_file() and not p.name.startswith(".")}
+    # Not what a run leaves behind (.gitignore: chain-heads.jsonl, the development signing key).
+    ignored = set((ROOT / ".gitignore").read_text().split())
+    top_level = {p.name for p in ROOT.iterdir() if p.is_file() and not p.name.startswith(".")} - ignored
     needed: set[str] = set()
     seen: set[str] = set()
     todo = [entry]

@@ -55,7 +55,7 @@ def fill(svc: Service, queue: str, dbname: str) -> None:
 
 
 def results_cli(dbname: str, *args: str, port: int = POSTGRES_PORT) -> subprocess.CompletedProcess[str]:
-    return run_cli("results", *args, env=service_env(dbname=dbname, POSTGRES_PORT=str(port)))
+    return run_cli("results", *args, env=service_env(dbname=dbname, POSTGRES_PORT=str(port), RESULTS_EMBARGO="false"))
 
 
 def percent(part: int, whole: int) -> Decimal:

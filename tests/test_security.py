@@ -115,10 +115,92 @@ def test_the_service_role_has_what_the_service_needs(dbname: str, svc_role: Serv
         # Counts move forward (the trigger), never back.
         assert run_as(conn, "UPDATE vote_results SET oui_count = oui_count + 1") is None
         assert run_as(conn, "UPDATE vote_results SET oui_count = oui_count - 1") == "42501"
-        assert run_as(conn, "SELECT * FROM vote_statistics, vote_chain, vote_audit") is None
+        assert run_as(conn, "SELECT * FROM vote_results, vote_chain, vote_audit, duplicate_attempts") is None
+        # Officials read the statistics under a role of their own; the service never does.
+        assert run_as(conn, "SELECT * FROM vote_statistics") == "42501"
     finally:
         conn.close()
     assert results(dbname) == {"law-1": (2, 0)}
+
+
+# -- hardening: the bypasses of issue 20, tried as the service role and as a DBA --------------
+
+# A temporary pg_class that names `role` the owner of vote_results, as the catalog's stand-in.
+_SHADOW_PG_CLASS = (
+    "CREATE TEMP TABLE pg_class AS SELECT c.oid, r.oid AS relowner, c.relname FROM pg_catalog.pg_class c, "
+    "pg_catalog.pg_roles r WHERE c.relname = 'vote_results' AND r.rolname = current_user"
+)
+
+
+def test_the_service_role_may_not_create_temporary_tables(dbname: str, svc_role: ServiceRole) -> None:
+    conn = role_connect(dbname, svc_role)
+    try:
+        assert run_as(conn, _SHADOW_PG_CLASS) == "42501"
+    finally:
+        conn.close()
+
+
+def test_a_shadowed_pg_class_does_not_open_the_maintenance_path(dbname: str, svc_role: ServiceRole) -> None:
+    """Even for a role some administrator let create temporary tables: the functions read pg_catalog's."""
+    seed_one_vote(dbname)
+    query(dbname, "UPDATE vote_results SET oui_count = 100")
+    query(dbname, f"GRANT TEMPORARY ON DATABASE {dbname} TO {svc_role.name}")
+    conn = role_connect(dbname, svc_role)
+    conn.autocommit = False
+    try:
+        with conn.cursor() as cur:
+            cur.execute(_SHADOW_PG_CLASS)
+            cur.execute("SET LOCAL search_path = pg_temp, public, pg_catalog")
+            cur.execute("SET LOCAL vote_aggregator.maintenance = 'on'")
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege, match="append-only"):
+                cur.execute("UPDATE public.vote_results SET oui_count = 10")
+        conn.rollback()
+    finally:
+        conn.close()
+    assert results(dbname) == {"law-1": (100, 0)}
+
+
+def test_replica_mode_does_not_switch_the_append_only_triggers_off(dbname: str) -> None:
+    """As a DBA (a superuser): session_replication_role = replica skips ordinary triggers, not ALWAYS ones."""
+    apply_scripts(dbname)
+    seed_one_vote(dbname)
+    conn = pg_connect(dbname)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET session_replication_role = replica")
+            for statement in (
+                "UPDATE vote_audit SET choice = 'non'",
+                "DELETE FROM duplicate_attempts",
+                "TRUNCATE vote_audit CASCADE",
+                "UPDATE vote_results SET oui_count = 0",
+            ):
+                with pytest.raises(psycopg2.errors.InsufficientPrivilege, match="append-only"):
+                    cur.execute(statement)
+                conn.rollback()
+                cur.execute("SET session_replication_role = replica")
+    finally:
+        conn.close()
+    assert query(dbname, "SELECT vote_hash, choice FROM vote_audit") == [("ab", "oui")]
+
+
+def test_every_trigger_fires_always_and_every_function_pins_its_search_path(dbname: str) -> None:
+    apply_scripts(dbname)
+    triggers = query(
+        dbname,
+        "SELECT tgrelid::regclass::text, tgname, tgenabled FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1, 2",
+    )
+    assert len(triggers) == 8
+    assert {enabled for _rel, _name, enabled in triggers} == {"A"}
+    functions = query(
+        dbname,
+        "SELECT proname, proconfig FROM pg_proc WHERE proname LIKE 'vote\\_%%' ORDER BY proname",
+    )
+    assert [name for name, _config in functions] == [
+        "vote_aggregator_grant", "vote_append_only", "vote_maintenance_allowed", "vote_replication_standbys"
+    ]  # fmt: skip
+    for name, config in functions:
+        assert config is not None, name
+        assert any(c.startswith("search_path=pg_catalog") for c in config), (name, config)
 
 
 @pytest.mark.parametrize(
@@ -458,3 +540,37 @@ def test_verify_runs_under_the_service_role_too(dbname: str, svc_role: ServiceRo
     done = run_cli("verify", env=service_env(dbname=dbname, **svc_role.env()))
     assert done.returncode == 1, done.stderr
     assert "added: vote ab in no chain link" in done.stdout
+
+
+def test_under_the_embargo_results_and_verify_print_no_per_law_figure_unless_the_polls_are_closed(
+    dbname: str,
+) -> None:
+    apply_scripts(dbname)
+    query(
+        dbname,
+        'INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp") '
+        "SELECT to_hex(1000 + i), 'c-' || i, 'law-x', CASE WHEN i < 37 THEN 'oui' ELSE 'non' END, now() "
+        "FROM generate_series(0, 58) i",
+    )
+    query(dbname, "INSERT INTO vote_results (law_id, oui_count, non_count) VALUES ('law-x', 37, 22)")
+    env = service_env(dbname=dbname)  # RESULTS_EMBARGO unset: true
+
+    withheld = run_cli("results", "--format", "csv", env=env)
+    assert withheld.returncode == 2
+    assert withheld.stdout == ""
+    assert "RESULTS_EMBARGO is true" in withheld.stderr
+    audit = run_cli("verify", env=env)
+    assert audit.returncode == 1  # the rows are in no chain link, which it still says
+    assert "per-law counts withheld: RESULTS_EMBARGO" in audit.stdout
+    assert not re.search(r"\b(37|22)\b", audit.stdout), audit.stdout
+
+    closed = run_cli("results", "--format", "csv", "--polls-closed", env=env)
+    assert closed.returncode == 0
+    assert "law-x,37,22" in closed.stdout
+    assert re.search(r"WARNING .*results: per-law figures printed under RESULTS_EMBARGO because --polls-closed "
+                     r"was given \(by \S+\)", closed.stderr), closed.stderr  # fmt: skip
+    audit = run_cli("verify", "--polls-closed", env=env)
+    assert [line.split()[:5] for line in audit.stdout.splitlines() if line.startswith("law-x")] == [
+        ["law-x", "37", "22", "37", "22"]
+    ]
+    assert "verify: per-law figures printed under RESULTS_EMBARGO" in audit.stderr

@@ -58,7 +58,7 @@ def database(dbname: str) -> Iterator[db.Database]:
 
 
 def verify(dbname: str, *args: str) -> tuple[int, list[str]]:
-    done = run_cli("verify", *args, env=service_env(dbname=dbname))
+    done = run_cli("verify", *args, env=service_env(dbname=dbname, RESULTS_EMBARGO="false"))
     assert done.stderr == ""
     return done.returncode, done.stdout.splitlines()
 
@@ -269,3 +269,36 @@ def test_the_service_logs_chain_heads_that_verify_accepts(
     done = run_cli("verify", *args, env=service_env(dbname=dbname, **svc_role.env()))
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[-1].startswith("verdict: OK: 2 laws, 500 votes")
+
+
+def test_links_written_before_the_service_computed_the_chain_still_verify(dbname: str) -> None:
+    """Format 1: the server computed each row's digest, with recorded_at; verify recomputes it in Python."""
+    apply_scripts(dbname)
+    row_v1 = (
+        "sha256(convert_to(concat(length(a.vote_hash), ':', a.vote_hash, length(a.citizen_id), ':', a.citizen_id, "
+        "length(a.law_id), ':', a.law_id, length(a.choice), ':', a.choice), 'UTF8') "
+        '|| timestamptz_send(a."timestamp") || timestamptz_send(a.recorded_at))'
+    )
+    with maintenance(dbname) as cur:
+        cur.execute(
+            'INSERT INTO vote_audit (vote_hash, citizen_id, law_id, choice, "timestamp") VALUES '
+            "('0a', 'c-1', 'law-1', 'oui', now()), ('0b', 'c-2', 'law-1', 'non', now())"
+        )
+        cur.execute("INSERT INTO vote_results (law_id, oui_count, non_count) VALUES ('law-1', 1, 1)")
+        cur.execute(f"SELECT array_agg(vote_hash ORDER BY vote_hash), string_agg({row_v1}, ''::bytea ORDER BY "
+                    "vote_hash) FROM vote_audit a")  # fmt: skip
+        [(hashes, digests)] = cur.fetchall()
+        content = hashlib.sha256(",".join(hashes).encode() + bytes(digests)).digest()
+        digest = db.link_digest_from_content(db.genesis_digest("old"), 1, content)
+        cur.execute(
+            "INSERT INTO vote_chain (chain_id, seq, vote_hashes, row_digests, digest) VALUES ('old', 1, %s, %s, %s)",
+            (hashes, bytes(digests), digest),
+        )
+    code, lines = verify(dbname)
+    assert code == 0, lines
+    assert query(dbname, "SELECT digest_format FROM vote_chain") == [(1,)]
+    with maintenance(dbname) as cur:
+        cur.execute("UPDATE vote_audit SET recorded_at = recorded_at + interval '1 second' WHERE vote_hash = '0a'")
+    code, lines = verify(dbname)
+    assert code == 1
+    assert any(line.startswith("altered: vote 0a (chain old link 1)") for line in lines), lines
