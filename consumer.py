@@ -24,7 +24,6 @@ from pika.spec import Basic, BasicProperties
 
 from amqp import amqp_parameters, close_quietly, declare_queues, describe_error, open_connection, refused_by_broker
 from config import Config, node_text
-from deadletters import DeadLetterer
 from exits import CONFIG as EXIT_CONFIG
 from exits import FAILURE as EXIT_FAILURE
 from exits import OK as EXIT_OK
@@ -38,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 # How long the connection thread blocks in pika between checks of the stop flag.
 _POLL_S = 0.05
-# Valid deliveries reach the buffer in bunches of at most this many (and at the end of each
-# loop turn): a bunch waits at most a few milliseconds, a vote never waits for a later one.
+# Deliveries (votes and refused messages) reach the buffer in bunches of at most this many (and at
+# the end of each loop turn): a bunch waits at most a few milliseconds, a vote never waits for a later one.
 _HANDOFF = 64
 
 
@@ -63,7 +62,7 @@ class ConsumerCancelled(Exception):
 
 
 class Consumer:
-    """Consumes RABBITMQ_QUEUE, hands valid votes to the pipeline, and settles them when told."""
+    """Consumes RABBITMQ_QUEUE, hands every message to the pipeline (votes and refusals), and settles them when told."""
 
     def __init__(
         self,
@@ -96,9 +95,8 @@ class Consumer:
         # The current connection got as far as consuming, or as deliberately not consuming (hold).
         self._consumed = False
         self._ready_sent = False
-        self._dead_letterer = DeadLetterer(config)
         self._received = 0  # this thread's running counts; reported once per loop turn
-        # Valid deliveries not yet in the buffer: handed over in bunches (_HANDOFF) and at the end
+        # Deliveries not yet in the buffer: handed over in bunches (_HANDOFF) and at the end
         # of every loop turn, one lock round per bunch instead of one per vote.
         self._arrived: list[Delivery] = []
         self._rejected = 0
@@ -126,7 +124,7 @@ class Consumer:
         acks: dict[int, int] = {}  # session -> highest committed tag
         for d in committed:
             acks[d.session] = max(d.tag, acks.get(d.session, 0))
-        rejects = [(d.session, d.tag, d.body, d.refusal or ("unexpected", "")) for d in rejected]
+        rejects = [(d.session, d.tag) for d in rejected]
         connection = self._connection
         try:
             if connection is None:
@@ -205,7 +203,6 @@ class Consumer:
         try:
             connection = open_connection(amqp_parameters(self._config, node))
             self._connection = connection
-            self._dead_letterer.attach(connection)
             self._connected_once = True
             self._metrics.record_rabbitmq_node(self._nodes, node_text(*node))
             return "clean" if self._consume(connection, node) else "unclean"
@@ -270,7 +267,6 @@ class Consumer:
         self._forget_channel()
         self._metrics.record_rabbitmq_node(self._nodes, None)
         self._connection = None
-        self._dead_letterer.attach(None)
         if connection is not None and connection.is_open:
             close_quietly(connection.close)
 
@@ -450,16 +446,16 @@ class Consumer:
                 body, max_bytes=self._config.max_message_bytes, law_id_pattern=self._config.law_id_pattern
             )
         except InvalidVote as exc:
-            self._reject_invalid(channel, tag, body, exc)
-            return
+            delivery = self._refused(tag, body, exc)
         except Exception:
             logger.exception("validation failed unexpectedly (delivery tag %d)", tag)
-            self._reject_invalid(channel, tag, body, InvalidVote("unexpected", "validation raised an error"))
-            return
-        if parsed.extra_fields:
-            self._note_extra_fields(parsed.extra_fields)
+            delivery = self._refused(tag, body, InvalidVote("unexpected", "validation raised an error"))
+        else:
+            if parsed.extra_fields:
+                self._note_extra_fields(parsed.extra_fields)
+            delivery = Delivery(parsed.vote, tag, self._session, time.monotonic(), body)
         arrived = self._arrived
-        arrived.append(Delivery(parsed.vote, tag, self._session, time.monotonic(), body))
+        arrived.append(delivery)
         if len(arrived) >= _HANDOFF:
             self._hand_over()
 
@@ -477,21 +473,22 @@ class Consumer:
             self._summary.received(received, rejected)
             self._received = self._rejected = 0
 
-    def _reject_invalid(self, channel: BlockingChannel, tag: int, body: bytes, exc: InvalidVote) -> None:
-        self._dead_letter(channel, tag, body, reason=exc.reason, detail=exc.detail)
+    def _refused(self, tag: int, body: bytes, exc: InvalidVote) -> Delivery:
+        """An invalid message: never requeued (it would fail the same way forever), kept for audit with why.
+
+        It goes through the buffer like a vote: its batch copies it to the dead-letter queue
+        (deadletter_publisher), off this thread, and acks it with the votes once the copy is confirmed.
+        """
         self._metrics.record_rejected(exc.reason)
         self._rejected += 1
         logger.warning("rejected message (delivery tag %d, %d bytes): %s", tag, len(body), exc)
+        return Delivery(None, tag, self._session, time.monotonic(), body, (exc.reason, exc.detail))
 
-    def _dead_letter(self, channel: BlockingChannel, tag: int, body: bytes, *, reason: str, detail: str) -> None:
-        """Never requeued: it would fail the same way forever. Kept for audit, with why."""
-        if self._dead_letterer.put(body, reason=reason, detail=detail):
-            channel.basic_ack(tag)  # the dead-letter queue confirmed its copy
-        else:
-            channel.basic_reject(tag, requeue=False)
+    def _settle_here(self, acks: dict[int, int], rejects: list[tuple[int, int]]) -> None:
+        """Rejects first, then one multiple-ack up to the batch's highest acked tag.
 
-    def _settle_here(self, acks: dict[int, int], rejects: list[tuple[int, int, bytes, tuple[str, str]]]) -> None:
-        """Rejects first, then one multiple-ack up to the batch's highest committed tag.
+        Acked are the committed votes and the refused messages whose dead-letter copy is
+        confirmed; rejected (without requeue) are refused messages that could not be copied.
 
         Runs in batch order, so every earlier delivery on the channel has already
         been acked or rejected. Deliveries of an earlier channel are skipped:
@@ -501,9 +498,9 @@ class Consumer:
         if channel is None or not channel.is_open:
             logger.warning("channel closed before a batch was settled; RabbitMQ will redeliver it")
             return
-        for session, tag, body, (reason, detail) in rejects:
+        for session, tag in rejects:
             if session == self._session:
-                self._dead_letter(channel, tag, body, reason=reason, detail=detail)
+                channel.basic_reject(tag, requeue=False)
         last = acks.get(self._session)
         if last is not None:
             channel.basic_ack(last, multiple=True)

@@ -46,12 +46,23 @@ class Health:
         self._turned_at = time.monotonic()
         self._next_watchdog = 0.0
         self._hold: Callable[[], str | None] = lambda: None
+        self._blocked: Callable[[], str | None] = lambda: None
 
-    def watch(self, *, consumer: _Consumer, pipeline: _Pipeline, hold: Callable[[], str | None] | None = None) -> None:
-        """`hold`: why the consumer is told not to consume (ReplicationWatch.hold_reason), or None."""
+    def watch(
+        self,
+        *,
+        consumer: _Consumer,
+        pipeline: _Pipeline,
+        hold: Callable[[], str | None] | None = None,
+        blocked: Callable[[], str | None] | None = None,
+    ) -> None:
+        """`hold`: why the consumer is told not to consume (ReplicationWatch.hold_reason), or None.
+        `blocked`: why RabbitMQ blocks the dead-letter publisher (DeadLetterPublisher.blocked), or None."""
         self._consumer, self._pipeline = consumer, pipeline
         if hold is not None:
             self._hold = hold
+        if blocked is not None:
+            self._blocked = blocked
 
     def turned(self) -> None:
         """Called on every turn of the connection loop: records it, and pings systemd while alive."""
@@ -74,8 +85,9 @@ class Health:
 
         Not alive when the connection loop stopped turning, when a batch may have
         been left unsettled, or when a vote has been held unacked for longer than
-        STALL_TIMEOUT_SECONDS while PostgreSQL answers. While PostgreSQL is down,
-        votes wait by design and a restart would not help.
+        STALL_TIMEOUT_SECONDS while PostgreSQL answers. While PostgreSQL is down, or
+        while a broker alarm blocks the dead-letter copies, votes wait by design and a
+        restart would not help.
         """
         pipeline = self._pipeline
         if pipeline is None:
@@ -86,7 +98,9 @@ class Health:
         if pipeline.fatal is not None:
             return False, pipeline.fatal
         age = pipeline.oldest_unacked_age()
-        if age > self._stall_timeout_s and pipeline.database_error is None:
+        # While a broker alarm blocks the dead-letter copies, acks wait by design, as during a
+        # database outage: a restart would be blocked the same way (readiness says why).
+        if age > self._stall_timeout_s and pipeline.database_error is None and self._blocked() is None:
             return False, (
                 f"the oldest vote held has waited {age:.0f}s for its ack "
                 f"(STALL_TIMEOUT_SECONDS={self._stall_timeout_s:g}) while PostgreSQL answers"
@@ -107,6 +121,9 @@ class Health:
             return False, "not consuming from RabbitMQ"
         if pipeline.database_error is not None:
             return False, f"PostgreSQL is failing: {pipeline.database_error}"
+        blocked = self._blocked()
+        if blocked is not None:
+            return False, f"{blocked}: refused messages cannot be dead-lettered, acks wait"
         alive, reason = self.liveness()
         return (True, "ready") if alive else (False, reason)
 

@@ -166,6 +166,12 @@ class Metrics:
         self.rabbitmq_connected = Gauge(
             "rabbitmq_connected", "1 while the service is consuming from RabbitMQ", registry=r
         )
+        self.dead_letter_publishing_blocked = Gauge(
+            "dead_letter_publishing_blocked",
+            "1 while RabbitMQ blocks the connection that copies refused messages to the dead-letter exchange "
+            "(a memory or disk alarm): their acks, and those of the votes behind them, wait",
+            registry=r,
+        )
 
     def _define_ha_metrics(self, r: CollectorRegistry) -> None:
         """Which RabbitMQ node the service is on, and what a PostgreSQL failover could lose."""

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
@@ -32,12 +33,14 @@ _IDLE_CHECK_S = 10.0
 
 @dataclass(slots=True)
 class Delivery:
-    """A valid vote waiting for its batch, and how to settle it: its tag on channel `session`.
+    """A message waiting for its batch, and how to settle it: its tag on channel `session`.
 
-    `body` is kept for the dead-letter queue; `refusal` is (reason, detail) once the vote is refused.
+    `body` is kept for the dead-letter queue; `refusal` is (reason, detail) once the message is
+    refused. A message refused on arrival (invalid) has no vote: it travels with the votes all the
+    same, so that it is settled in delivery order, after its copy is in the dead-letter queue.
     """
 
-    vote: Vote
+    vote: Vote | None
     tag: int
     session: int
     received_at: float
@@ -53,8 +56,15 @@ class Batch:
     deliveries: list[Delivery]
 
 
-# (committed, rejected) deliveries of one batch, called in batch order.
+# (acked, rejected) deliveries of one batch, called in batch order: acked are the committed votes and
+# the refused messages whose copy the dead-letter queue confirmed; rejected have no copy.
 Settle = Callable[[list[Delivery], list[Delivery]], None]
+
+
+class DeadLetters(Protocol):
+    """Where refused messages are copied (deadletter_publisher.DeadLetterPublisher)."""
+
+    def put(self, refused: Sequence[tuple[bytes, str, str]], *, give_up: threading.Event) -> bool | None: ...
 
 
 class Buffer:
@@ -198,8 +208,10 @@ class Pipeline:
         summary: Summary,
         settle: Settle,
         on_fatal: Callable[[str], None],
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self._config = config
+        self._dead_letters = dead_letters
         self._db = database
         self._metrics = metrics
         self._summary = summary
@@ -311,12 +323,23 @@ class Pipeline:
             before_sleep=self._before_retry,
             reraise=True,
         )
+        votes = [d for d in batch.deliveries if d.refusal is None]
+        refused = [d for d in batch.deliveries if d.refusal is not None]  # invalid on arrival
         try:
-            committed, rejected = retrying(self._write_isolating, batch.deliveries)
+            committed, rejected = retrying(self._write_isolating, votes) if votes else ([], [])
         except db.DatabaseError:
             return  # abandoned at shutdown: unsettled, so RabbitMQ redelivers it and every later batch
+        refused += rejected
+        acked, rejects = committed, refused
+        if refused:
+            copied = self._dead_letter(refused)
+            if copied is None:
+                return  # abandoned at shutdown, as above
+            if copied:
+                # The copies are confirmed: the batch's multiple-ack may cover the originals.
+                acked, rejects = committed + refused, []
         duration = time.monotonic() - started
-        self._sequencer.done(batch, committed, rejected)
+        self._sequencer.done(batch, acked, rejects)
         self._database_ok()
         self._metrics.batch_processing_duration.set(duration)
         self._metrics.batch_duration.observe(duration)
@@ -329,6 +352,17 @@ class Pipeline:
             duration,
             extra={"batch_size": len(batch.deliveries), "duration_s": round(duration, 4), "rejected": len(rejected)},
         )
+
+    def _dead_letter(self, refused: list[Delivery]) -> bool | None:
+        """Copy a batch's refused messages to the dead-letter queue, all at once.
+
+        True once every copy is confirmed; False when no copy can be made (they are rejected
+        without requeue instead); None when the shutdown budget ran out first.
+        """
+        if self._dead_letters is None:
+            return False
+        letters = [(d.body, *(d.refusal or ("unexpected", ""))) for d in refused]
+        return self._dead_letters.put(letters, give_up=self._abandon)
 
     def _sleep(self, seconds: float) -> None:
         self._abandon.wait(seconds)  # a spent shutdown budget cuts the wait short
@@ -378,7 +412,7 @@ class Pipeline:
         """
         refused: Exception | None = None
         try:
-            outcome = self._db.write_batch([d.vote for d in batch])
+            outcome = self._db.write_batch([d.vote for d in batch if d.vote is not None])
         except db.DatabaseRejected as exc:
             refused = exc
         except db.DatabaseError:
@@ -406,7 +440,7 @@ class Pipeline:
         return [], list(batch)
 
     def _reject(self, delivery: Delivery, exc: Exception | None, *, unexpected: bool) -> None:
-        vote, tag = delivery.vote.vote_hash, delivery.tag
+        vote, tag = delivery.vote.vote_hash if delivery.vote else "?", delivery.tag
         # The first line only: PostgreSQL's DETAIL line may quote the row, citizen id included.
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         delivery.refusal = ("unexpected" if unexpected else "database_rejected", f"{type(exc).__name__}: {first_line}")
