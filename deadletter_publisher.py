@@ -1,11 +1,11 @@
 """The dead-letter publisher: a connection and a thread ("dead-letters") of its own that copy refused
 messages to RABBITMQ_DEAD_LETTER_EXCHANGE, a bunch at a time, with the reason in their headers.
 
-A flush worker hands over the refused messages of its batch (`put`) and waits until the broker has
-confirmed every copy; only then is the batch settled, so the multiple-ack that covers the batch never
-covers a refused message whose copy is not safe. The copies of a bunch are published back to back
-and their confirms awaited together (pipelined), not one round trip each: a flood of garbage drains
-as fast as votes do.
+A flush worker hands over the refused messages of its batch (`put`) with what to do once the broker
+has confirmed every copy: only then is the batch settled, so the multiple-ack that covers the batch
+never covers a refused message whose copy is not safe. The copies of a bunch are published back to
+back and their confirms awaited together, and the worker goes on with the next batch meanwhile, so
+several bunches are in flight at once (pipelined): a flood of garbage drains about as fast as votes.
 
 The connection is not the consuming one. RabbitMQ blocks a connection that publishes while a memory
 or disk alarm lasts; the consuming connection, which only acks, keeps going, and this one says that
@@ -27,8 +27,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,8 +49,6 @@ _DETAIL_MAX = 300
 # After the exchange turned out missing or unroutable, refused messages are rejected without
 # their reason for this long before the next try, instead of trying (and logging) for each one.
 _BROKEN_S = 30.0
-# How often a waiting flush worker looks at its give-up event.
-_WAIT_S = 0.2
 
 
 @dataclass(eq=False)
@@ -58,8 +56,7 @@ class _Bunch:
     """The copies of one batch's refused messages, and the flush worker's answer once they are settled."""
 
     copies: list[tuple[bytes, pika.BasicProperties]]
-    done: threading.Event = field(default_factory=threading.Event)
-    ok: bool = False
+    then: Callable[[bool], None]
     unconfirmed: int = 0
     failed: bool = False  # nacked or returned: the originals are rejected instead
 
@@ -118,32 +115,33 @@ class DeadLetterPublisher:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
-    def put(self, refused: Sequence[tuple[bytes, str, str]], *, give_up: threading.Event) -> bool | None:
-        """Copy (body, reason, detail) messages; True once the broker confirmed every copy.
+    def put(self, refused: Sequence[tuple[bytes, str, str]], *, then: Callable[[bool], None]) -> None:
+        """Copy (body, reason, detail) messages, then call `then(True)` once the broker confirmed every copy.
 
-        False: no copy can be made now; reject the originals. None: `give_up` was set before the
-        confirms came (a spent shutdown budget); leave the originals unsettled, to be redelivered.
+        `then(False)`: no copy can be made now; reject the originals. Called on this module's thread,
+        or at once on the caller's. Never called if the service stops first: the originals stay
+        unsettled and are redelivered.
         """
         if not self.enabled or not refused:
-            return not refused
+            then(not refused)
+            return
         at = datetime.now(UTC).isoformat(timespec="milliseconds")
         copies = [(body, self._properties(reason, detail, at)) for body, reason, detail in refused]
-        bunch = _Bunch(copies)
+        bunch = _Bunch(copies, then)
         with self._lock:
-            if time.monotonic() < self._broken_until:
-                return False
-            self._pending.append(bunch)
+            broken = time.monotonic() < self._broken_until
+            if not broken:
+                self._pending.append(bunch)
             connection = self._connection
+        if broken:
+            then(False)
+            return
         if connection is not None:
             try:
                 connection.ioloop.add_callback_threadsafe(self._send)
             except Exception as exc:  # the connection is going: the next one sends what is pending
                 logger.debug("could not wake the dead-letter publisher: %s", exc)
         # Otherwise the thread sends it once its channel is open.
-        while not bunch.done.wait(_WAIT_S):
-            if give_up.is_set():
-                return None
-        return bunch.ok
 
     def _properties(self, reason: str, detail: str, at: str) -> pika.BasicProperties:
         headers = {
@@ -334,8 +332,11 @@ class DeadLetterPublisher:
             self._broken_until = now + _BROKEN_S
 
     def _answer(self, bunch: _Bunch, *, ok: bool) -> None:
-        bunch.ok = ok
-        bunch.done.set()
+        try:
+            bunch.then(ok)
+        except Exception:
+            # Settling only schedules acks; a failure there is the sequencer's to report.
+            logger.exception("unexpected error while settling a batch after its dead-letter copies")
 
     def _on_blocked(self, _connection: pika.SelectConnection, frame: Method[Any]) -> None:
         reason = getattr(frame.method, "reason", "") or "a resource alarm"

@@ -64,7 +64,7 @@ Settle = Callable[[list[Delivery], list[Delivery]], None]
 class DeadLetters(Protocol):
     """Where refused messages are copied (deadletter_publisher.DeadLetterPublisher)."""
 
-    def put(self, refused: Sequence[tuple[bytes, str, str]], *, give_up: threading.Event) -> bool | None: ...
+    def put(self, refused: Sequence[tuple[bytes, str, str]], *, then: Callable[[bool], None]) -> None: ...
 
 
 class Buffer:
@@ -212,6 +212,8 @@ class Pipeline:
     ) -> None:
         self._config = config
         self._dead_letters = dead_letters
+        self._copying_lock = threading.Lock()
+        self._copying = 0  # batches whose dead-letter copies are not confirmed yet
         self._db = database
         self._metrics = metrics
         self._summary = summary
@@ -271,8 +273,10 @@ class Pipeline:
 
     @property
     def writing(self) -> bool:
-        """A flush worker is still running."""
-        return any(worker.is_alive() for worker in self._workers)
+        """A flush worker is still running, or a batch waits for its dead-letter copies."""
+        with self._copying_lock:
+            copying = self._copying
+        return copying > 0 or any(worker.is_alive() for worker in self._workers)
 
     # -- flush workers ------------------------------------------------------------
 
@@ -330,16 +334,11 @@ class Pipeline:
         except db.DatabaseError:
             return  # abandoned at shutdown: unsettled, so RabbitMQ redelivers it and every later batch
         refused += rejected
-        acked, rejects = committed, refused
         if refused:
-            copied = self._dead_letter(refused)
-            if copied is None:
-                return  # abandoned at shutdown, as above
-            if copied:
-                # The copies are confirmed: the batch's multiple-ack may cover the originals.
-                acked, rejects = committed + refused, []
+            self._dead_letter(batch, committed, refused)
+        else:
+            self._sequencer.done(batch, committed, [])
         duration = time.monotonic() - started
-        self._sequencer.done(batch, acked, rejects)
         self._database_ok()
         self._metrics.batch_processing_duration.set(duration)
         self._metrics.batch_duration.observe(duration)
@@ -353,16 +352,30 @@ class Pipeline:
             extra={"batch_size": len(batch.deliveries), "duration_s": round(duration, 4), "rejected": len(rejected)},
         )
 
-    def _dead_letter(self, refused: list[Delivery]) -> bool | None:
-        """Copy a batch's refused messages to the dead-letter queue, all at once.
+    def _dead_letter(self, batch: Batch, committed: list[Delivery], refused: list[Delivery]) -> None:
+        """Copy a batch's refused messages to the dead-letter queue, all at once, and settle the batch then.
 
-        True once every copy is confirmed; False when no copy can be made (they are rejected
-        without requeue instead); None when the shutdown budget ran out first.
+        The flush worker goes on with the next batch meanwhile: copies of several batches are in
+        flight together, and the sequencer still settles them in order. A batch whose copies are
+        never confirmed (a shutdown first) is never settled: RabbitMQ redelivers it and every later one.
         """
         if self._dead_letters is None:
-            return False
-        letters = [(d.body, *(d.refusal or ("unexpected", ""))) for d in refused]
-        return self._dead_letters.put(letters, give_up=self._abandon)
+            self._sequencer.done(batch, committed, refused)
+            return
+
+        def copied(ok: bool) -> None:
+            with self._copying_lock:
+                self._copying -= 1
+            if ok:
+                # The copies are confirmed: the batch's multiple-ack may cover the originals.
+                self._sequencer.done(batch, committed + refused, [])
+            else:
+                # No copy can be made: rejected without requeue, as RabbitMQ's own dead-lettering takes them.
+                self._sequencer.done(batch, committed, refused)
+
+        with self._copying_lock:
+            self._copying += 1
+        self._dead_letters.put([(d.body, *(d.refusal or ("unexpected", ""))) for d in refused], then=copied)
 
     def _sleep(self, seconds: float) -> None:
         self._abandon.wait(seconds)  # a spent shutdown budget cuts the wait short
