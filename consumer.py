@@ -100,6 +100,7 @@ class Consumer:
         # of every loop turn, one lock round per bunch instead of one per vote.
         self._arrived: list[Delivery] = []
         self._rejected = 0
+        self._rejected_by: dict[str, int] = {}  # reason -> refused this turn, for the metrics
 
     # -- any thread ---------------------------------------------------------------
 
@@ -470,6 +471,9 @@ class Consumer:
         received, rejected = self._received, self._rejected
         if received or rejected:
             self._metrics.messages_received.inc(received)
+            for reason, count in self._rejected_by.items():
+                self._metrics.record_rejected(reason, count)
+            self._rejected_by = {}
             self._summary.received(received, rejected)
             self._received = self._rejected = 0
 
@@ -479,7 +483,7 @@ class Consumer:
         It goes through the buffer like a vote: its batch copies it to the dead-letter queue
         (deadletter_publisher), off this thread, and acks it with the votes once the copy is confirmed.
         """
-        self._metrics.record_rejected(exc.reason)
+        self._rejected_by[exc.reason] = self._rejected_by.get(exc.reason, 0) + 1
         self._rejected += 1
         logger.warning("rejected message (delivery tag %d, %d bytes): %s", tag, len(body), exc)
         return Delivery(None, tag, self._session, time.monotonic(), body, (exc.reason, exc.detail))

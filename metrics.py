@@ -297,9 +297,9 @@ class Metrics:
             self.unknown_fields.labels(name).inc()
         return first_seen
 
-    def record_rejected(self, reason: str) -> None:
-        self.aggregation_errors.labels(reason).inc()
-        self.votes_rejected.labels(reason).inc()
+    def record_rejected(self, reason: str, count: int = 1) -> None:
+        self.aggregation_errors.labels(reason).inc(count)
+        self.votes_rejected.labels(reason).inc(count)
 
     def serve(
         self,
