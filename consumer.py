@@ -40,6 +40,11 @@ _POLL_S = 0.05
 # Deliveries (votes and refused messages) reach the buffer in bunches of at most this many (and at
 # the end of each loop turn): a bunch waits at most a few milliseconds, a vote never waits for a later one.
 _HANDOFF = 64
+# A "rejected message" line for each of the first this many refused messages of every window;
+# past it, one line per window says how many more (the metrics count every one). A flood of
+# garbage would otherwise spend a third of the service's time writing log lines nobody reads.
+_REJECTS_LOGGED = 1_000
+_REJECTS_WINDOW_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,9 @@ class Consumer:
         self._arrived: list[Delivery] = []
         self._rejected = 0
         self._rejected_by: dict[str, int] = {}  # reason -> refused this turn, for the metrics
+        self._rejects_logged = 0  # "rejected message" lines in this window
+        self._rejects_unlogged: dict[str, int] = {}  # reason -> refused past _REJECTS_LOGGED
+        self._rejects_window_ends = 0.0
 
     # -- any thread ---------------------------------------------------------------
 
@@ -349,7 +357,7 @@ class Consumer:
             self._pump(connection)
             self._on_turn()
             self._report_received()
-        self._report_received()
+        self._report_received(final=True)
         if not self._stop.is_set():
             # The channel stays open after a cancel, but nothing arrives on it any
             # more. Closing it hands its unacked votes back to RabbitMQ; a new
@@ -466,7 +474,7 @@ class Consumer:
         for name in self._metrics.record_unknown_fields(names):
             logger.warning("votes carry a field this service ignores: %r (counted in vote_unknown_fields_total)", name)
 
-    def _report_received(self) -> None:
+    def _report_received(self, *, final: bool = False) -> None:
         # Fed once per loop turn, not once per message: the counter takes a lock on every increment.
         received, rejected = self._received, self._rejected
         if received or rejected:
@@ -476,6 +484,18 @@ class Consumer:
             self._rejected_by = {}
             self._summary.received(received, rejected)
             self._received = self._rejected = 0
+        now = time.monotonic()
+        if final or now >= self._rejects_window_ends:
+            if self._rejects_unlogged:
+                logger.warning(
+                    "%d more messages rejected in the last %.0fs, not logged one by one (%s); "
+                    "votes_rejected_total counts every one",
+                    sum(self._rejects_unlogged.values()),
+                    _REJECTS_WINDOW_S,
+                    ", ".join(f"{reason}: {n}" for reason, n in sorted(self._rejects_unlogged.items())),
+                )
+            self._rejects_logged, self._rejects_unlogged = 0, {}
+            self._rejects_window_ends = now + _REJECTS_WINDOW_S
 
     def _refused(self, tag: int, body: bytes, exc: InvalidVote) -> Delivery:
         """An invalid message: never requeued (it would fail the same way forever), kept for audit with why.
@@ -485,7 +505,11 @@ class Consumer:
         """
         self._rejected_by[exc.reason] = self._rejected_by.get(exc.reason, 0) + 1
         self._rejected += 1
-        logger.warning("rejected message (delivery tag %d, %d bytes): %s", tag, len(body), exc)
+        if self._rejects_logged < _REJECTS_LOGGED:
+            self._rejects_logged += 1
+            logger.warning("rejected message (delivery tag %d, %d bytes): %s", tag, len(body), exc)
+        else:
+            self._rejects_unlogged[exc.reason] = self._rejects_unlogged.get(exc.reason, 0) + 1
         return Delivery(None, tag, self._session, time.monotonic(), body, (exc.reason, exc.detail))
 
     def _settle_here(self, acks: dict[int, int], rejects: list[tuple[int, int]]) -> None:

@@ -276,3 +276,22 @@ def test_killing_the_service_while_it_dead_letters_a_flood_loses_nothing(
     # Every invalid message at least once (twice when its copy was confirmed but its ack cut off), nothing else.
     assert set(dead) == set(invalid)
     assert_all_counted_once(dbname, queue, good)
+
+
+def test_a_flood_of_refused_messages_is_logged_one_by_one_only_up_to_a_cap(
+    make_service: MakeService, queue_names: list[str], dbname: str
+) -> None:
+    queue = fresh_queue(queue_names)
+    svc = make_service(queue_name=queue).start()
+    invalid = [json.dumps({**json.loads(v.body()), "choice": "maybe"}).encode() for v in make_votes(1_300, laws=2)]
+    publish(queue, invalid)
+    wait_for(lambda: queue_state(f"{queue}.dead")[0] == len(invalid), timeout=60, what="every refused one copied")
+    wait_for(
+        lambda: svc.metric("votes_rejected_total", reason="invalid_choice") == len(invalid),
+        timeout=10,
+        what="every one counted in the metrics",
+    )
+    assert svc.stop() == 0
+    logs = svc.logs()
+    assert logs.count("rejected message (") == 1_000
+    assert "300 more messages rejected in the last 60s, not logged one by one (invalid_choice: 300)" in logs
