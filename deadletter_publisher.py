@@ -250,6 +250,11 @@ class DeadLetterPublisher:
 
     def _lost(self) -> None:
         """The connection is gone: copies not confirmed are sent again on the next one."""
+        unconfirmed = len(self._unconfirmed)
+        if unconfirmed and not self._stop.is_set():
+            logger.warning(
+                "dead-letter publisher: sending %d unconfirmed copies again on the next connection", unconfirmed
+            )
         with self._lock:
             self._connection = None
             self._pending[:0] = self._in_flight

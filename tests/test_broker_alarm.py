@@ -135,3 +135,73 @@ def test_a_memory_alarm_pauses_dead_lettering_without_a_restart_loop_and_countin
     assert sorted(_drain(node, f"{queue}.dead")) == sorted(invalid)
     assert _state(node, queue) == (0, 0)
     node.delete(queues=[queue, f"{queue}.dead"], exchanges=[f"{queue}.dlx"])
+
+
+# Closes, on the node, every connection named "vote-aggregator-dead-letters"; prints how many.
+_CLOSE_DEAD_LETTER_CONNECTIONS = """
+Named = [P || P <- rabbit_networking:connections(),
+    lists:keyfind(<<"connection_name">>, 1,
+        proplists:get_value(client_properties, rabbit_networking:connection_info(P, [client_properties]), []))
+    =:= {<<"connection_name">>, longstr, <<"vote-aggregator-dead-letters">>}],
+[rabbit_networking:close_connection(P, "closed by the test") || P <- Named],
+length(Named).
+"""
+
+
+def _close_dead_letter_connections(node: MetricsNode) -> int:
+    """Close the service's dead-letter connections from the broker's side, as a node restart or a
+    network fault would; returns how many were closed."""
+    done = subprocess.run(
+        ["rabbitmqctl", "-n", node.name, "-q", "eval", _CLOSE_DEAD_LETTER_CONNECTIONS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return int(done.stdout.strip() or 0)
+
+
+def test_copies_in_flight_when_the_dead_letter_connection_drops_are_sent_again(
+    node: MetricsNode, make_service: MakeService, dbname: str
+) -> None:
+    queue = f"agg.dlconn.{uuid.uuid4().hex[:12]}"
+    env = {
+        "RABBITMQ_HOST": "127.0.0.1",
+        "RABBITMQ_PORT": str(node.amqp_port),
+        # Small windows, so that the flood lasts long enough to be cut into several times.
+        "RABBITMQ_PREFETCH_COUNT": "100",
+        "BATCH_SIZE": "50",
+    }
+    make_service(env, queue_name=queue).start().stop()  # declares the queue and its dead-letter queue
+    good = make_votes(1_500, laws=4, seed=41)
+    invalid = [
+        json.dumps({**json.loads(v.body()), "choice": "maybe"}).encode() for v in make_votes(15_000, laws=4, seed=42)
+    ]
+    bodies: list[bytes] = []
+    for i, vote in enumerate(good):
+        bodies += [*invalid[10 * i : 10 * i + 10], vote.body()]
+    node.publish(queue, bodies)
+
+    svc = make_service(env, queue_name=queue).start()
+    cuts = 0
+    while cuts < 3 and _state(node, f"{queue}.dead")[0] < len(invalid):
+        cuts += _close_dead_letter_connections(node)
+        time.sleep(0.5)  # the publisher reconnects after about a second
+    assert cuts >= 2, "the flood was over before the connection could be cut"
+
+    wait_until(lambda: audit_count(dbname) == len(good), timeout=120, what="every vote counted")
+    wait_until(lambda: _state(node, queue)[0] == 0, timeout=120, what="the queue drained")
+    wait_until(lambda: _state(node, f"{queue}.dead")[0] >= len(invalid), timeout=60, what="every copy")
+    assert svc.stop() == 0
+    logs = svc.logs()
+    assert logs.count("dead-letter publisher: RabbitMQ connection to") >= cuts
+    assert "unconfirmed copies again on the next connection" in logs  # the cuts caught copies in flight
+    # Each refused message at least once (a copy confirmed just before a cut may be there twice).
+    dead = _drain(node, f"{queue}.dead")
+    assert set(dead) == set(invalid)
+    assert len(dead) < 2 * len(invalid)
+    assert results(dbname) == expected_totals(good)
+    assert audit_count(dbname) == len(good)
+    assert_invariant(dbname)
+    assert _state(node, queue) == (0, 0)
+    node.delete(queues=[queue, f"{queue}.dead"], exchanges=[f"{queue}.dlx"])
