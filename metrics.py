@@ -150,7 +150,12 @@ class Metrics:
 
     def _define_health_metrics(self, r: CollectorRegistry) -> None:
         """Whether the service is counting: buffer, stalls, flushes, connections."""
-        self.buffer_depth = Gauge("vote_buffer_depth", "Valid votes received and not yet written", registry=r)
+        self.buffer_depth = Gauge(
+            "vote_buffer_depth",
+            "Messages received and not yet in a batch: votes, and refused messages on their way to the dead-letter "
+            "queue",
+            registry=r,
+        )
         self.oldest_unacked_age = Gauge(
             "oldest_unacked_delivery_age_seconds",
             "Age of the oldest vote the service holds without having acked it (buffered or being written)",

@@ -375,7 +375,13 @@ class Pipeline:
 
         with self._copying_lock:
             self._copying += 1
-        self._dead_letters.put([(d.body, *(d.refusal or ("unexpected", ""))) for d in refused], then=copied)
+        try:
+            self._dead_letters.put([(d.body, *(d.refusal or ("unexpected", ""))) for d in refused], then=copied)
+        except Exception:
+            # Never called back: the batch stays unsettled, which the flush worker reports (exit 1).
+            with self._copying_lock:
+                self._copying -= 1
+            raise
 
     def _sleep(self, seconds: float) -> None:
         self._abandon.wait(seconds)  # a spent shutdown budget cuts the wait short
