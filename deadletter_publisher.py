@@ -322,7 +322,10 @@ class DeadLetterPublisher:
         in_flight, self._in_flight, self._unconfirmed = self._in_flight, [], {}
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == 404:
             self._break(f"exchange {self._config.dead_letter_exchange} is missing")
-            for bunch in in_flight:
+            with self._lock:
+                waiting, self._pending = self._pending, []
+            # Neither the copies in flight nor those not yet sent can be made until the channel is back.
+            for bunch in in_flight + waiting:
                 self._answer(bunch, ok=False)
             select.ioloop.call_later(_BROKEN_S, self._open_channel)
             return

@@ -295,3 +295,21 @@ def test_a_flood_of_refused_messages_is_logged_one_by_one_only_up_to_a_cap(
     logs = svc.logs()
     assert logs.count("rejected message (") == 1_000
     assert "300 more messages rejected in the last 60s, not logged one by one (invalid_choice: 300)" in logs
+
+
+def test_without_a_dead_letter_exchange_a_flood_is_rejected_as_it_comes(
+    make_service: MakeService, queue: str, dbname: str
+) -> None:
+    # As above, with a flood in small batches: each is rejected as it comes (the copies are not
+    # tried again for 30 s), said once, and the votes among them are counted.
+    svc = make_service({"BATCH_SIZE": "20"}).start()
+    votes = make_votes(200, laws=2, seed=51)
+    bodies: list[bytes] = []
+    for i, vote in enumerate(votes):
+        bodies += [f"not json {i}.{k}".encode() for k in range(5)] + [vote.body()]
+    publish(queue, bodies)
+    wait_for(lambda: audit_count(dbname) == len(votes), timeout=20, what="the votes counted")
+    wait_for(lambda: queue_state(queue)[0] == 0, timeout=20, what="every message settled")
+    assert svc.stop() == 0
+    assert svc.logs().count("cannot dead-letter to exchange") == 1
+    assert_all_counted_once(dbname, queue, votes)
