@@ -339,15 +339,19 @@ class Pipeline:
         else:
             self._sequencer.done(batch, committed, [])
         duration = time.monotonic() - started
+        self._summary.batch_settled(len(committed))
+        if not votes:
+            # Only refused messages: nothing was written, so this says nothing about PostgreSQL
+            # (database_up, /readyz, the stall rule) nor about flushing.
+            return
         self._database_ok()
         self._metrics.batch_processing_duration.set(duration)
         self._metrics.batch_duration.observe(duration)
         self._metrics.last_flush.set_to_current_time()
-        self._summary.batch_settled(len(committed))
         logger.debug(
             "batch %d of %d votes committed in %.3fs",
             batch.seq,
-            len(batch.deliveries),
+            len(votes),
             duration,
             extra={"batch_size": len(batch.deliveries), "duration_s": round(duration, 4), "rejected": len(rejected)},
         )

@@ -16,7 +16,10 @@ from datetime import UTC, datetime, timedelta
 import pika
 import pytest
 
+from tests.proxy import TcpProxy
 from tests.support import (
+    POSTGRES_HOST,
+    POSTGRES_PORT,
     Service,
     VoteMsg,
     aggregator_command,
@@ -313,3 +316,50 @@ def test_without_a_dead_letter_exchange_a_flood_is_rejected_as_it_comes(
     assert svc.stop() == 0
     assert svc.logs().count("cannot dead-letter to exchange") == 1
     assert_all_counted_once(dbname, queue, votes)
+
+
+def test_refused_messages_during_a_database_outage_do_not_say_postgresql_is_back(
+    make_service: MakeService, queue_names: list[str], dbname: str
+) -> None:
+    # A batch of refused messages writes nothing: copying it must not count as PostgreSQL
+    # answering (database_up, /readyz, and the stall rule of /healthz, which waits for it).
+    queue = fresh_queue(queue_names)
+    proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
+    try:
+        svc = make_service(
+            {
+                "POSTGRES_PORT": str(proxy.port),
+                "FLUSH_WORKERS": "2",  # one retries the vote, the other takes the refused ones
+                "RETRY_DELAY_SECONDS": "0.1",
+                "RETRY_MAX_DELAY_SECONDS": "0.5",
+                "MAX_RETRY_ATTEMPTS": "1",
+                "STALL_TIMEOUT_SECONDS": "2",
+                "BATCH_SIZE": "20",
+            },
+            queue_name=queue,
+        ).start()
+        first = make_votes(50, laws=2, seed=61)
+        publish(queue, [v.body() for v in first])
+        wait_for(lambda: audit_count(dbname) == len(first), timeout=30, what="votes counted")
+
+        proxy.refuse()
+        proxy.cut()
+        held = make_votes(1, laws=2, seed=62)
+        publish(queue, [held[0].body()])
+        wait_for(lambda: svc.metric("database_up") == 0, timeout=30, what="the outage noticed")
+        invalid = [f"not json {i}".encode() for i in range(200)]
+        publish(queue, invalid)
+        wait_for(lambda: queue_state(f"{queue}.dead")[0] == len(invalid), timeout=30, what="the copies made")
+        assert svc.metric("database_up") == 0
+        assert svc.http("/healthz") == (200, "ok\n")
+        assert svc.http("/readyz")[1].startswith("PostgreSQL is failing")
+        assert "PostgreSQL is answering again" not in svc.logs()
+
+        proxy.resume()
+        wait_for(lambda: audit_count(dbname) == len(first) + len(held), timeout=60, what="the held vote counted")
+        wait_for(lambda: queue_state(queue)[0] == 0, timeout=30, what="every message settled")
+        assert svc.stop() == 0
+    finally:
+        proxy.close()
+    assert sorted(drain_queue(f"{queue}.dead")) == sorted(invalid)
+    assert_all_counted_once(dbname, queue, first + held)
