@@ -36,6 +36,7 @@ from amqp import amqp_parameters, describe_error, refused_by_broker
 from commands import check, init_db
 from config import HELP, SECRET_FILES_HELP, Config, ConfigError, load_config, load_env_file, variables, version
 from consumer import Consumer
+from deadletter_publisher import DeadLetterPublisher
 from exits import CONFIG as EXIT_CONFIG
 from exits import FAILURE as EXIT_FAILURE
 from exits import OK as EXIT_OK
@@ -304,6 +305,8 @@ def _count_votes(
         hold=replication.hold_reason,
     )
     running.append(consumer)
+    # A connection of its own: a broker alarm blocks it, never the consuming one (acks go on).
+    dead_letters = DeadLetterPublisher(config=config, metrics=metrics)
     pipeline = Pipeline(
         config=config,
         database=database,
@@ -311,15 +314,21 @@ def _count_votes(
         summary=summary,
         settle=consumer.settle,
         on_fatal=lambda _reason: consumer.request_stop(),
+        dead_letters=dead_letters,
     )
-    health.watch(consumer=consumer, pipeline=pipeline, hold=replication.hold_reason)
+    health.watch(
+        consumer=consumer, pipeline=pipeline, hold=replication.hold_reason, blocked=lambda: dead_letters.blocked
+    )
     if stop.is_set():
         consumer.request_stop()
+    dead_letters.start()
     pipeline.start()
     recorder.start()
     try:
         code = _exit_code(consumer.run(pipeline), pipeline)
     finally:
+        # Only now: the flush workers, done, no longer wait for a dead-letter copy.
+        dead_letters.stop()
         # The final heads, signed, once no batch is being written: they anchor every committed batch.
         try:
             recorder.stop()

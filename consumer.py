@@ -34,7 +34,6 @@ from amqp import (
     what_happens_to_refused,
 )
 from config import Config, node_text
-from deadletters import DeadLetterer
 from exits import CONFIG as EXIT_CONFIG
 from exits import FAILURE as EXIT_FAILURE
 from exits import OK as EXIT_OK
@@ -53,9 +52,14 @@ _POLL_S = 0.05
 _GUARD_MARGIN_S = 3.0
 # How often the connection thread reads how many messages are ready in RABBITMQ_QUEUE (for liveness).
 _READY_EVERY_S = 3.0
-# Valid deliveries reach the buffer in bunches of at most this many (and at the end of each
-# loop turn): a bunch waits at most a few milliseconds, a vote never waits for a later one.
+# Deliveries (votes and refused messages) reach the buffer in bunches of at most this many (and at
+# the end of each loop turn): a bunch waits at most a few milliseconds, a vote never waits for a later one.
 _HANDOFF = 64
+# A "rejected message" line for each of the first this many refused messages of every window;
+# past it, one line per window says how many more (the metrics count every one). A flood of
+# garbage would otherwise spend a third of the service's time writing log lines nobody reads.
+_REJECTS_LOGGED = 1_000
+_REJECTS_WINDOW_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +83,7 @@ class ConsumerCancelled(Exception):
 
 
 class Consumer:
-    """Consumes RABBITMQ_QUEUE, hands valid votes to the pipeline, and settles them when told."""
+    """Consumes RABBITMQ_QUEUE, hands every message to the pipeline (votes and refusals), and settles them when told."""
 
     def __init__(
         self,
@@ -113,9 +117,8 @@ class Consumer:
         # The current connection got as far as consuming, or as deliberately not consuming (hold).
         self._consumed = False
         self._ready_sent = False
-        self._dead_letterer = DeadLetterer(config)
         self._received = 0  # this thread's running counts; reported once per loop turn
-        # Valid deliveries not yet in the buffer: handed over in bunches (_HANDOFF) and at the end
+        # Deliveries not yet in the buffer: handed over in bunches (_HANDOFF) and at the end
         # of every loop turn, one lock round per bunch instead of one per vote.
         self._arrived: list[Delivery] = []
         self._rejected = 0
@@ -126,6 +129,10 @@ class Consumer:
         self._described = False  # an existing RABBITMQ_QUEUE's dead-lettering was said
         self._spare: BlockingChannel | None = None  # reads queue_ready; never consumes
         self._ready_read_at = 0.0
+        self._rejected_by: dict[str, int] = {}  # reason -> refused this turn, for the metrics
+        self._rejects_logged = 0  # "rejected message" lines in this window
+        self._rejects_unlogged: dict[str, int] = {}  # reason -> refused past _REJECTS_LOGGED
+        self._rejects_window_ends = 0.0
 
     # -- any thread ---------------------------------------------------------------
 
@@ -150,7 +157,7 @@ class Consumer:
         acks: dict[int, int] = {}  # session -> highest committed tag
         for d in committed:
             acks[d.session] = max(d.tag, acks.get(d.session, 0))
-        rejects = [(d.session, d.tag, d.body, d.refusal or ("unexpected", "")) for d in rejected]
+        rejects = [(d.session, d.tag) for d in rejected]
         connection = self._connection
         try:
             if connection is None:
@@ -257,7 +264,6 @@ class Consumer:
         try:
             connection = open_connection(amqp_parameters(self._config, node))
             self._connection = connection
-            self._dead_letterer.attach(connection)
             self._connected_once = True
             self._metrics.record_rabbitmq_node(self._nodes, node_text(*node))
             return "clean" if self._consume(connection, node) else "unclean"
@@ -324,7 +330,6 @@ class Consumer:
         self.queue_ready = None
         self._metrics.record_rabbitmq_node(self._nodes, None)
         self._connection = None
-        self._dead_letterer.attach(None)
         if connection is not None and connection.is_open:
             close_quietly(connection.close)
 
@@ -426,7 +431,7 @@ class Consumer:
             self._report_received()
             ended = self._ended(consumer_tag)
             self._read_ready(connection)
-        self._report_received()
+        self._report_received(final=True)
         if ended is not None:
             # Nothing arrives on this channel any more, and pika says so nowhere else: a
             # channel the broker closed stays quiet for good. Its unacked votes are back in
@@ -578,16 +583,16 @@ class Consumer:
                 body, max_bytes=self._config.max_message_bytes, law_id_pattern=self._config.law_id_pattern
             )
         except InvalidVote as exc:
-            self._reject_invalid(channel, tag, body, exc)
-            return
+            delivery = self._refused(tag, body, exc)
         except Exception:
             logger.exception("validation failed unexpectedly (delivery tag %d)", tag)
-            self._reject_invalid(channel, tag, body, InvalidVote("unexpected", "validation raised an error"))
-            return
-        if parsed.extra_fields:
-            self._note_extra_fields(parsed.extra_fields)
+            delivery = self._refused(tag, body, InvalidVote("unexpected", "validation raised an error"))
+        else:
+            if parsed.extra_fields:
+                self._note_extra_fields(parsed.extra_fields)
+            delivery = Delivery(parsed.vote, tag, self._session, time.monotonic(), body)
         arrived = self._arrived
-        arrived.append(Delivery(parsed.vote, tag, self._session, time.monotonic(), body))
+        arrived.append(delivery)
         if len(arrived) >= _HANDOFF:
             self._hand_over()
 
@@ -597,30 +602,50 @@ class Consumer:
         for name in self._metrics.record_unknown_fields(names):
             logger.warning("votes carry a field this service ignores: %r (counted in vote_unknown_fields_total)", name)
 
-    def _report_received(self) -> None:
+    def _report_received(self, *, final: bool = False) -> None:
         # Fed once per loop turn, not once per message: the counter takes a lock on every increment.
         received, rejected = self._received, self._rejected
         if received or rejected:
             self.received_at = time.monotonic()
             self._metrics.messages_received.inc(received)
+            for reason, count in self._rejected_by.items():
+                self._metrics.record_rejected(reason, count)
+            self._rejected_by = {}
             self._summary.received(received, rejected)
             self._received = self._rejected = 0
+        now = time.monotonic()
+        if final or now >= self._rejects_window_ends:
+            if self._rejects_unlogged:
+                logger.warning(
+                    "%d more messages rejected in the last %.0fs, not logged one by one (%s); "
+                    "votes_rejected_total counts every one",
+                    sum(self._rejects_unlogged.values()),
+                    _REJECTS_WINDOW_S,
+                    ", ".join(f"{reason}: {n}" for reason, n in sorted(self._rejects_unlogged.items())),
+                )
+            self._rejects_logged, self._rejects_unlogged = 0, {}
+            self._rejects_window_ends = now + _REJECTS_WINDOW_S
 
-    def _reject_invalid(self, channel: BlockingChannel, tag: int, body: bytes, exc: InvalidVote) -> None:
-        self._dead_letter(channel, tag, body, reason=exc.reason, detail=exc.detail)
-        self._metrics.record_rejected(exc.reason)
+    def _refused(self, tag: int, body: bytes, exc: InvalidVote) -> Delivery:
+        """An invalid message: never requeued (it would fail the same way forever), kept for audit with why.
+
+        It goes through the buffer like a vote: its batch copies it to the dead-letter queue
+        (deadletter_publisher), off this thread, and acks it with the votes once the copy is confirmed.
+        """
+        self._rejected_by[exc.reason] = self._rejected_by.get(exc.reason, 0) + 1
         self._rejected += 1
-        logger.warning("rejected message (delivery tag %d, %d bytes): %s", tag, len(body), exc)
-
-    def _dead_letter(self, channel: BlockingChannel, tag: int, body: bytes, *, reason: str, detail: str) -> None:
-        """Never requeued: it would fail the same way forever. Kept for audit, with why."""
-        if self._dead_letterer.put(body, reason=reason, detail=detail):
-            channel.basic_ack(tag)  # the dead-letter queue confirmed its copy
+        if self._rejects_logged < _REJECTS_LOGGED:
+            self._rejects_logged += 1
+            logger.warning("rejected message (delivery tag %d, %d bytes): %s", tag, len(body), exc)
         else:
-            channel.basic_reject(tag, requeue=False)
+            self._rejects_unlogged[exc.reason] = self._rejects_unlogged.get(exc.reason, 0) + 1
+        return Delivery(None, tag, self._session, time.monotonic(), body, (exc.reason, exc.detail))
 
-    def _settle_here(self, acks: dict[int, int], rejects: list[tuple[int, int, bytes, tuple[str, str]]]) -> None:
-        """Rejects first, then one multiple-ack up to the batch's highest committed tag.
+    def _settle_here(self, acks: dict[int, int], rejects: list[tuple[int, int]]) -> None:
+        """Rejects first, then one multiple-ack up to the batch's highest acked tag.
+
+        Acked are the committed votes and the refused messages whose dead-letter copy is
+        confirmed; rejected (without requeue) are refused messages that could not be copied.
 
         Runs in batch order, so every earlier delivery on the channel has already
         been acked or rejected. Deliveries of an earlier channel are skipped:
@@ -630,9 +655,9 @@ class Consumer:
         if channel is None or not channel.is_open:
             logger.warning("channel closed before a batch was settled; RabbitMQ will redeliver it")
             return
-        for session, tag, body, (reason, detail) in rejects:
+        for session, tag in rejects:
             if session == self._session:
-                self._dead_letter(channel, tag, body, reason=reason, detail=detail)
+                channel.basic_reject(tag, requeue=False)
         last = acks.get(self._session)
         if last is not None:
             channel.basic_ack(last, multiple=True)

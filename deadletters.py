@@ -1,9 +1,11 @@
 """The dead-letter queue: how the service puts a refused vote there, and the operator's command for it.
 
 The service does not let RabbitMQ dead-letter a refused message (a reject keeps no reason). It
-publishes a copy to RABBITMQ_DEAD_LETTER_EXCHANGE with why in its headers, waits for the broker's
-confirm, and only then acks the original. A crash between the two leaves the original unacked:
-it is redelivered, refused again, and the dead-letter queue holds it twice; nothing is lost.
+publishes a copy to RABBITMQ_DEAD_LETTER_EXCHANGE with why in the headers named here
+(deadletter_publisher.py, on a connection of its own, a batch's refusals at once), waits for the
+broker's confirms, and only then acks the originals. A crash between the two leaves the originals
+unacked: they are redelivered, refused again, and the dead-letter queue holds them twice; nothing
+is lost.
 
 `python aggregator.py dead-letters` lists what the queue holds (by reason, oldest first, citizen
 ids hidden unless asked), shows one message, and replays messages to the vote queue: each copy is
@@ -15,13 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TextIO
 
 import pika
@@ -42,62 +42,6 @@ QUEUE = "x-original-queue"
 _DETAIL_MAX = 300
 # x-death's reason for a message RabbitMQ dead-lettered for its delivery count.
 DELIVERY_LIMIT = "delivery_limit"
-
-
-class DeadLetterer:
-    """On the connection thread: a confirmed copy of a refused message in the dead-letter exchange.
-
-    Uses a channel of its own in confirm mode, so that a missing exchange (which closes the
-    channel) never touches the consuming one. When the copy cannot be made (dead-lettering off,
-    the exchange missing, nothing bound to it), `put` returns False and the caller rejects the
-    message as before: RabbitMQ then applies whatever dead-lettering the queue has, without a reason.
-    """
-
-    def __init__(self, config: Config) -> None:
-        self._config = config
-        self._connection: BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
-        self._broken = True
-        self._by = f"vote-aggregator@{socket.gethostname()}:{os.getpid()}"
-
-    def attach(self, connection: BlockingConnection | None) -> None:
-        """A new connection (or none): a new channel, opened when first needed."""
-        self._connection, self._channel = connection, None
-        self._broken = connection is None or not self._config.rabbitmq_dead_lettering
-
-    def put(self, body: bytes, *, reason: str, detail: str) -> bool:
-        """True once the broker confirmed the copy: the original may be acked."""
-        if self._broken or self._connection is None:
-            return False
-        headers = {
-            REASON: reason,
-            DETAIL: detail[:_DETAIL_MAX],
-            AT: datetime.now(UTC).isoformat(timespec="milliseconds"),
-            BY: self._by,
-            QUEUE: self._config.rabbitmq_queue,
-        }
-        properties = pika.BasicProperties(delivery_mode=2, content_type="application/json", headers=headers)
-        try:
-            if self._channel is None or not self._channel.is_open:
-                self._channel = self._connection.channel()
-                self._channel.confirm_delivery()
-            self._channel.basic_publish(
-                self._config.dead_letter_exchange, self._config.rabbitmq_queue, body, properties, mandatory=True
-            )
-            return True
-        except (
-            pika.exceptions.UnroutableError,
-            pika.exceptions.NackError,
-            pika.exceptions.ChannelClosedByBroker,
-        ) as exc:
-            # Not worth trying for every message: until the next connection, reject as before.
-            self._broken = True
-            logger.warning(
-                "cannot dead-letter to exchange %s (%s): refused messages are rejected without their reason",
-                self._config.dead_letter_exchange,
-                exc,
-            )
-            return False
 
 
 # -- the command ----------------------------------------------------------------------------------

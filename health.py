@@ -52,15 +52,27 @@ class Health:
         self._turned_at = time.monotonic()
         self._next_watchdog = 0.0
         self._hold: Callable[[], str | None] = lambda: None
-        # The last time not receiving was deliberate (a hold, PostgreSQL failing, stopping): a
-        # stall is counted from the latest of this and the consumer's last delivery.
+        # The last time not receiving was deliberate (a hold, PostgreSQL failing, stopping, a broker
+        # alarm blocking the dead-letter copies): a stall is counted from the latest of this and the
+        # consumer's last delivery.
         self._excused_at = time.monotonic()
+        self._blocked: Callable[[], str | None] = lambda: None
 
-    def watch(self, *, consumer: _Consumer, pipeline: _Pipeline, hold: Callable[[], str | None] | None = None) -> None:
-        """`hold`: why the consumer is told not to consume (ReplicationWatch.hold_reason), or None."""
+    def watch(
+        self,
+        *,
+        consumer: _Consumer,
+        pipeline: _Pipeline,
+        hold: Callable[[], str | None] | None = None,
+        blocked: Callable[[], str | None] | None = None,
+    ) -> None:
+        """`hold`: why the consumer is told not to consume (ReplicationWatch.hold_reason), or None.
+        `blocked`: why RabbitMQ blocks the dead-letter publisher (DeadLetterPublisher.blocked), or None."""
         self._consumer, self._pipeline = consumer, pipeline
         if hold is not None:
             self._hold = hold
+        if blocked is not None:
+            self._blocked = blocked
 
     def turned(self) -> None:
         """Called on every turn of the connection loop: records it, and pings systemd while alive."""
@@ -85,8 +97,9 @@ class Health:
         Not alive when the connection loop stopped turning, when a batch may have
         been left unsettled, when messages wait in the queue and none has been received
         for STALL_TIMEOUT_SECONDS (unless held back on purpose), or when a vote has been
-        held unacked for longer than STALL_TIMEOUT_SECONDS while PostgreSQL answers. While PostgreSQL is down,
-        votes wait by design and a restart would not help.
+        held unacked for longer than STALL_TIMEOUT_SECONDS while PostgreSQL answers. While
+        PostgreSQL is down, or while a broker alarm blocks the dead-letter copies, votes wait
+        by design and a restart would not help.
         """
         pipeline = self._pipeline
         if pipeline is None:
@@ -100,7 +113,9 @@ class Health:
         if stalled is not None:
             return False, stalled
         age = pipeline.oldest_unacked_age()
-        if age > self._stall_timeout_s and pipeline.database_error is None:
+        # While a broker alarm blocks the dead-letter copies, acks wait by design, as during a
+        # database outage: a restart would be blocked the same way (readiness says why).
+        if age > self._stall_timeout_s and pipeline.database_error is None and self._blocked() is None:
             return False, (
                 f"the oldest vote held has waited {age:.0f}s for its ack "
                 f"(STALL_TIMEOUT_SECONDS={self._stall_timeout_s:g}) while PostgreSQL answers"
@@ -131,7 +146,9 @@ class Health:
         consumer, pipeline = self._consumer, self._pipeline
         if consumer is None or pipeline is None:
             return True
-        if consumer.stopping or pipeline.database_failing or self._hold() is not None:
+        # A broker alarm blocking the dead-letter copies holds their batches' acks, so the prefetch
+        # window fills and nothing more arrives: waiting, by design, as during an outage.
+        if consumer.stopping or pipeline.database_failing or self._hold() is not None or self._blocked() is not None:
             self._excused_at = now
             return True
         return False
@@ -150,6 +167,9 @@ class Health:
             return False, "not consuming from RabbitMQ"
         if pipeline.database_error is not None:
             return False, f"PostgreSQL is failing: {pipeline.database_error}"
+        blocked = self._blocked()
+        if blocked is not None:
+            return False, f"{blocked}: refused messages cannot be dead-lettered, acks wait"
         alive, reason = self.liveness()
         return (True, "ready") if alive else (False, reason)
 

@@ -151,7 +151,12 @@ class Metrics:
 
     def _define_health_metrics(self, r: CollectorRegistry) -> None:
         """Whether the service is counting: buffer, stalls, flushes, connections."""
-        self.buffer_depth = Gauge("vote_buffer_depth", "Valid votes received and not yet written", registry=r)
+        self.buffer_depth = Gauge(
+            "vote_buffer_depth",
+            "Messages received and not yet in a batch: votes, and refused messages on their way to the dead-letter "
+            "queue",
+            registry=r,
+        )
         self.oldest_unacked_age = Gauge(
             "oldest_unacked_delivery_age_seconds",
             "Age of the oldest vote the service holds without having acked it (buffered or being written)",
@@ -166,6 +171,12 @@ class Metrics:
         self.database_retries = Counter("database_retries", "Failed batch-write attempts that were retried", registry=r)
         self.rabbitmq_connected = Gauge(
             "rabbitmq_connected", "1 while the service is consuming from RabbitMQ", registry=r
+        )
+        self.dead_letter_publishing_blocked = Gauge(
+            "dead_letter_publishing_blocked",
+            "1 while RabbitMQ blocks the connection that copies refused messages to the dead-letter exchange "
+            "(a memory or disk alarm): their acks, and those of the votes behind them, wait",
+            registry=r,
         )
 
     def _define_ha_metrics(self, r: CollectorRegistry) -> None:
@@ -304,9 +315,9 @@ class Metrics:
             self.unknown_fields.labels(name).inc()
         return first_seen
 
-    def record_rejected(self, reason: str) -> None:
-        self.aggregation_errors.labels(reason).inc()
-        self.votes_rejected.labels(reason).inc()
+    def record_rejected(self, reason: str, count: int = 1) -> None:
+        self.aggregation_errors.labels(reason).inc(count)
+        self.votes_rejected.labels(reason).inc(count)
 
     def serve(
         self,

@@ -14,8 +14,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
@@ -35,12 +36,14 @@ _FAILING_CHECK_S = 1.0
 
 @dataclass(slots=True)
 class Delivery:
-    """A valid vote waiting for its batch, and how to settle it: its tag on channel `session`.
+    """A message waiting for its batch, and how to settle it: its tag on channel `session`.
 
-    `body` is kept for the dead-letter queue; `refusal` is (reason, detail) once the vote is refused.
+    `body` is kept for the dead-letter queue; `refusal` is (reason, detail) once the message is
+    refused. A message refused on arrival (invalid) has no vote: it travels with the votes all the
+    same, so that it is settled in delivery order, after its copy is in the dead-letter queue.
     """
 
-    vote: Vote
+    vote: Vote | None
     tag: int
     session: int
     received_at: float
@@ -56,7 +59,8 @@ class Batch:
     deliveries: list[Delivery]
 
 
-# (committed, rejected) deliveries of one batch, called in batch order.
+# (acked, rejected) deliveries of one batch, called in batch order: acked are the committed votes and
+# the refused messages whose copy the dead-letter queue confirmed; rejected have no copy.
 Settle = Callable[[list[Delivery], list[Delivery]], None]
 
 
@@ -66,6 +70,12 @@ class SystematicFailure(Exception):
     Raised out of isolation so that the batch in hand stays unsettled (RabbitMQ keeps
     its votes) instead of being dead-lettered vote by vote.
     """
+
+
+class DeadLetters(Protocol):
+    """Where refused messages are copied (deadletter_publisher.DeadLetterPublisher)."""
+
+    def put(self, refused: Sequence[tuple[bytes, str, str]], *, then: Callable[[bool], None]) -> None: ...
 
 
 class Buffer:
@@ -209,8 +219,12 @@ class Pipeline:
         summary: Summary,
         settle: Settle,
         on_fatal: Callable[[str], None],
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self._config = config
+        self._dead_letters = dead_letters
+        self._copying_lock = threading.Lock()
+        self._copying = 0  # batches whose dead-letter copies are not confirmed yet
         self._db = database
         self._metrics = metrics
         self._summary = summary
@@ -280,8 +294,10 @@ class Pipeline:
 
     @property
     def writing(self) -> bool:
-        """A flush worker is still running."""
-        return any(worker.is_alive() for worker in self._workers)
+        """A flush worker is still running, or a batch waits for its dead-letter copies."""
+        with self._copying_lock:
+            copying = self._copying
+        return copying > 0 or any(worker.is_alive() for worker in self._workers)
 
     # -- flush workers ------------------------------------------------------------
 
@@ -336,8 +352,10 @@ class Pipeline:
             before_sleep=self._before_retry,
             reraise=True,
         )
+        votes = [d for d in batch.deliveries if d.refusal is None]
+        refused = [d for d in batch.deliveries if d.refusal is not None]  # invalid on arrival
         try:
-            committed, rejected = retrying(self._write_isolating, batch.deliveries)
+            committed, rejected = retrying(self._write_isolating, votes) if votes else ([], [])
         except db.DatabaseError:
             return  # abandoned at shutdown: unsettled, so RabbitMQ redelivers it and every later batch
         except SystematicFailure as exc:
@@ -348,17 +366,25 @@ class Pipeline:
         except db.IntegrityFailure as exc:
             self._integrity_failed(batch, exc)
             return
+        refused += rejected
+        if refused:
+            self._dead_letter(batch, committed, refused)
+        else:
+            self._sequencer.done(batch, committed, [])
         duration = time.monotonic() - started
-        self._sequencer.done(batch, committed, rejected)
+        self._summary.batch_settled(len(committed))
+        if not votes:
+            # Only refused messages: nothing was written, so this says nothing about PostgreSQL
+            # (database_up, /readyz, the stall rule) nor about flushing.
+            return
         self._database_ok()
         self._metrics.batch_processing_duration.set(duration)
         self._metrics.batch_duration.observe(duration)
         self._metrics.last_flush.set_to_current_time()
-        self._summary.batch_settled(len(committed))
         logger.debug(
             "batch %d of %d votes committed in %.3fs",
             batch.seq,
-            len(batch.deliveries),
+            len(votes),
             duration,
             extra={"batch_size": len(batch.deliveries), "duration_s": round(duration, 4), "rejected": len(rejected)},
         )
@@ -380,6 +406,37 @@ class Pipeline:
             len(batch.deliveries),
         )
         self._fail(f"integrity failure: {exc}")
+
+    def _dead_letter(self, batch: Batch, committed: list[Delivery], refused: list[Delivery]) -> None:
+        """Copy a batch's refused messages to the dead-letter queue, all at once, and settle the batch then.
+
+        The flush worker goes on with the next batch meanwhile: copies of several batches are in
+        flight together, and the sequencer still settles them in order. A batch whose copies are
+        never confirmed (a shutdown first) is never settled: RabbitMQ redelivers it and every later one.
+        """
+        if self._dead_letters is None:
+            self._sequencer.done(batch, committed, refused)
+            return
+
+        def copied(ok: bool) -> None:
+            with self._copying_lock:
+                self._copying -= 1
+            if ok:
+                # The copies are confirmed: the batch's multiple-ack may cover the originals.
+                self._sequencer.done(batch, committed + refused, [])
+            else:
+                # No copy can be made: rejected without requeue, as RabbitMQ's own dead-lettering takes them.
+                self._sequencer.done(batch, committed, refused)
+
+        with self._copying_lock:
+            self._copying += 1
+        try:
+            self._dead_letters.put([(d.body, *(d.refusal or ("unexpected", ""))) for d in refused], then=copied)
+        except Exception:
+            # Never called back: the batch stays unsettled, which the flush worker reports (exit 1).
+            with self._copying_lock:
+                self._copying -= 1
+            raise
 
     def _sleep(self, seconds: float) -> None:
         """Wait before a retry; cut short by a spent shutdown budget, or by PostgreSQL answering again.
@@ -455,7 +512,7 @@ class Pipeline:
         if self._systematic.is_set():
             raise SystematicFailure("another flush worker found a systematic failure")
         try:
-            outcome = self._db.write_batch([d.vote for d in batch])
+            outcome = self._db.write_batch([d.vote for d in batch if d.vote is not None])
         except db.DatabaseRejected as exc:
             refused = exc
         except db.NotReplicated as exc:
@@ -531,7 +588,7 @@ class Pipeline:
         )
 
     def _reject(self, delivery: Delivery, exc: Exception | None, *, unexpected: bool) -> None:
-        vote, tag = delivery.vote.vote_hash, delivery.tag
+        vote, tag = delivery.vote.vote_hash if delivery.vote else "?", delivery.tag
         # The first line only: PostgreSQL's DETAIL line may quote the row, citizen id included.
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         delivery.refusal = ("unexpected" if unexpected else "database_rejected", f"{type(exc).__name__}: {first_line}")
