@@ -21,7 +21,9 @@ RUN pip install --no-cache-dir -r requirements.txt
 # carries both scripts an administrator applies for its version, e.g.
 #   docker run --rm --entrypoint cat vote-aggregator service_role.sql | psql -U postgres -d election_votes
 # (tests/test_deploy.py checks the list).
-COPY aggregator.py amqp.py commands.py config.py consumer.py db.py dbconnect.py dberrors.py deadletters.py exits.py health.py httpauth.py logsetup.py metrics.py pipeline.py results.py summary.py systemd.py verify.py votes.py init_db.sql service_role.sql pyproject.toml ./
+COPY aggregator.py amqp.py commands.py config.py consumer.py db.py dbconnect.py dberrors.py deadletters.py exits.py health.py httpauth.py logsetup.py metrics.py pipeline.py results.py schema.py summary.py systemd.py verify.py votes.py init_db.sql service_role.sql pyproject.toml ./
+# The migrations --init-db applies before init_db.sql (schema.py).
+COPY migrations/ migrations/
 # Compiled once here, as root: the service's user cannot write to /app.
 RUN python -m compileall -q /app \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin aggregator
