@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System tools the test suite runs for real: promtool and prometheus (Debian's prometheus package),
-# and systemd-analyze (Debian's systemd package).
+# systemd-analyze (Debian's systemd package), prometheus-alertmanager and amtool (Debian's
+# prometheus-alertmanager package).
 #
 # As root, what is missing is installed with apt-get. As anyone else, nothing system-wide is
 # touched: `apt-get download` fetches the same packages (no root needed) and `dpkg-deb -x` unpacks
@@ -14,6 +15,7 @@ export PATH="$tools_dir/bin:$PATH"
 missing=()
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v prometheus-alertmanager >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 log=$(mktemp)
@@ -53,7 +55,7 @@ if [ "$(id -u)" -ne 0 ]; then
     run dpkg-deb -x "$deb" "$root"
   done
   root=$(cd "$root" && pwd)
-  for tool in promtool prometheus; do
+  for tool in promtool prometheus prometheus-alertmanager amtool; do
     [ -x "$root/usr/bin/$tool" ] && ln -sf "$root/usr/bin/$tool" "$tools_dir/bin/$tool"
   done
   if [ -x "$root/usr/bin/systemd-analyze" ]; then
@@ -64,7 +66,7 @@ if [ "$(id -u)" -ne 0 ]; then
     chmod 755 "$tools_dir/bin/systemd-analyze"
   fi
 else
-  # The package's own daemon is not wanted (the tests start their own Prometheus on a free port):
+  # The packages' own daemons are not wanted (the tests start their own Prometheus on a free port):
   # policy-rc.d answering 101 stops invoke-rc.d and deb-systemd-invoke from starting it, so nothing
   # has to be stopped afterwards. An existing policy is left as it is.
   if [ ! -e "$policy" ]; then
@@ -78,7 +80,7 @@ else
 fi
 
 still=()
-for tool in promtool prometheus systemd-analyze; do
+for tool in promtool prometheus systemd-analyze prometheus-alertmanager amtool; do
   "$tool" --version >/dev/null 2>&1 || still+=("$tool")
 done
 if [ ${#still[@]} -ne 0 ]; then

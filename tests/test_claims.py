@@ -151,7 +151,7 @@ def test_make_test_tools_installs_them_for_a_developer_who_is_not_root() -> None
 
 
 def _install_as_developer(tmp_path: Path) -> None:
-    tools = ("promtool", "prometheus", "systemd-analyze")
+    tools = ("promtool", "prometheus", "systemd-analyze", "prometheus-alertmanager", "amtool")
     path = _path_without(tmp_path, *tools)
     tmp_path.chmod(0o755)
     shutil.chown(tmp_path, user="nobody")
