@@ -1,5 +1,6 @@
 """Alerts reach someone: Prometheus sends them to the compose stack's Alertmanager, whose route
-takes every severity to the on-call receiver (deploy/alertmanager/alertmanager.yml).
+takes every severity to the on-call receiver (deploy/alertmanager/alertmanager.yml). And the
+dashboard tells a deliberate hold from a disconnection.
 
 The route is checked by a real Alertmanager (Debian's prometheus-alertmanager, installed by
 `make test-tools`): the committed configuration, its webhook pointed at a receiver in this test, is
@@ -14,15 +15,16 @@ import shutil
 import subprocess
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 from ruamel.yaml import YAML
 
-from tests.support import ROOT, wait_for
+from tests.support import ROOT, Service, wait_for
 from tests.test_deploy import COMPOSE, _bind_mounts, pinned
+from tests.test_monitoring import JOB, Prometheus, dashboard_panels
 from tools.ports import free_port
 
 ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
@@ -148,3 +150,69 @@ def test_a_critical_alert_reaches_the_on_call_receiver_with_its_runbook(receiver
     finally:
         process.terminate()
         process.wait(30)
+
+
+# -- the dashboard during a deliberate hold ---------------------------------------------------------
+
+
+def _panel(title: str) -> dict[str, Any]:
+    (panel,) = [p for p in dashboard_panels() if p["title"] == title]
+    return panel
+
+
+def _shown(panel: dict[str, Any], value: float) -> str:
+    """The text a stat panel's value mappings give `value`."""
+    for mapping in panel["fieldConfig"]["defaults"]["mappings"]:
+        found = mapping["options"].get(f"{value:g}")
+        if found:
+            return str(found["text"])
+    return f"{value:g}"
+
+
+@pytest.fixture
+def scraping(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
+    """A real Prometheus scraping the service's metrics port every second, as the stack's job."""
+    started: list[Prometheus] = []
+
+    def start(metrics_port: int) -> Prometheus:
+        config = {
+            "global": {"scrape_interval": "1s"},
+            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
+        }
+        started.append(Prometheus.launch(config, tmp_path, "prometheus"))
+        return started[-1]
+
+    yield start
+    for prometheus in started:
+        prometheus.stop()
+
+
+def test_a_hold_for_the_synchronous_standby_shows_as_held_not_disconnected(
+    make_service: Callable[..., Service], scraping: Callable[[int], Prometheus]
+) -> None:
+    # The shared server has no standby: with POSTGRES_REQUIRE_SYNC_STANDBY the service holds.
+    svc = make_service({"POSTGRES_REQUIRE_SYNC_STANDBY": "true", "RESULTS_EMBARGO": "true"})
+    svc.start(wait_consuming=False)
+    def held() -> bool:
+        try:
+            return svc.metric("vote_consumption_held") == 1
+        except OSError:  # not serving yet
+            return False
+
+    wait_for(held, timeout=30, what="the service to hold")
+    prometheus = scraping(svc.metrics_port)
+
+    def value(title: str, ref: str = "A") -> float:
+        (target,) = [t for t in _panel(title)["targets"] if t["refId"] == ref]
+        expr = target["expr"].replace("$instance", ".*")
+        wait_for(lambda: prometheus.query(expr), timeout=30, what=f"{title}: {expr} to return data")
+        return prometheus.value(expr)
+
+    rabbitmq = _panel("RabbitMQ")
+    assert _shown(rabbitmq, value("RabbitMQ")) == "HELD"
+    assert _shown(rabbitmq, 0) == "DISCONNECTED"  # what the same panel says of a lost connection
+    assert value("Synchronous-standby hold", "A") == 1
+    assert value("Synchronous-standby hold", "B") == 0
+    assert value("Oldest unacked vote") == 0  # held in RabbitMQ, not by the service
+    assert _shown(_panel("Results embargo"), value("Results embargo")) == "EMBARGOED"
+    assert svc.stop() == 0
