@@ -56,9 +56,16 @@ class SchemaState:
 
     version: int
     oldest_code: int
+    # False when this session's role may not read schema_version (its grant predates the table).
+    readable: bool = True
 
     def problem(self, code: int = SCHEMA_VERSION) -> str | None:
         """Why code written for schema `code` must not count on this database, or None."""
+        if not self.readable:
+            return (
+                "this role may not read schema_version: apply init_db.sql and service_role.sql again as an "
+                "administrator (docs/security.md#least-privilege)"
+            )
         if self.version == 0:
             return f"no schema: {HOW_TO_MIGRATE}"
         if self.version < code:
@@ -82,10 +89,16 @@ class SchemaState:
 
 def read_state(cur: Any) -> SchemaState:
     """The schema's version, read on a psycopg2 cursor (any role that may read schema_version)."""
-    cur.execute("SELECT to_regclass('schema_version') IS NOT NULL, to_regclass('vote_results') IS NOT NULL")
-    versioned, tables = cur.fetchone()
+    cur.execute(
+        "SELECT to_regclass('schema_version') IS NOT NULL, to_regclass('vote_results') IS NOT NULL, "
+        "CASE WHEN to_regclass('schema_version') IS NULL THEN true "
+        "ELSE has_table_privilege('schema_version', 'SELECT') END"
+    )
+    versioned, tables, readable = cur.fetchone()
     if not versioned:
         return SchemaState(UNVERSIONED, UNVERSIONED) if tables else SchemaState(0, 0)
+    if not readable:
+        return SchemaState(0, 0, readable=False)
     cur.execute("SELECT version, oldest_code FROM schema_version ORDER BY version DESC LIMIT 1")
     row = cur.fetchone()
     # The table made, and the statement recording its version not reached (psql without ON_ERROR_STOP).

@@ -21,6 +21,7 @@ import db
 import exits
 import schema
 from config import Config
+from tests.roles import ServiceRole
 from tests.support import (
     POSTGRES_HOST,
     POSTGRES_PORT,
@@ -296,3 +297,16 @@ def test_a_rolling_upgrade_of_three_instances_counts_every_vote_once(
     assert_all_counted_once(dbname, queue, published)
     checked = run_cli("verify", env=service_env(dbname=dbname))
     assert checked.returncode == exits.OK, checked.stdout + checked.stderr
+
+
+def test_a_role_that_may_not_read_the_version_is_told_to_reapply_the_grants(
+    dbname: str, queue: str, tmp_path: Path, services: list[Service], svc_role: ServiceRole
+) -> None:
+    # A grant from before schema_version: the role has everything else.
+    query(dbname, f"REVOKE SELECT ON schema_version FROM {svc_role.name}")
+    svc = Service(queue=queue, dbname=dbname, log_path=tmp_path / "service.log", env=svc_role.env())
+    services.append(svc)
+    svc.start(wait_consuming=False)
+    assert svc.proc is not None
+    assert svc.proc.wait(30) == exits.CONFIG
+    assert "this role may not read schema_version: apply init_db.sql and service_role.sql again" in svc.logs()
