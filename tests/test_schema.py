@@ -2,8 +2,10 @@
 the start-up check, and a rolling upgrade of three instances with the previous release and this one
 counting side by side on the migrated schema (docs/operations.md#upgrading).
 
-The previous release is this repository's code from before schema versions, taken from git history
-(`git archive` of the parent of the commit that added schema.py) into a temporary directory.
+The previous release is this repository's code from before the current schema version, taken from
+git history (`git archive` of the parent of the commit that last changed SCHEMA_VERSION: today the one
+that added schema.py, so the code from before versions) into a temporary directory. The other tests
+make the older schema from this init_db.sql, its version's row taken out, and need no history.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,18 +45,28 @@ from tests.support import (
 )
 
 
-def _previous_release(into: Path) -> Path:
-    """The code from before schema versions, unpacked under `into`; skipped (saying why) without history."""
+@dataclass(frozen=True)
+class Release:
+    checkout: Path
+    schema_version: int  # the SCHEMA_VERSION its code was written for (1: before versions)
+
+
+def _previous_release(into: Path) -> Release:
+    """The code of the release before this schema version, unpacked under `into`: the parent of the
+    commit that last changed SCHEMA_VERSION (of the one that added schema.py, while version is 2).
+    Skipped, saying why, where the clone has no such history."""
 
     def git(*args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, timeout=60)
 
-    listed = git("rev-list", "HEAD", "--", "schema.py")
+    listed = git("log", "--format=%H", "-G", r"^SCHEMA_VERSION = ", "--", "schema.py")
     if listed.returncode != 0:
         pytest.skip(f"NOT RUN: no git history here to take the previous release from: {listed.stderr.decode().strip()}")
-    introduced = listed.stdout.decode().split()
-    # Before schema.py is committed, HEAD is the previous release.
-    commit = f"{introduced[-1]}^" if introduced else "HEAD"
+    changes = listed.stdout.decode().split()
+    committed = git("show", "HEAD:schema.py")
+    current = f"SCHEMA_VERSION = {schema.SCHEMA_VERSION}\n"
+    # SCHEMA_VERSION raised and not yet committed: HEAD is the previous release.
+    commit = "HEAD" if not changes or current not in committed.stdout.decode() else f"{changes[0]}^"
     archive = git("archive", "--format=tar", commit)
     if archive.returncode != 0:
         pytest.skip(
@@ -66,12 +79,15 @@ def _previous_release(into: Path) -> Path:
     tar_path.write_bytes(archive.stdout)
     with tarfile.open(tar_path) as tar:
         tar.extractall(target, filter="data")
-    assert not (target / "schema.py").exists(), f"{commit} already has schema versions"
-    return target
+    old_schema = target / "schema.py"
+    found = re.search(r"^SCHEMA_VERSION = (\d+)$", old_schema.read_text(), re.M) if old_schema.exists() else None
+    release = Release(target, int(found.group(1)) if found else schema.UNVERSIONED)
+    assert release.schema_version < schema.SCHEMA_VERSION, f"{commit} has schema version {release.schema_version}"
+    return release
 
 
 @pytest.fixture(scope="module")
-def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Release:
     return _previous_release(tmp_path_factory.mktemp("releases"))
 
 
@@ -138,38 +154,40 @@ def test_migration_files_are_named_and_ordered(tmp_path: Path) -> None:
 # -- migrations ------------------------------------------------------------------------------------
 
 
-def _unversioned(dbname: str, previous: Path) -> None:
-    """The schema as the previous release made it: version 1."""
-    done = _init_db(dbname, previous)
-    assert done.returncode == 0, done.stderr
-    assert query(dbname, "SELECT to_regclass('schema_version') IS NULL") == [(True,)]
+def _one_version_back(dbname: str) -> int:
+    """The schema as it was one version ago, as far as versions go: this init_db.sql applied, its own
+    version's row taken out. Returns that older version."""
+    assert _init_db(dbname).returncode == 0
+    query(dbname, "DELETE FROM schema_version WHERE version = %s", (schema.SCHEMA_VERSION,))
+    return schema.SCHEMA_VERSION - 1
 
 
-def test_migrations_above_the_version_run_in_one_transaction_before_init_db_sql(
-    dbname: str, previous_release: Path, tmp_path: Path
-) -> None:
-    _unversioned(dbname, previous_release)
+def test_migrations_above_the_version_run_in_one_transaction_before_init_db_sql(dbname: str, tmp_path: Path) -> None:
+    older = _one_version_back(dbname)
     steps = tmp_path / "migrations"
     steps.mkdir()
     # At or below the database's version: never run again.
-    (steps / "0001_old.sql").write_text("CREATE TABLE must_not_exist (x int);")
-    # Runs before init_db.sql, which has not yet made schema_version.
-    (steps / "0002_probe.sql").write_text(
-        "CREATE TABLE migration_probe AS SELECT to_regclass('schema_version') IS NULL AS before_init_db;"
+    (steps / f"{older:04d}_old.sql").write_text("CREATE TABLE must_not_exist (x int);")
+    # Runs before init_db.sql, which has not yet recorded the new version.
+    (steps / f"{schema.SCHEMA_VERSION:04d}_probe.sql").write_text(
+        "CREATE TABLE migration_probe AS SELECT NOT EXISTS "
+        f"(SELECT FROM schema_version WHERE version = {schema.SCHEMA_VERSION}) AS before_init_db;"
     )
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "0002_broken.sql").write_text("CREATE TABLE half_done (x int); SELECT no_such_column FROM vote_results;")
+    (broken / f"{schema.SCHEMA_VERSION:04d}_broken.sql").write_text(
+        "CREATE TABLE half_done (x int); SELECT no_such_column FROM vote_results;"
+    )
 
     database = _database(dbname)
     try:
         with pytest.raises(db.DatabaseError):
             database.apply_schema(migrations_dir=broken)
-        # Nothing of it stayed: still version 1, no half-made table.
-        assert database.schema_state() == schema.SchemaState(schema.UNVERSIONED, schema.UNVERSIONED)
+        # Nothing of it stayed: still the older version, no half-made table.
+        assert database.schema_state().version == older
         assert query(dbname, "SELECT to_regclass('half_done') IS NULL") == [(True,)]
 
-        assert database.apply_schema(migrations_dir=steps) == (1, ["0002_probe.sql"])
+        assert database.apply_schema(migrations_dir=steps) == (older, [f"{schema.SCHEMA_VERSION:04d}_probe.sql"])
         assert database.schema_state() == schema.SchemaState(schema.SCHEMA_VERSION, schema.OLDEST_CODE)
         assert query(dbname, "SELECT before_init_db FROM migration_probe") == [(True,)]
         assert query(dbname, "SELECT to_regclass('must_not_exist') IS NULL") == [(True,)]
@@ -183,11 +201,11 @@ def test_migrations_above_the_version_run_in_one_transaction_before_init_db_sql(
 
 
 def test_an_older_schema_stops_the_new_code_until_init_db_migrates_it(
-    dbname: str, queue: str, previous_release: Path, tmp_path: Path, services: list[Service]
+    dbname: str, queue: str, tmp_path: Path, services: list[Service]
 ) -> None:
-    _unversioned(dbname, previous_release)
+    older = _one_version_back(dbname)
     said = (
-        f"schema version 1 is older than this code's {schema.SCHEMA_VERSION}: apply the migrations with "
+        f"schema version {older} is older than this code's {schema.SCHEMA_VERSION}: apply the migrations with "
         "`python aggregator.py --init-db` as the schema's owner (docs/operations.md#upgrading)"
     )
     early = Service(queue=queue, dbname=dbname, log_path=tmp_path / "early.log")
@@ -203,7 +221,7 @@ def test_an_older_schema_stops_the_new_code_until_init_db_migrates_it(
 
     migrated = _init_db(dbname)
     assert migrated.returncode == 0, migrated.stderr
-    assert migrated.stdout.strip().endswith(f": version {schema.SCHEMA_VERSION} (was 1)")
+    assert migrated.stdout.strip().endswith(f": version {schema.SCHEMA_VERSION} (was {older})")
     votes = make_votes(200, laws=3)
     later = Service(queue=queue, dbname=dbname, log_path=tmp_path / "later.log")
     services.append(later)
@@ -248,11 +266,17 @@ def _counted(svc: Service) -> float:
 
 
 def test_a_rolling_upgrade_of_three_instances_counts_every_vote_once(
-    dbname: str, queue: str, previous_release: Path, tmp_path: Path, services: list[Service]
+    dbname: str, queue: str, previous_release: Release, tmp_path: Path, services: list[Service]
 ) -> None:
     """docs/operations.md#upgrading, step by step: three instances of the previous release; the
     schema migrated under them; each replaced in turn, old and new counting side by side."""
-    _unversioned(dbname, previous_release)
+    if previous_release.schema_version < schema.OLDEST_CODE:
+        pytest.skip(
+            f"NOT RUN: OLDEST_CODE {schema.OLDEST_CODE} says the previous release (schema version "
+            f"{previous_release.schema_version}) cannot count on this schema: its upgrade stops the old instances first"
+        )
+    made = _init_db(dbname, previous_release.checkout)
+    assert made.returncode == 0, made.stderr
 
     def start(name: str, checkout: Path) -> Service:
         svc = Service(queue=queue, dbname=dbname, log_path=tmp_path / f"{name}.log", checkout=checkout)
@@ -267,12 +291,14 @@ def test_a_rolling_upgrade_of_three_instances_counts_every_vote_once(
         publish(queue, (v.body() for v in votes))
         wait_for(lambda: audit_count(dbname) == len(published), timeout=90, what=f"round {seed} to be counted")
 
-    replicas = [start(f"old-{i}", previous_release) for i in range(3)]
+    replicas = [start(f"old-{i}", previous_release.checkout) for i in range(3)]
     send(600, seed=1)
 
     migrated = _init_db(dbname)
     assert migrated.returncode == 0, migrated.stderr
-    assert migrated.stdout.strip().endswith(f": version {schema.SCHEMA_VERSION} (was 1)")
+    assert migrated.stdout.strip().endswith(
+        f": version {schema.SCHEMA_VERSION} (was {previous_release.schema_version})"
+    )
     # The previous release goes on counting on the migrated schema.
     before = [_counted(r) for r in replicas]
     send(600, seed=2)
