@@ -96,8 +96,12 @@ def test_closing_the_polls_step_by_step(make_service: MakeService, queue_names: 
         assert svc.stop() == exits.OK
 
     # 5. Verify (the integrity issue's seal and verify --heads go here once they exist).
-    verified = run_cli("verify", env=operator)
+    # Every head the instances logged, the last of each chain included (logged at the stop).
+    heads = [h for svc in instances for h in re.findall(r"hash chain head (\S+)", svc.logs())]
+    assert heads
+    verified = run_cli("verify", *(arg for head in heads for arg in ("--head", head)), env=operator)
     assert verified.returncode == exits.OK, verified.stdout + verified.stderr
+    assert "verdict: OK" in verified.stdout
 
     # 6. Export the results: the operator's command reads them under the embargo too.
     exported = run_cli("results", "--format", "csv", env=operator)
