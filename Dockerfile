@@ -17,8 +17,13 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-# Every module aggregator.py imports, and the schema db.py applies (tests/test_deploy.py checks the list).
-COPY aggregator.py amqp.py chain.py commands.py config.py consumer.py db.py dbconnect.py dberrors.py deadletters.py exits.py heads.py health.py httpauth.py logsetup.py metrics.py pipeline.py results.py seal.py summary.py systemd.py verify.py votes.py init_db.sql pyproject.toml ./
+# Every module aggregator.py imports, the schema db.py applies, and service_role.sql: the image
+# carries both scripts an administrator applies for its version, e.g.
+#   docker run --rm --entrypoint cat vote-aggregator service_role.sql | psql -U postgres -d election_votes
+# (tests/test_deploy.py checks the list).
+COPY aggregator.py amqp.py chain.py commands.py config.py consumer.py db.py dbconnect.py dberrors.py deadletter_publisher.py deadletters.py exits.py heads.py health.py httpauth.py logsetup.py metrics.py pipeline.py results.py schema.py seal.py summary.py systemd.py verify.py votes.py init_db.sql service_role.sql pyproject.toml ./
+# The migrations --init-db applies before init_db.sql (schema.py).
+COPY migrations/ migrations/
 # Compiled once here, as root: the service's user cannot write to /app.
 RUN python -m compileall -q /app \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin aggregator \
@@ -37,9 +42,11 @@ STOPSIGNAL SIGTERM
 # /healthz fails (503) when the service has stopped counting: its connection loop stuck, or a vote
 # held unacked past STALL_TIMEOUT_SECONDS while PostgreSQL answers. /readyz would also turn
 # unhealthy during a database outage, which the service rides out by itself.
-# With PROMETHEUS_TLS_CERT_FILE set the port speaks TLS: the probe then uses https without checking
-# the certificate, whose name is not 127.0.0.1 (a local probe reading only ok or not ok).
+# It asks the address the service listens on: PROMETHEUS_BIND_ADDRESS, or loopback when that is every
+# address (0.0.0.0, ::, unset). With PROMETHEUS_TLS_CERT_FILE set the port speaks TLS: the probe then
+# uses https without checking the certificate, whose name is not that address (a local probe reading
+# only ok or not ok).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, ssl, urllib.request; tls = bool(os.environ.get('PROMETHEUS_TLS_CERT_FILE')); context = ssl.create_default_context(); context.check_hostname = False; context.verify_mode = ssl.CERT_NONE; urllib.request.urlopen('%s://127.0.0.1:%s/healthz' % ('https' if tls else 'http', os.environ.get('PROMETHEUS_PORT', '8001')), timeout=2, context=context)"]
+    CMD ["python", "-c", "import os, ssl, urllib.request; env = os.environ.get; tls = bool(env('PROMETHEUS_TLS_CERT_FILE')); bound = env('PROMETHEUS_BIND_ADDRESS', ''); host = {'': '127.0.0.1', '0.0.0.0': '127.0.0.1', '::': '::1'}.get(bound, bound); host = '[%s]' % host if ':' in host else host; context = ssl.create_default_context(); context.check_hostname = False; context.verify_mode = ssl.CERT_NONE; urllib.request.urlopen('%s://%s:%s/healthz' % ('https' if tls else 'http', host, env('PROMETHEUS_PORT', '8001')), timeout=2, context=context)"]
 
 ENTRYPOINT ["python", "aggregator.py"]

@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Where scripts/install_test_tools.sh unpacks the test tools for a developer who is not root.
+TOOLS_DIR ?= $(VENV)/tools
 
 .PHONY: run test test-tools lint check-services init-db bench clean
 
@@ -27,11 +29,11 @@ run: init-db
 
 ## Lint, type-check and run the whole test suite against the local RabbitMQ and PostgreSQL.
 test: $(VENV)/.dev check-services test-tools lint
-	$(PY) -m pytest -n 4 --dist loadfile
+	PATH="$(abspath $(TOOLS_DIR))/bin:$$PATH" $(PY) -m pytest -n 4 --dist loadfile
 
-## System tools the tests run: promtool/prometheus, systemd-analyze.
+## System tools the tests run: promtool/prometheus, systemd-analyze (with apt-get as root, else under TOOLS_DIR).
 test-tools:
-	@scripts/install_test_tools.sh
+	@TOOLS_DIR="$(TOOLS_DIR)" scripts/install_test_tools.sh
 
 ## Throughput, latency and memory against the bare-consumer limit (prints one table; see docs/performance.md).
 ## A shorter run: make bench BENCH_ARGS="--votes 5000 --naive-votes 500 --latency-seconds 2"

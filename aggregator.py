@@ -22,29 +22,37 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-import pika.exceptions
-
-import db
-import deadletters
-import heads
-import httpauth
-import logsetup
-import results
-import seal
-import verify
-from amqp import amqp_parameters, describe_error, refused_by_broker
-from commands import check, init_db
+# config.py and exits.py need only the standard library: --help and --version answer on a fresh
+# clone, before requirements.txt is installed. Everything else waits for main() to say what is missing.
 from config import HELP, SECRET_FILES_HELP, Config, ConfigError, load_config, load_env_file, variables, version
-from consumer import Consumer
-from deadletter_publisher import DeadLetterPublisher
 from exits import CONFIG as EXIT_CONFIG
 from exits import FAILURE as EXIT_FAILURE
 from exits import OK as EXIT_OK
-from health import Health, ReplicationWatch
-from metrics import Metrics
-from pipeline import Pipeline
-from summary import Summary
-from systemd import Notifier
+
+try:
+    import pika.exceptions
+
+    import db
+    import deadletters
+    import heads
+    import httpauth
+    import logsetup
+    import results
+    import seal
+    import verify
+    from amqp import amqp_parameters, describe_error, refused_by_broker
+    from commands import check, init_db
+    from consumer import Consumer
+    from deadletter_publisher import DeadLetterPublisher
+    from health import Health, ReplicationWatch
+    from metrics import Metrics
+    from pipeline import Pipeline
+    from summary import Summary
+    from systemd import Notifier
+except ModuleNotFoundError as exc:
+    _MISSING: ModuleNotFoundError | None = exc
+else:
+    _MISSING = None
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument(
         "--check",
         action="store_true",
-        help="check the configuration, connect to RabbitMQ and PostgreSQL, verify the schema; exit 0 or 1",
+        help="check the configuration, connect to RabbitMQ and PostgreSQL, verify the schema; "
+        f"exit {EXIT_OK} when all is well, {EXIT_FAILURE} on a problem that may pass, "
+        f"{EXIT_CONFIG} on one that retrying cannot fix (a configuration error)",
     )
     mode.add_argument(
         "--init-db", action="store_true", help="create the database if missing, apply init_db.sql, and exit"
@@ -88,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     results_parser.add_argument("--polls-closed", action="store_true", help=_POLLS_CLOSED_HELP)
     verify_parser = commands.add_parser(
         "verify",
-        help="recount vote_audit against vote_results and check the hash chains; exit 0 when all agree, 1 if not",
+        help="recount vote_audit against vote_results and check the hash chains; "
+        f"exit {EXIT_OK} when all agree, {EXIT_FAILURE} if not, {EXIT_CONFIG} on a configuration error",
     )
     verify_parser.add_argument(
         "--head",
@@ -145,6 +156,13 @@ def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if _MISSING is not None:
+        print(
+            f"error: Python module {_MISSING.name} is not installed: run `make run`, or "
+            f"`{sys.executable} -m pip install -r requirements.txt` (README.md#quick-start-local)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
 
     load_env_file()
     try:

@@ -17,6 +17,7 @@ import httpauth
 from amqp import amqp_parameters, describe_error, open_connection, refused_by_broker
 from config import Config
 from health import describe_replication
+from schema import SCHEMA_VERSION
 
 
 def init_db(config: Config) -> int:
@@ -25,10 +26,12 @@ def init_db(config: Config) -> int:
     database = db.Database(config=config)
     database.open()
     try:
-        database.apply_schema()
+        found, applied = database.apply_schema()
     finally:
         database.close()
-    print(f"schema applied to {config.postgres_target_for_logs()}")
+    was = f"was {found}" if found else "a new schema"
+    steps = f"; migrations applied: {', '.join(applied)}" if applied else ""
+    print(f"schema applied to {config.postgres_target_for_logs()}: version {SCHEMA_VERSION} ({was}){steps}")
     return exits.OK
 
 
@@ -112,6 +115,7 @@ def _check_postgres(config: Config) -> list[Problem]:
     try:
         database.open()
         missing = database.missing_schema_objects()
+        version = db.SchemaState(0, 0) if missing else database.schema_state()
         warnings = [] if missing else database.privilege_warnings()
         replication = database.replication_state() if _replicated(config) else None
     except db.DatabaseError as exc:
@@ -125,8 +129,14 @@ def _check_postgres(config: Config) -> list[Problem]:
                 "apply it with: python aggregator.py --init-db"
             )
         ]
+    problem = version.problem()
+    if problem is not None:
+        # As at start-up, where the service exits 2 on it.
+        return [Problem(f"PostgreSQL {config.postgres_target_for_logs()}: {problem}", certain=True)]
     primary = f" (writes go to {database.server})" if len(config.postgres_servers) > 1 else ""
-    print(f"ok: PostgreSQL {config.postgres_target_for_logs()}, schema complete{primary}")
+    print(f"ok: PostgreSQL {config.postgres_target_for_logs()}, schema complete{primary}, version {version.version}")
+    if version.warning() is not None:
+        warnings = [*warnings, str(version.warning())]
     for warning in warnings:
         print(f"warning: {warning}")
     return _check_replication(config, replication)

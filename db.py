@@ -31,6 +31,7 @@ from psycopg2.extras import execute_values
 from psycopg2.pool import ThreadedConnectionPool
 
 import chain as hashchain
+import schema
 from config import Config, node_text
 from dbconnect import (
     PooledConnection,
@@ -50,6 +51,7 @@ from dberrors import (
     TransactionConflict,
     translate,
 )
+from schema import SchemaState
 from votes import Vote
 
 __all__ = [
@@ -65,6 +67,7 @@ __all__ = [
     "NotReplicated",
     "ReplicationState",
     "RetryableError",
+    "SchemaState",
     "TransactionConflict",
     "classify_connect_error",
     "connect_kwargs",
@@ -331,7 +334,7 @@ class Database:
                 (list(SCHEMA_OBJECTS),),
             )
             missing = [row[0] for row in cur.fetchall()]
-            # (integrity, issue 20) A schema from before the service computed the chain: the batch
+            # A schema from before the service computed the chain: the batch
             # statement would fail on every attempt, so it is applied (or asked for) at start.
             cur.execute(
                 "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('vote_chain') "
@@ -341,17 +344,46 @@ class Database:
                 missing.append("vote_chain.digest_format")
             return missing
 
-    def apply_schema(self) -> None:
-        """Apply init_db.sql (idempotent), one instance at a time."""
+    def apply_schema(self, *, migrations_dir: Path = schema.MIGRATIONS_DIR) -> tuple[int, list[str]]:
+        """Bring the schema to schema.SCHEMA_VERSION, one instance at a time: the migrations above the
+        database's version in order, then init_db.sql (idempotent), all in one transaction.
+
+        Returns the version found (0: none) and the migration files applied. A database of a newer
+        version is left alone (DatabaseConfigError): this code's init_db.sql would undo its changes.
+        """
         script = SCHEMA_FILE.read_text(encoding="utf-8")
+        steps = schema.migrations(migrations_dir)
         with self._transaction() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+            found = schema.read_state(cur)
+            if found.version > schema.SCHEMA_VERSION:
+                raise DatabaseConfigError(
+                    f"schema version {found.version} is newer than this code's {schema.SCHEMA_VERSION}: "
+                    "apply the schema with the release that has it (docs/operations.md#upgrading)"
+                )
+            # A database with no schema at all gets init_db.sql alone: it is the whole current schema.
+            applied = [m for m in steps if found.version and found.version < m.version <= schema.SCHEMA_VERSION]
+            for migration in applied:
+                cur.execute(migration.path.read_text(encoding="utf-8"))
             cur.execute(script)
+        return found.version, [m.path.name for m in applied]
+
+    def schema_state(self) -> SchemaState:
+        with self._transaction() as cur:
+            return schema.read_state(cur)
 
     def ensure_schema(self) -> bool:
-        """Apply the schema when any of its objects is missing. True when it was applied."""
+        """Apply the schema when any of its objects is missing, else check its version against this
+        code's (DatabaseConfigError when it must not count on it). True when it was applied."""
         missing = self.missing_schema_objects()
         if not missing:
+            state = self.schema_state()
+            problem = state.problem()
+            if problem is not None:
+                raise DatabaseConfigError(f"PostgreSQL {self._config.postgres_target_for_logs()}: {problem}")
+            warning = state.warning()
+            if warning is not None:
+                logger.warning("%s", warning)
             return False
         logger.info("schema objects missing (%s): applying %s", ", ".join(missing), SCHEMA_FILE.name)
         try:

@@ -3,6 +3,8 @@
 -- Idempotent: safe to apply any number of times, by the service at start-up
 -- (when its tables are missing) or by hand:
 --     psql -U postgres -d election_votes -f init_db.sql
+-- A database of an older schema version needs its migrations first: python aggregator.py --init-db
+-- applies them and this file in one transaction (migrations/README.md).
 --
 -- Invariant kept by the service, in one transaction per batch:
 --     for every law, vote_results = vote_audit grouped by (law_id, choice).
@@ -90,7 +92,7 @@ CREATE TABLE IF NOT EXISTS vote_chain (
 -- Digests do not compress: spare the server the attempt.
 ALTER TABLE vote_chain ALTER COLUMN row_digests SET STORAGE EXTERNAL;
 
--- (integrity, issue 20) How the link's row digests were computed (chain.py): 1 by PostgreSQL,
+-- How the link's row digests were computed (chain.py): 1 by PostgreSQL,
 -- recorded_at included (earlier versions); 2 by the service, from the votes it sent.
 ALTER TABLE vote_chain ADD COLUMN IF NOT EXISTS digest_format smallint NOT NULL DEFAULT 1
     CHECK (digest_format IN (1, 2));
@@ -147,6 +149,18 @@ BEGIN
 END $$;
 
 -- ---------------------------------------------------------------------------
+-- Schema version (docs/operations.md#upgrading; schema.py). One row per version this database was
+-- brought to; the highest is its version. oldest_code: the oldest code (by the schema version it
+-- was written for) that still counts correctly on it, for a rolling upgrade's old instances.
+-- A database with the tables above and no schema_version is version 1.
+CREATE TABLE IF NOT EXISTS schema_version (
+    version     integer     PRIMARY KEY CHECK (version > 0),
+    oldest_code integer     NOT NULL CHECK (oldest_code BETWEEN 1 AND version),
+    applied_at  timestamptz NOT NULL DEFAULT now(),
+    applied_by  name        NOT NULL DEFAULT current_user
+);
+
+-- ---------------------------------------------------------------------------
 -- The service's role (docs/security.md#least-privilege): exactly what the
 -- service does, nothing more. Creating the role is a separate step,
 -- service_role.sql; applying this file again re-grants to it.
@@ -165,8 +179,8 @@ CREATE OR REPLACE FUNCTION vote_aggregator_grant(grantee name) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     -- From nothing, so that a right granted by hand earlier does not linger.
-    EXECUTE format('REVOKE ALL ON vote_results, vote_audit, duplicate_attempts, vote_chain, vote_statistics FROM %I',
-                   grantee);
+    EXECUTE format('REVOKE ALL ON vote_results, vote_audit, duplicate_attempts, vote_chain, vote_statistics, '
+                   'schema_version FROM %I', grantee);
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), grantee);
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', current_schema(), grantee);
     -- INSERT ... ON CONFLICT DO NOTHING RETURNING, and reading stored votes back.
@@ -175,9 +189,11 @@ BEGIN
     EXECUTE format('GRANT SELECT, INSERT ON duplicate_attempts TO %I', grantee);
     -- INSERT ... ON CONFLICT DO UPDATE of the counts; the trigger lets them only grow.
     EXECUTE format('GRANT SELECT, INSERT, UPDATE (oui_count, non_count, updated_at) ON vote_results TO %I', grantee);
-    -- (integrity, issue 20) Not vote_statistics: officials read results under a role of their own.
+    -- Not vote_statistics: officials read results under a role of their own.
     -- No temporary tables: one named pg_class would shadow the catalog in an unpinned search_path.
     EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM %I', current_database(), grantee);
+    -- The start-up check of the schema's version (schema.py).
+    EXECUTE format('GRANT SELECT ON schema_version TO %I', grantee);
     -- The replication state, and nothing more of the server's activity.
     EXECUTE format('GRANT EXECUTE ON FUNCTION vote_replication_standbys() TO %I', grantee);
 END $$;
@@ -193,7 +209,7 @@ BEGIN
 END $$;
 
 -- ---------------------------------------------------------------------------
--- (integrity, issue 20) Hardening (docs/security.md#hardening).
+-- Hardening (docs/security.md#hardening).
 --
 -- Every trigger function and the functions the triggers and grants rely on resolve names in
 -- pg_catalog first and in pg_temp last: a temporary table named pg_class cannot stand in for the
@@ -214,3 +230,8 @@ BEGIN
     END LOOP;
     EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
 END $$;
+
+-- Last, so that the version is recorded only once everything above is in place (psql -v
+-- ON_ERROR_STOP=1 stops before it; --init-db runs migrations and this file in one transaction).
+-- In step with schema.py's SCHEMA_VERSION and OLDEST_CODE (tests/test_schema.py).
+INSERT INTO schema_version (version, oldest_code) VALUES (2, 1) ON CONFLICT (version) DO NOTHING;

@@ -162,6 +162,24 @@ class PgServer:
         (self.data / "pg_hba.conf").write_text("local all all trust\n" + "".join(f"{line}\n" for line in self._hba))
         self._created = True
 
+    def run_as_postgres(self, *args: str, timeout: float = 120) -> None:
+        """One of PostgreSQL's programs (pg_basebackup, ...), by name, as the `postgres` OS user."""
+        _as_postgres(str(PG_BIN / args[0]), *args[1:], timeout=timeout)
+
+    def restore_from(self, backup: Path, *, settings: Mapping[str, str]) -> PgServer:
+        """Make this (not yet created) cluster a copy of a plain-format base backup that recovers
+        with `settings` (restore_command, recovery_target_*) on start; its own port and socket."""
+        assert not self._created, "restore_from() is for a new cluster"
+        os.chmod(self.base, 0o755)
+        shutil.chown(self.base, "postgres", "postgres")
+        _as_postgres("cp", "-a", str(backup), str(self.data))
+        settings = {"port": str(self.port), "unix_socket_directories": f"'{self.base}'", **settings}
+        _as_postgres("touch", str(self.data / "recovery.signal"))
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
+        self._created = True
+        return self
+
     def stop(self, *, mode: str = "fast") -> None:
         _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop", timeout=60)
 

@@ -396,7 +396,17 @@ TEST_BATCH_TIMEOUT_S = "0.2"
 class Service:
     """The service as users run it: `python aggregator.py` with environment variables."""
 
-    def __init__(self, *, queue: str, dbname: str, log_path: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        queue: str,
+        dbname: str,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        checkout: Path = ROOT,
+    ) -> None:
+        # Another checkout's aggregator.py: a previous release, for the rolling-upgrade test.
+        self.checkout = checkout
         self.queue = queue
         self.dbname = dbname
         self.log_path = log_path
@@ -426,7 +436,11 @@ class Service:
     def start(self, *, wait_consuming: bool = True) -> Service:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            aggregator_command(), cwd=outside_checkout(), env=self.env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, str(self.checkout / "aggregator.py")],
+            cwd=outside_checkout(),
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         if wait_consuming:

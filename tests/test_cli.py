@@ -22,6 +22,7 @@ from psycopg2 import sql
 
 import aggregator
 from config import Config, variables
+from schema import SCHEMA_VERSION
 from tests.roles import ServiceRole
 from tests.support import (
     POSTGRES_HOST,
@@ -155,7 +156,7 @@ def test_check_passes_when_everything_is_ready(dbname: str, svc_role: ServiceRol
     assert all(line.startswith("ok: ") for line in lines), lines
     assert f"queue {queue} (0 ready, 0 consumers)" in lines[0]
     as_role = f"postgresql://{svc_role.name}@{POSTGRES_HOST}:{POSTGRES_PORT}/{dbname}"
-    assert lines[1] == f"ok: PostgreSQL {as_role}, schema complete"
+    assert lines[1] == f"ok: PostgreSQL {as_role}, schema complete, version {SCHEMA_VERSION}"
 
 
 def test_check_warns_when_the_service_would_run_as_a_superuser(schema_db: str, queue: str) -> None:
@@ -222,14 +223,16 @@ def test_init_db_creates_the_database_and_can_run_again(new_dbname: str) -> None
     assert first.returncode == 0, first.stderr
     assert first.stdout.splitlines() == [
         f"created database {new_dbname}",
-        f"schema applied to {target(new_dbname)}",
+        f"schema applied to {target(new_dbname)}: version {SCHEMA_VERSION} (a new schema)",
     ]
     assert missing_objects(new_dbname) == []
     query(new_dbname, "INSERT INTO vote_results (law_id, oui_count, non_count) VALUES ('law-x', 3, 4)")
 
     second = run_cli("--init-db", env=env)
     assert second.returncode == 0, second.stderr
-    assert second.stdout.splitlines() == [f"schema applied to {target(new_dbname)}"]
+    assert second.stdout.splitlines() == [
+        f"schema applied to {target(new_dbname)}: version {SCHEMA_VERSION} (was {SCHEMA_VERSION})"
+    ]
     assert missing_objects(new_dbname) == []
     assert query(new_dbname, "SELECT oui_count, non_count FROM vote_results WHERE law_id = 'law-x'") == [(3, 4)]
 

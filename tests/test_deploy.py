@@ -423,15 +423,19 @@ class _Probe(http.server.BaseHTTPRequestHandler):
         """Quiet."""
 
 
-def _run_healthcheck(status_by_path: dict[str, int]) -> tuple[int, list[str]]:
-    """Exit code of the image's HEALTHCHECK command against a server answering `status_by_path`."""
+def _run_healthcheck(
+    status_by_path: dict[str, int], *, listen: str = "127.0.0.1", env: dict[str, str] | None = None
+) -> tuple[int, list[str]]:
+    """Exit code of the image's HEALTHCHECK command against a server on `listen` answering `status_by_path`."""
     _Probe.status_by_path, _Probe.requested = status_by_path, []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Probe)
+    server = http.server.ThreadingHTTPServer((listen, 0), _Probe)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         port = server.server_address[1]
-        result = subprocess.run(_healthcheck_command(), env={"PROMETHEUS_PORT": str(port)}, capture_output=True)
+        result = subprocess.run(
+            _healthcheck_command(), env={"PROMETHEUS_PORT": str(port), **(env or {})}, capture_output=True
+        )
         return result.returncode, list(_Probe.requested)
     finally:
         server.shutdown()
@@ -446,6 +450,21 @@ def test_healthcheck_probes_healthz_on_the_metrics_port() -> None:
     # Nothing listening on PROMETHEUS_PORT: unhealthy.
     unreachable = subprocess.run(_healthcheck_command(), env={"PROMETHEUS_PORT": str(free_port())}, capture_output=True)
     assert unreachable.returncode != 0
+
+
+def test_healthcheck_asks_the_address_the_service_listens_on() -> None:
+    # A service told to listen on one address only does not answer on 127.0.0.1.
+    bound = {"PROMETHEUS_BIND_ADDRESS": "127.0.0.2"}
+    assert _run_healthcheck({"/healthz": 200}, listen="127.0.0.2", env=bound) == (0, ["/healthz"])
+    assert _run_healthcheck({"/healthz": 503}, listen="127.0.0.2", env=bound)[0] != 0
+    # Every address (the default, or said outright): loopback answers.
+    for every in ("0.0.0.0", ""):
+        assert _run_healthcheck({"/healthz": 200}, env={"PROMETHEUS_BIND_ADDRESS": every}) == (0, ["/healthz"])
+
+
+def test_image_carries_the_sql_an_administrator_applies() -> None:
+    # --init-db applies migrations/ before init_db.sql; service_role.sql is applied by hand.
+    assert {"init_db.sql", "service_role.sql", "migrations/"} <= copied_sources(DOCKERFILE.read_text())
 
 
 def test_healthcheck_passes_against_the_running_service(make_service: Callable[..., Service]) -> None:

@@ -20,10 +20,10 @@ from ruamel.yaml import YAML
 from config import load_config, variables
 from tests import pg_replication, pg_servers
 from tests.support import ROOT, wait_for
-from tests.test_deploy import compose_errors, timespan_s
+from tests.test_deploy import _published, compose_errors, pinned, timespan_s
 
 COMPOSE = ROOT / "deploy" / "docker-compose.ha.yml"
-AGGREGATORS = ("aggregator-1", "aggregator-2")
+AGGREGATORS = ("aggregator-1", "aggregator-2", "aggregator-3")
 BROKERS = ("rabbitmq1", "rabbitmq2", "rabbitmq3")
 
 
@@ -97,7 +97,7 @@ def test_three_clustered_broker_nodes_with_one_cookie() -> None:
         assert services[broker]["healthcheck"]["test"]
 
 
-def test_two_aggregators_reach_every_node_and_both_database_servers() -> None:
+def test_three_aggregators_reach_every_node_and_both_database_servers() -> None:
     services = _services()
     for name in AGGREGATORS:
         environment = _environment(name)
@@ -111,17 +111,54 @@ def test_two_aggregators_reach_every_node_and_both_database_servers() -> None:
             services["rabbitmq1"]["environment"]["RABBITMQ_DEFAULT_USER"],
             services["rabbitmq1"]["environment"]["RABBITMQ_DEFAULT_PASS"],
         )
-        primary = services["postgres-primary"]["environment"]
-        assert (config.postgres_user, config.postgres_password, config.postgres_db) == (
-            primary["POSTGRES_USER"],
-            primary["POSTGRES_PASSWORD"],
-            primary["POSTGRES_DB"],
-        )
+        assert config.postgres_db == services["postgres-primary"]["environment"]["POSTGRES_DB"]
         for server in (*BROKERS, "postgres-primary", "postgres-standby"):
             assert services[name]["depends_on"][server] == {"condition": "service_healthy"}
         assert timespan_s(services[name]["stop_grace_period"]) >= config.shutdown_timeout_s + 10
-    ports = [port for name in AGGREGATORS for port in services[name]["ports"]]
-    assert len({port.split(":")[0] for port in ports}) == len(AGGREGATORS), ports
+    ports = [_published(port, {})[1] for name in AGGREGATORS for port in services[name]["ports"]]
+    assert len(set(ports)) == len(AGGREGATORS), ports
+
+
+def test_the_aggregators_log_in_as_the_least_privilege_role() -> None:
+    services = _services()
+    primary = services["postgres-primary"]
+    superuser = primary["environment"]["POSTGRES_USER"]
+    mounts = dict((target, source) for source, target in _bind_mounts(primary))
+    scripts = sorted(t for t in mounts if t.startswith("/docker-entrypoint-initdb.d/"))
+    # The image runs its first-start scripts in name order: the schema, then the role, then its login.
+    assert [mounts[t] for t in scripts if t.endswith(".sql")] == [
+        ROOT / "init_db.sql",
+        ROOT / "service_role.sql",
+        ROOT / "deploy" / "postgres" / "compose-login.sql",
+    ]
+    (login,) = re.findall(r"ALTER ROLE (\w+) LOGIN PASSWORD '([^']*)'", mounts[scripts[-1]].read_text())
+    for name in AGGREGATORS:
+        config = load_config(_environment(name))
+        assert config.postgres_user != superuser, f"{name} logs in as the superuser"
+        assert (config.postgres_user, config.postgres_password) == login
+
+
+def test_ha_compose_pins_every_image_and_publishes_on_loopback() -> None:
+    for name, service in _services().items():
+        if "build" in service:
+            assert ":" in service["image"], name
+            assert not service["image"].endswith(":latest"), name
+        else:
+            assert pinned(service["image"]), f"{name}: {service['image']} is not pinned to a release"
+        for entry in service.get("ports", []):
+            assert _published(entry, {})[0] == "127.0.0.1", f"{name} publishes {entry} beyond this machine"
+            assert _published(entry, {"PUBLISH_ADDRESS": "0.0.0.0"})[0] == "0.0.0.0", f"{name}: {entry}"
+
+
+def test_a_configuration_error_is_not_restarted_forever() -> None:
+    compose_files = {"deploy/docker-compose.ha.yml": _services(), "docker-compose.yml": None}
+    compose_files["docker-compose.yml"] = YAML(typ="safe", pure=True).load(ROOT / "docker-compose.yml")["services"]
+    for path, services in compose_files.items():
+        assert services is not None
+        for name, service in services.items():
+            policy = str(service.get("restart", "no"))
+            # Docker restarts on any non-zero code: only a bounded count stops exit 2 looping.
+            assert policy == "no" or re.fullmatch(r"on-failure:[1-9]\d?", policy), f"{path} {name}: restart {policy}"
 
 
 def test_the_standby_is_the_synchronous_one_the_primary_waits_for() -> None:

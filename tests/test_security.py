@@ -123,7 +123,7 @@ def test_the_service_role_has_what_the_service_needs(dbname: str, svc_role: Serv
     assert results(dbname) == {"law-1": (2, 0)}
 
 
-# -- hardening: the bypasses of issue 20, tried as the service role and as a DBA --------------
+# -- hardening: the bypasses found in review, tried as the service role and as a DBA --------------
 
 # A temporary pg_class that names `role` the owner of vote_results, as the catalog's stand-in.
 _SHADOW_PG_CLASS = (
