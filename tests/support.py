@@ -37,6 +37,8 @@ import pika
 import pika.exceptions
 import psycopg2
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg2 import sql
 
@@ -591,3 +593,21 @@ class NotifyListener:
         self._closed.set()
         self._thread.join(5)
         self._sock.close()
+
+
+def key_files(directory: Path, name: str = "instance") -> tuple[Ed25519PrivateKey, Path]:
+    """An Ed25519 signing key, and the PEM file of its public key (what `verify --keys` takes)."""
+    key = Ed25519PrivateKey.generate()
+    public = directory / f"{name}.pub.pem"
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return key, public
+
+
+def private_key_file(key: Ed25519PrivateKey, path: Path) -> Path:
+    """`key` as the PEM file CHAIN_SIGNING_KEY_FILE names."""
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return path

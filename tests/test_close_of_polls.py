@@ -1,7 +1,9 @@
 """Closing the polls, end to end, with the commands of docs/operations.md#closing-the-polls: two
 embargoed instances count; the publishers stop; the queue is drained on the node; the dead-letter
 queue is handled (what the database refused is replayed once the cause is fixed, invalid messages
-are kept); the instances stop; verify; the results exported; the embargo lifted.
+are kept); the instances stop, each writing its final signed heads; `verify --heads` checks the
+database against them; the count is sealed with the officials' key, and the seal verified; the
+results exported (under the embargo, only with --polls-closed); the embargo lifted.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +26,9 @@ from tests.support import (
     VoteMsg,
     audit_count,
     expected_totals,
+    key_files,
     make_votes,
+    private_key_file,
     publish,
     query,
     run_cli,
@@ -62,13 +67,21 @@ def _rabbitmqctl_unavailable() -> str | None:
 
 
 @pytest.mark.skipif(_rabbitmqctl_unavailable() is not None, reason=str(_rabbitmqctl_unavailable()))
-def test_closing_the_polls_step_by_step(make_service: MakeService, queue_names: list[str], dbname: str) -> None:
+def test_closing_the_polls_step_by_step(
+    make_service: MakeService, queue_names: list[str], dbname: str, tmp_path: Path
+) -> None:
     queue = f"agg.test.{uuid.uuid4().hex[:12]}"
     queue_names.append(queue)  # declared by the service, with its dead-letter queue
-    embargoed = {"RESULTS_EMBARGO": "true"}
+    # The instances' signing key (its public half goes to the observers) and the officials' key.
+    instance_key, instances_public = key_files(tmp_path, "instances")
+    officials_key, officials_public = key_files(tmp_path, "officials")
+    embargoed = {
+        "RESULTS_EMBARGO": "true",
+        "CHAIN_SIGNING_KEY_FILE": str(private_key_file(instance_key, tmp_path / "instances.pem")),
+    }
     instances = [make_service(embargoed, queue_name=queue).start() for _ in range(2)]
-    role_env = {k: v for k, v in instances[0].env.items() if k in ("POSTGRES_USER", "POSTGRES_PASSWORD")}
-    operator = service_env(dbname=dbname, queue=queue, **role_env)
+    # The operator's commands run as an administrator (the service's role may not read results).
+    operator = service_env(dbname=dbname, queue=queue)
 
     # Some votes the database refuses (a constraint added by mistake), and two invalid messages.
     query(dbname, "ALTER TABLE vote_audit ADD CONSTRAINT polls_refused CHECK (citizen_id NOT LIKE 'refused-%')")
@@ -105,16 +118,29 @@ def test_closing_the_polls_step_by_step(make_service: MakeService, queue_names: 
     for svc in instances:
         assert svc.stop() == exits.OK
 
-    # 5. Verify (the integrity issue's seal and verify --heads go here once they exist).
-    # Every head the instances logged, the last of each chain included (logged at the stop).
-    heads = [h for svc in instances for h in re.findall(r"hash chain head (\S+)", svc.logs())]
-    assert heads
-    verified = run_cli("verify", *(arg for head in heads for arg in ("--head", head)), env=operator)
-    assert verified.returncode == exits.OK, verified.stdout + verified.stderr
-    assert "verdict: OK" in verified.stdout
+    # 5. Seal and verify: the database holds exactly what the instances' final signed heads vouch
+    # for; the officials seal the count with their key; the seal verifies.
+    heads_files = [str(svc.heads_path) for svc in instances]
+    checked = run_cli(
+        "verify", *(arg for f in heads_files for arg in ("--heads", f)), "--keys", str(instances_public), env=operator
+    )
+    assert checked.returncode == exits.OK, checked.stdout + checked.stderr
+    assert "verdict: OK" in checked.stdout
+    assert "per-law counts withheld: RESULTS_EMBARGO" in checked.stdout  # the embargo holds here too
+    sealed = tmp_path / "seal.jsonl"
+    officials = {**operator, "CHAIN_SIGNING_KEY_FILE": str(private_key_file(officials_key, tmp_path / "off.pem"))}
+    made = run_cli("seal", "--out", str(sealed), env=officials)
+    assert made.returncode == exits.OK, made.stdout + made.stderr
+    record = json.loads(sealed.read_text().splitlines()[-1])
+    assert record["totals"] == {law: [oui, non] for law, (oui, non) in expected_totals([*good, *refused]).items()}
+    again = run_cli("verify", "--heads", str(sealed), "--keys", str(officials_public), env=operator)
+    assert again.returncode == exits.OK, again.stdout + again.stderr
 
-    # 6. Export the results: the operator's command reads them under the embargo too.
-    exported = run_cli("results", "--format", "csv", env=operator)
+    # 6. Export the results: withheld under the embargo unless the polls are said to be closed.
+    withheld = run_cli("results", "--format", "csv", env=operator)
+    assert withheld.returncode == exits.CONFIG
+    assert withheld.stdout == ""
+    exported = run_cli("results", "--format", "csv", "--polls-closed", env=operator)
     assert exported.returncode == exits.OK, exported.stderr
     rows = list(csv.DictReader(io.StringIO(exported.stdout)))
     assert {r["law_id"]: (int(r["oui"]), int(r["non"])) for r in rows} == expected_totals([*good, *refused])

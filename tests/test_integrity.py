@@ -32,6 +32,8 @@ from tests.support import (
     VoteMsg,
     amqp_connection,
     audit_count,
+    key_files,
+    private_key_file,
     publish,
     query,
     queue_state,
@@ -60,16 +62,6 @@ def store(dbname: str, tmp_path: Path, **env: str) -> Iterator[db.Database]:
         yield database
     finally:
         database.close()
-
-
-def key_files(tmp_path: Path, name: str = "instance") -> tuple[Ed25519PrivateKey, Path]:
-    """A signing key, and the PEM file of its public key (what `--keys` takes)."""
-    key = Ed25519PrivateKey.generate()
-    public = tmp_path / f"{name}.pub.pem"
-    public.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
-    return key, public
 
 
 def record_heads(database: db.Database, tmp_path: Path, key: Ed25519PrivateKey, *, final: bool) -> Path:
@@ -378,12 +370,7 @@ def test_the_seal_vouches_for_the_totals_and_every_final_head(
 ) -> None:
     dbname, _heads_file, _public = election
     officials, officials_public = key_files(tmp_path, "officials")
-    private = tmp_path / "officials.pem"
-    private.write_bytes(
-        officials.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    private = private_key_file(officials, tmp_path / "officials.pem")
     sealed = tmp_path / "seal.jsonl"
     env = service_env(dbname=dbname, queue=queue, CHAIN_SIGNING_KEY_FILE=str(private))
 
