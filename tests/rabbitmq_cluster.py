@@ -74,7 +74,7 @@ def remove_leftovers() -> None:
 class RabbitNode:
     """One node: `start()` boots it detached, `wait_started()` until it serves AMQP."""
 
-    def __init__(self, base: Path, name: str) -> None:
+    def __init__(self, base: Path, name: str, *, config: str = "") -> None:
         self.dir = base / name
         # Node names are unique on this host while they run: the base directory's name is.
         self.node = f"{base.name.replace('-', '_')}_{name}@localhost"
@@ -85,6 +85,8 @@ class RabbitNode:
             f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n"
             # The smallest disk and memory checks: the tests' messages are tiny.
             "disk_free_limit.absolute = 1MB\n"
+            # Lines of the test's own, e.g. a short consumer_timeout.
+            f"{config}"
         )
 
     @property
@@ -180,11 +182,11 @@ class RabbitNode:
 class RabbitNodes:
     """`count` nodes booted in parallel; the first `clustered` of them joined into one cluster."""
 
-    def __init__(self, count: int, *, clustered: int) -> None:
+    def __init__(self, count: int, *, clustered: int, config: str = "") -> None:
         remove_leftovers()
         self.base = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
         os.chmod(self.base, 0o755)
-        self.nodes = [RabbitNode(self.base, f"n{i + 1}") for i in range(count)]
+        self.nodes = [RabbitNode(self.base, f"n{i + 1}", config=config) for i in range(count)]
         self._clustered = clustered
         shutil.chown(self.base, "rabbitmq", "rabbitmq")
         for path in self.base.rglob("*"):
