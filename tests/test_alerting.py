@@ -177,7 +177,14 @@ def scraping(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
     def start(metrics_port: int) -> Prometheus:
         config = {
             "global": {"scrape_interval": "1s"},
-            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
+            "scrape_configs": [
+                {
+                    "job_name": JOB,
+                    "static_configs": [
+                        {"targets": [f"127.0.0.1:{metrics_port}"], "labels": {"app": "vote-aggregator"}}
+                    ],
+                }
+            ],
         }
         started.append(Prometheus.launch(config, tmp_path, "prometheus"))
         return started[-1]

@@ -22,7 +22,7 @@ from ruamel.yaml import YAML
 import config
 from config import load_config
 from tests.proxy import TcpProxy
-from tests.support import POSTGRES_HOST, POSTGRES_PORT, Service, wait_for
+from tests.support import POSTGRES_HOST, POSTGRES_PORT, Service, key_files, private_key_file, wait_for
 from tests.test_deploy import (
     COMPOSE,
     DOCKERFILE,
@@ -85,13 +85,17 @@ def manifest_env() -> dict[str, str]:
 
 
 def manifest_config(tmp_path: Path) -> config.Config:
-    """The configuration the container's environment gives, its secret files stood in for."""
+    """The configuration the container's environment gives, its secret files stood in for (the
+    signing key by a real one: it is read when the configuration is)."""
     env = manifest_env()
     for file_name in config.SECRET_FILES:
         if file_name in env:
             stand_in = tmp_path / Path(env[file_name]).name
             stand_in.write_text("secret\n")
             env[file_name] = str(stand_in)
+    key, _public = key_files(tmp_path, "signing")
+    env["CHAIN_SIGNING_KEY_FILE"] = str(private_key_file(key, tmp_path / "chain-signing-key.pem"))
+    env["CHAIN_HEADS_FILE"] = str(tmp_path / "chain-heads.jsonl")
     return load_config(env)
 
 
@@ -200,16 +204,20 @@ def test_secrets_are_mounted_files(tmp_path: Path) -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     files: dict[str, str] = {}  # path in the container -> key of the Secret
     for mount in container()["volumeMounts"]:
-        assert mount.get("readOnly") is True, mount
         secret = volumes[mount["name"]].get("secret")
-        if secret is not None:
+        if secret is None:
+            # The one writable place: the signed chain heads' file, on a volume of the pod's own.
+            assert "emptyDir" in volumes[mount["name"]], mount
+            assert Path(manifest_env()["CHAIN_HEADS_FILE"]).parent == Path(mount["mountPath"])
+        else:
+            assert mount.get("readOnly") is True, mount
             for item in secret["items"]:
                 files[f"{mount['mountPath']}/{item['path']}"] = item["key"]
             # Readable by the service's group only (fsGroup), not by every user of the node.
             assert secret["defaultMode"] & 0o007 == 0
             assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]
     env = manifest_env()
-    for file_name in config.SECRET_FILES:
+    for file_name in (*config.SECRET_FILES, "CHAIN_SIGNING_KEY_FILE"):
         assert env[file_name] in files, f"{file_name}={env[file_name]} is not a file of a mounted secret"
 
 

@@ -162,6 +162,7 @@ def read_dead_letters(node: RabbitNode, queue: str) -> list[tuple[bytes, dict[st
         connection.close()
 
 
+@pytest.mark.timeout(900)  # several minutes of election day, by design
 def test_an_election_day_of_faults_counts_every_vote_once(
     broker: RabbitNode, database: PgServer, tmp_path: Path
 ) -> None:

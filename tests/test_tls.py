@@ -84,7 +84,10 @@ def test_rabbitmq_over_tls_counts_votes(
 ) -> None:
     svc = make_service(rabbitmq_tls_env(tls_proxy, pki.ca.cert)).start()
     assert f"consuming {queue} on amqp://{RABBITMQ_USER}@localhost:{tls_proxy.port}/" in svc.logs()
-    assert tls_proxy.handshakes == 1
+    # Each connection of the service is a TLS session of its own: the consumer's and the dead-letter
+    # publisher's from the start, the chain heads' once it first publishes; none reconnects.
+    wait_for(lambda: tls_proxy.handshakes >= 2, timeout=10, what="the dead-letter publisher's TLS handshake")
+    assert tls_proxy.handshakes <= 3
     assert tls_proxy.handshake_errors == []
 
     votes = make_votes(300, laws=4, seed=11)
@@ -188,7 +191,8 @@ def test_rabbitmq_client_certificate(make_service: Callable[..., Service], queue
         publish(queue, [v.body() for v in votes])
         wait_for(lambda: audit_count(dbname) == len(votes), timeout=30, what="votes counted with a client certificate")
         assert results(dbname) == expected_totals(votes)
-        assert proxy.handshakes == 1
+        # The consumer's, the dead-letter publisher's and, once it published, the chain heads'.
+        assert 2 <= proxy.handshakes <= 3
         assert svc.stop() == 0
 
 
