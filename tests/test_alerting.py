@@ -4,7 +4,8 @@ dashboard tells a deliberate hold from a disconnection.
 
 The route is checked by a real Alertmanager (Debian's prometheus-alertmanager, installed by
 `make test-tools`): the committed configuration, its webhook pointed at a receiver in this test, is
-sent one of the committed critical alerts, which must arrive with its runbook_url.
+sent one of the committed critical alerts as the compose stack's Prometheus sends it (its external
+labels added, its runbook_url resolved), which must arrive with that link.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ruamel.yaml import YAML
 
 from tests.support import ROOT, Service, wait_for
 from tests.test_deploy import COMPOSE, _bind_mounts, pinned
-from tests.test_monitoring import JOB, Prometheus, dashboard_panels
+from tests.test_monitoring import JOB, PROMETHEUS_CONFIG, Prometheus, dashboard_panels, runbook_url
 from tools.ports import free_port
 
 ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
@@ -120,12 +121,12 @@ def test_a_critical_alert_reaches_the_on_call_receiver_with_its_runbook(receiver
     try:
         (rule,) = [r for r in _rules() if r["alert"] == "VoteAggregatorDown"]
         assert rule["labels"]["severity"] == "critical"
-        alert = [
-            {
-                "labels": {"alertname": rule["alert"], **rule["labels"], "instance": "aggregator:8001"},
-                "annotations": {"summary": "test", "runbook_url": rule["annotations"]["runbook_url"]},
-            }
-        ]
+        # Prometheus adds its external labels to what it sends, and resolves the runbook link with them.
+        external_labels = _yaml(PROMETHEUS_CONFIG)["global"]["external_labels"]
+        link = runbook_url(rule["alert"], external_labels)
+        assert link == f"{external_labels['runbook_base_url']}/monitoring.md#voteaggregatordown"
+        labels = {**external_labels, "alertname": rule["alert"], **rule["labels"], "instance": "aggregator:8001"}
+        alert = [{"labels": labels, "annotations": {"summary": "test", "runbook_url": link}}]
 
         def posted() -> bool:
             request = urllib.request.Request(
@@ -146,7 +147,7 @@ def test_a_critical_alert_reaches_the_on_call_receiver_with_its_runbook(receiver
         assert notification["status"] == "firing"
         (sent,) = notification["alerts"]
         assert sent["labels"]["alertname"] == "VoteAggregatorDown"
-        assert sent["annotations"]["runbook_url"] == rule["annotations"]["runbook_url"]
+        assert sent["annotations"]["runbook_url"] == link
     finally:
         process.terminate()
         process.wait(30)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA_PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
 DASHBOARD = ROOT / "deploy" / "grafana" / "aggregator.json"
 DEPLOYING = ROOT / "docs" / "deploying.md"
+DOCS = ROOT / "docs"
 
 # Where the unit expects the service; the tests point these at this checkout.
 INSTALL_DIR = "/opt/vote-aggregator"
@@ -759,6 +761,55 @@ def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     assert "SUCCESS: 1 rule files found" in result.stdout + result.stderr
     broken = _promtool_check_config(PROMETHEUS_CONFIG.read_text().replace("15s", "15 seconds", 1), tmp_path)
     assert broken.returncode != 0
+
+
+def test_compose_serves_the_runbooks_where_prometheus_links_them(tmp_path: Path) -> None:
+    """The compose Prometheus's runbook_base_url names the docs service (its published port, the
+    path docs/ is mounted at), and the service's own command, run here on what it mounts, answers
+    docs/monitoring.md there (docs/monitoring.md#runbook-links)."""
+    docs = _yaml(COMPOSE)["services"]["docs"]
+    assert pinned(docs["image"]), docs["image"]
+    base = _yaml(PROMETHEUS_CONFIG)["global"]["external_labels"]["runbook_base_url"]
+    url = urllib.parse.urlsplit(base)
+    assert url.scheme == "http", base
+    assert url.hostname == "localhost", base  # the ports are published on this machine only
+    assert url.port, base
+    assert not base.endswith("/"), "the rules add /monitoring.md#..."
+
+    options = dict(a.removeprefix("--").split("=", 1) for a in docs["command"] if a.startswith("--"))
+    published = [_published(entry, {}) for entry in docs["ports"]]
+    assert ("127.0.0.1", str(url.port), options["port"]) in published, published
+    mounts = {target: source for source, target in _bind_mounts(docs)}
+    served = f"{options['directory'].rstrip('/')}{url.path}"
+    assert (ROOT / mounts[served]).resolve() == DOCS, f"{served} is not docs/: {mounts}"
+    assert all(str(v).endswith(":ro") for v in docs["volumes"]), docs["volumes"]
+    script = next(a for a in docs["command"] if a in mounts)
+
+    # The container's file system, as far as the server sees it: the mounts, under tmp_path.
+    for target, source in mounts.items():
+        (tmp_path / target.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / target.lstrip("/")).symlink_to((ROOT / source).resolve())
+    port = free_port()
+    command = [sys.executable, str(tmp_path / script.lstrip("/"))]
+    command += [f"--directory={tmp_path / options['directory'].lstrip('/')}", "--bind=127.0.0.1", f"--port={port}"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        link = f"http://127.0.0.1:{port}{url.path}/monitoring.md#voteaggregatordown"
+
+        def fetched() -> tuple[str, bytes] | None:
+            assert server.poll() is None, f"the docs server exited with {server.returncode}"
+            try:
+                with urllib.request.urlopen(link, timeout=5) as response:
+                    return response.headers["Content-Type"], response.read()
+            except OSError:
+                return None
+
+        content_type, body = wait_for(fetched, timeout=30, what=f"the docs server to answer {link}")
+        assert body == (DOCS / "monitoring.md").read_bytes()
+        assert content_type == "text/plain; charset=utf-8"  # shown by a browser, not downloaded
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def test_prometheus_scrapes_rabbitmqs_queue_metrics() -> None:

@@ -64,6 +64,10 @@ DEAD_LETTER_QUEUE = Config().dead_letter_queue
 SEVERITIES = {"critical", "warning", "info"}
 INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus (Debian's package; .ci/run installs it)"
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+# Every alert's runbook_url: its section of docs/monitoring.md under the Prometheus external label
+# runbook_base_url, or under a host that says the label is missing (docs/monitoring.md#runbook-links).
+RUNBOOK_LABEL = "runbook_base_url"
+RUNBOOK_FALLBACK = "https://runbook-base-url-not-set.invalid/docs"
 # Units of per-second rates and of durations (Grafana's ids); "percentunit" is CPU seconds per second.
 RATE_UNITS = {"ops", "reqps", "cps", "s", "percentunit"}
 
@@ -75,6 +79,16 @@ SUBSTITUTIONS = {
     "$vote_queue": VOTE_QUEUE,
     "$dead_letter_queue": DEAD_LETTER_QUEUE,
 }
+
+
+def runbook_url_template(alert: str) -> str:
+    """The runbook_url annotation every rule of alerts.yml carries, as written there."""
+    return f"{{{{ or $externalLabels.{RUNBOOK_LABEL} `{RUNBOOK_FALLBACK}` }}}}/monitoring.md#{alert.lower()}"
+
+
+def runbook_url(alert: str, external_labels: dict[str, str]) -> str:
+    """The link Prometheus makes of runbook_url_template(alert) under these external labels."""
+    return f"{external_labels.get(RUNBOOK_LABEL) or RUNBOOK_FALLBACK}/monitoring.md#{alert.lower()}"
 
 
 def binary(name: str) -> str:
@@ -163,6 +177,33 @@ def test_alert_rule_unit_tests_pass() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+def test_prometheus_links_the_runbooks_under_its_runbook_base_url(tmp_path: Path) -> None:
+    """A real Prometheus with the compose stack's external labels and nothing to scrape: the
+    absent-target alerts go pending, and their runbook_url is the resolved link (promtool 2.42's
+    rule tests cannot set external labels; they see the fallback)."""
+    external_labels = YAML(typ="safe", pure=True).load(PROMETHEUS_CONFIG)["global"]["external_labels"]
+    assert external_labels[RUNBOOK_LABEL].startswith("http")
+    config = {
+        "global": {"evaluation_interval": "1s", "external_labels": external_labels},
+        "rule_files": [str(ALERTS)],
+    }
+    prometheus = Prometheus.launch(config, tmp_path, "prometheus")
+    try:
+        expected = {"VoteAggregatorAbsent", "VoteQueueMetricsAbsent"}
+
+        def pending() -> list[dict[str, Any]]:
+            alerts = prometheus.api("/api/v1/alerts")["alerts"]
+            return alerts if expected <= {a["labels"]["alertname"] for a in alerts} else []
+
+        alerts = wait_for(pending, timeout=30, what=f"{expected} to go pending")
+        for alert in alerts:
+            name = alert["labels"]["alertname"]
+            assert alert["annotations"]["runbook_url"] == runbook_url(name, external_labels), name
+            assert alert["annotations"]["runbook_url"].startswith(external_labels[RUNBOOK_LABEL] + "/"), name
+    finally:
+        prometheus.stop()
 
 
 def test_every_alert_has_labels_annotations_and_unit_tests() -> None:
