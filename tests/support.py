@@ -197,16 +197,23 @@ def queue_state(queue: str) -> tuple[int, int]:
 
 def drain_queue(queue: str) -> list[bytes]:
     """Take every ready message off a queue (for dead-letter checks)."""
-    bodies: list[bytes] = []
-    conn = amqp_connection()
+    return [body for body, _headers in drain_with_headers(queue)]
+
+
+def drain_with_headers(
+    queue: str, params: pika.ConnectionParameters | None = None
+) -> list[tuple[bytes, dict[str, Any]]]:
+    """Take every ready message off a queue (of the shared broker, or of the node `params` name),
+    with its headers."""
+    conn = pika.BlockingConnection(params or amqp_params())
     try:
-        ch = conn.channel()
+        channel = conn.channel()
+        out: list[tuple[bytes, dict[str, Any]]] = []
         while True:
-            method, _props, body = ch.basic_get(queue, auto_ack=True)
-            if method is None:
-                return bodies
-            assert body is not None
-            bodies.append(body)
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
+            if method is None or properties is None or body is None:
+                return out
+            out.append((body, dict(properties.headers or {})))
     finally:
         conn.close()
 

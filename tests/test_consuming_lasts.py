@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pika
 import pytest
@@ -29,6 +28,7 @@ from tests.support import (
     assert_all_counted_once,
     assert_invariant,
     audit_count,
+    drain_with_headers,
     expected_totals,
     make_votes,
     pg_connect,
@@ -408,7 +408,7 @@ def test_listing_dead_letters_again_and_again_neither_loses_nor_ages_a_message(
         assert shown.returncode == 0, shown.stderr
         assert "x-rejected-reason: invalid_json" in shown.stdout
     # Every message is still there, in its order, its headers as they were (x-death included).
-    kept = drain_queue_with_headers(dead)
+    kept = drain_with_headers(dead)
     assert [body for body, _h in kept] == [valid.body(), *(body for body, _h in refused)]
     assert kept[0][1]["x-death"][0]["reason"] in ("delivery_limit", b"delivery_limit")
     for (_body, headers), (_b, original) in zip(kept[1:], refused, strict=True):
@@ -416,20 +416,6 @@ def test_listing_dead_letters_again_and_again_neither_loses_nor_ages_a_message(
         assert headers.pop("x-delivery-count", 0) == 0  # never returned: not aged by the listings
         assert headers == original
     assert kept[0][1].get("x-delivery-count", 0) == 0
-
-
-def drain_queue_with_headers(queue: str) -> list[tuple[bytes, dict[str, Any]]]:
-    conn = amqp_connection()
-    try:
-        channel = conn.channel()
-        out: list[tuple[bytes, dict[str, Any]]] = []
-        while True:
-            method, properties, body = channel.basic_get(queue, auto_ack=True)
-            if method is None or properties is None or body is None:
-                return out
-            out.append((body, dict(properties.headers or {})))
-    finally:
-        conn.close()
 
 
 def test_an_existing_queue_says_what_happens_there_to_an_over_delivered_message(

@@ -23,14 +23,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pika
 import pytest
 
 from tests import pg_servers, rabbitmq_cluster
 from tests.pg_servers import PgServer
 from tests.rabbitmq_cluster import RabbitNode, RabbitNodes
 from tests.roles import INIT_DB, SERVICE_ROLE
-from tests.support import Service, VoteMsg, expected_totals, make_votes, stop_all, wait_for
+from tests.support import Service, VoteMsg, drain_with_headers, expected_totals, make_votes, stop_all, wait_for
 from tools.publisher import ConfirmedPublisher
 
 pytestmark = [
@@ -148,20 +147,6 @@ def service_connections(node: RabbitNode) -> list[str]:
     return [row.split("\t", 1)[0] for row in rows if '"vote-aggregator' in row]
 
 
-def read_dead_letters(node: RabbitNode, queue: str) -> list[tuple[bytes, dict[str, object]]]:
-    connection = pika.BlockingConnection(node.params())
-    try:
-        channel = connection.channel()
-        letters: list[tuple[bytes, dict[str, object]]] = []
-        while True:
-            method, properties, body = channel.basic_get(queue, auto_ack=True)
-            if method is None or properties is None or body is None:
-                return letters
-            letters.append((body, dict(properties.headers or {})))
-    finally:
-        connection.close()
-
-
 @pytest.mark.timeout(900)  # several minutes of election day, by design
 def test_an_election_day_of_faults_counts_every_vote_once(
     broker: RabbitNode, database: PgServer, tmp_path: Path
@@ -275,7 +260,7 @@ def test_an_election_day_of_faults_counts_every_vote_once(
     assert database.execute("SELECT count(*) FROM duplicate_attempts", dbname=DB) == [(0,)]
     assert broker.queue_state(queue) == (0, 0)
 
-    letters = read_dead_letters(broker, f"{queue}.dead")
+    letters = drain_with_headers(f"{queue}.dead", broker.params())
     copies = [body for body, _headers in letters]
     assert set(copies) == set(invalid), "the dead-letter queue holds exactly the invalid messages"
     assert all(headers.get("x-rejected-reason") for _body, headers in letters)
