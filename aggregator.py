@@ -353,6 +353,9 @@ def _count_votes(
         except Exception:
             logger.exception("could not record the final chain heads")
             code = EXIT_FAILURE
+        # Until here the shutdown guard bounds it all: publishing the final heads may wait on a
+        # broker that does not answer, or blocks publishers during an alarm.
+        consumer.shutdown_done()
     # The last heads in the log too, so that a log kept elsewhere anchors them as well.
     summary.log_heads()
     return code

@@ -104,7 +104,7 @@ class Consumer:
         self._hold = hold or (lambda: None)
         self._nodes = [node_text(host, port) for host, port in config.rabbitmq_nodes]
         self._stop = threading.Event()
-        self._ran = threading.Event()  # run() returned
+        self._ran = threading.Event()  # the shutdown is over (shutdown_done)
         self._deadline = float("inf")
         self._pipeline: Pipeline | None = None
         # The current connection and channel, and the session number that names
@@ -177,10 +177,11 @@ class Consumer:
         another node answers, nothing waits.
         """
         threading.Thread(target=self._guard_shutdown, name="shutdown-guard", daemon=True).start()
-        try:
-            return self._run(pipeline)
-        finally:
-            self._ran.set()
+        return self._run(pipeline)
+
+    def shutdown_done(self) -> None:
+        """The whole shutdown is over (the final chain heads included): the guard stands down."""
+        self._ran.set()
 
     def _run(self, pipeline: Pipeline) -> int:
         self._pipeline = pipeline
@@ -226,14 +227,17 @@ class Consumer:
         """Ends the process when a shutdown outlasts SHUTDOWN_TIMEOUT_SECONDS (plus a margin).
 
         pika's blocking calls (basic_cancel, closing the channel and the connection, a passive
-        declare) wait for the broker's answer without a timeout: a broker that stops answering
-        (a partition, a blackholing firewall) would hold the shutdown until the heartbeat gives
-        up, or forever. Nothing is lost by leaving: a vote is acked only after its commit, so
-        whatever is not acked yet is redelivered and the database absorbs what was committed.
+        declare, a publisher confirm) wait for the broker's answer without a timeout: a broker that
+        stops answering (a partition, a blackholing firewall) would hold the shutdown until the
+        heartbeat gives up, or forever, and one whose memory alarm blocks the connections that
+        publish (the final chain heads) holds it until the alarm clears. Nothing is lost by
+        leaving: a vote is acked only after its commit, so whatever is not acked yet is
+        redelivered and the database absorbs what was committed; the final heads are in
+        CHAIN_HEADS_FILE before they are published.
         """
         self._stop.wait()
         if self._ran.wait(max(self._deadline + _GUARD_MARGIN_S - time.monotonic(), 0.0)):
-            return  # the connection thread is done with pika
+            return  # the shutdown is over
         logger.error(
             "shutdown still not done %.0fs after SHUTDOWN_TIMEOUT_SECONDS=%g (RabbitMQ not answering?); exiting now: "
             "votes not acked are redelivered",

@@ -210,3 +210,34 @@ def test_copies_in_flight_when_the_dead_letter_connection_drops_are_sent_again(
     assert_invariant(dbname)
     assert _state(node, queue) == (0, 0)
     node.delete(queues=[queue, f"{queue}.dead"], exchanges=[f"{queue}.dlx"])
+
+
+def test_a_stop_during_an_alarm_is_bounded_and_keeps_the_final_heads(
+    node: MetricsNode, make_service: MakeService, dbname: str
+) -> None:
+    # The alarm blocks every connection that publishes: the final chain heads' too. The stop must
+    # not wait for the alarm to clear (pika gives a blocked connection 300 s): the guard ends it
+    # within SHUTDOWN_TIMEOUT_SECONDS and its margin, with the final heads already in the file.
+    queue = f"agg.alarmstop.{uuid.uuid4().hex[:12]}"
+    env = {"RABBITMQ_HOST": "127.0.0.1", "RABBITMQ_PORT": str(node.amqp_port), "SHUTDOWN_TIMEOUT_SECONDS": "2"}
+    svc = make_service(env, queue_name=queue).start()
+    good = make_votes(300, laws=3, seed=51)
+    node.publish(queue, [v.body() for v in good])
+    wait_until(lambda: audit_count(dbname) == len(good), timeout=30, what="votes counted")
+    wait_until(lambda: svc.heads_path.exists(), timeout=30, what="the first chain heads recorded")
+    _watermark(node, "0.0001")
+    try:
+        signalled = time.monotonic()
+        svc.signal()
+        assert svc.proc is not None
+        svc.proc.wait(timeout=2 + 3 + 10)  # SHUTDOWN_TIMEOUT_SECONDS + the guard's 3 s + a loaded machine
+        print(f"\nSTOP during a memory alarm: exited {time.monotonic() - signalled:.1f}s after SIGTERM")
+    finally:
+        _watermark(node, "0.4")
+    records = [json.loads(line) for line in svc.heads_path.read_text().splitlines()]
+    finals = {r["chain_id"] for r in records if r["final"]}
+    assert finals, records
+    assert finals == {r["chain_id"] for r in records}
+    assert results(dbname) == expected_totals(good)
+    assert _state(node, queue) == (0, 0)
+    node.delete(queues=[queue, f"{queue}.dead"], exchanges=[f"{queue}.dlx"])
