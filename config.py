@@ -593,7 +593,7 @@ def _check_server_lists(config: Config) -> None:
     if config.postgres_require_sync_standby and (
         config.postgres_replication_check_interval_s >= config.postgres_query_timeout_s
     ):
-        # A commit left waiting for a standby that went away is not acked (db._CommitCheck), but
+        # A commit left waiting for a standby that went away is not acked (replication.CommitCheck), but
         # the check should stop consuming before the batches behind it fill the prefetch window.
         raise ConfigError(
             "POSTGRES_REPLICATION_CHECK_INTERVAL_SECONDS must be below POSTGRES_QUERY_TIMEOUT_SECONDS with "
