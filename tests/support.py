@@ -293,7 +293,10 @@ _pg_lock = threading.Lock()
 def _idle_and_alive(conn: psycopg2.extensions.connection) -> bool:
     """Whether a kept connection can be used again. An idle session is told nothing unasked (no
     LISTEN here): data waiting on its socket is the server ending it (a terminated backend, a
-    shutdown, a crash's EOF), so it is replaced before a statement is sent on it."""
+    shutdown, a crash's EOF), so it is replaced before a statement is sent on it. A session being
+    ended at this very moment may still look alive: the statement then fails, as it would on a new
+    connection to a server going down; pg_ctl stop, a kill waited for and DROP DATABASE ... WITH
+    (FORCE) return once the sessions are gone."""
     if conn.closed or conn.status != psycopg2.extensions.STATUS_READY:
         return False
     readable, _, _ = select.select([conn], [], [], 0)
