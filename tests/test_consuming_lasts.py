@@ -20,6 +20,7 @@ from tests import pg_servers
 from tests.pg_servers import PgServer
 from tests.proxy import TcpProxy
 from tests.rabbitmq_cluster import RabbitNode, standalone_node
+from tests.roles import ServiceRole, create_service_role
 from tests.support import (
     NotifyListener,
     Service,
@@ -234,6 +235,7 @@ def test_database_outages_with_connection_blips_and_restarts_dead_letter_no_vali
     server = PgServer(settings={"synchronous_commit": "on"})
     started: list[Service] = []
     db = "votes"
+    roles: list[ServiceRole] = []
 
     def service() -> Service:
         env = on_node(
@@ -241,6 +243,7 @@ def test_database_outages_with_connection_blips_and_restarts_dead_letter_no_vali
             POSTGRES_HOST="127.0.0.1",
             POSTGRES_PORT=str(server.port),
             POSTGRES_DB=db,
+            **roles[0].env(),
             RABBITMQ_QUEUE_TYPE="quorum",
             RABBITMQ_DELIVERY_LIMIT="3",
             RETRY_DELAY_SECONDS="0.2",
@@ -276,6 +279,7 @@ def test_database_outages_with_connection_blips_and_restarts_dead_letter_no_vali
     try:
         server.start()
         server.execute(f"CREATE DATABASE {db}")
+        roles.append(create_service_role(db, server=server))  # the schema applied by an administrator
         svc = service()
         votes = make_votes(200, laws=3, seed=187)
         node.publish(queue, [v.body() for v in votes])

@@ -237,8 +237,12 @@ def postgres_tls_env(server: PgServer, dbname: str, ca: Path, **extra: str) -> d
 def test_postgres_verify_full_counts_votes(
     make_service: Callable[..., Service], queue: str, tls_postgres: PgServer, tls_dbname: str, pki: Pki
 ) -> None:
-    svc = make_service(postgres_tls_env(tls_postgres, tls_dbname, pki.ca.cert)).start()
-    assert f"connected to PostgreSQL at postgresql://postgres@localhost:{tls_postgres.port}/{tls_dbname}" in svc.logs()
+    # As the service's least-privilege role, made there after the schema, as an administrator applies them.
+    env = postgres_tls_env(tls_postgres, tls_dbname, pki.ca.cert)
+    del env["POSTGRES_USER"], env["POSTGRES_PASSWORD"]
+    svc = make_service(env, server=tls_postgres, dbname=tls_dbname).start()
+    role = svc.env["POSTGRES_USER"]
+    assert f"connected to PostgreSQL at postgresql://{role}@localhost:{tls_postgres.port}/{tls_dbname}" in svc.logs()
     votes = make_votes(300, laws=4, seed=21)
     publish(queue, [v.body() for v in votes])
 
