@@ -9,6 +9,7 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 from bench_settings import Endpoints
+from procstat import CpuSources
 
 
 class Watcher:
@@ -36,6 +37,15 @@ class Watcher:
         except psycopg2.errors.UndefinedTable:  # the service has not applied the schema yet
             return 0
         return int(row[0]) if row else 0
+
+    def backend_pids(self) -> list[int]:
+        """The PostgreSQL backends connected to this database, this watcher's own left out."""
+        with self._conn.cursor() as cur:
+            cur.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'"
+            )
+            return [int(row[0]) for row in cur.fetchall()]
 
     def audit_span(self) -> tuple[int, datetime | None, datetime | None]:
         with self._conn.cursor() as cur:
@@ -111,3 +121,22 @@ def service_checks(run: str, exit_code: int, queue_left: int) -> list[Check]:
         Check(run, "service exited 0 on SIGTERM", exit_code == 0, f"exit code {exit_code}"),
         Check(run, "queue drained (all acked)", queue_left == 0, f"{queue_left} messages left"),
     ]
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def cpu_sources(endpoints: Endpoints) -> CpuSources:
+    """The broker and database processes serving `endpoints`, when they run on this machine."""
+    conn = endpoints.pg("postgres")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            backend = int(_one(cur.fetchone()))
+        # Read while the backend lives: its parent is the postmaster.
+        return CpuSources.find(
+            amqp_port=endpoints.rabbitmq_port if endpoints.rabbitmq_host in LOOPBACK else None,
+            postgres_backend_pid=backend if endpoints.postgres_host in LOOPBACK else None,
+        )
+    finally:
+        conn.close()

@@ -66,6 +66,7 @@ class Settings:
     stall_timeout_s: float
     keep_logs: bool
     endpoints: Endpoints
+    rounds: int = 1  # of the bare and service phases, whose medians are reported
 
 
 def _positive_int(raw: str) -> int:
@@ -121,6 +122,7 @@ def parse_args(argv: Sequence[str] | None, *, description: str | None = None) ->
     p.add_argument("--seed", type=int, default=42, help="random seed of the generated votes (42)")
     p.add_argument("--settle", type=float, default=1.0, help="pause after publishing a backlog, seconds (1)")
     p.add_argument("--stall-timeout", type=_positive_float, default=60.0, help="give up after no progress (60 s)")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="runs of bare and service, median reported (3)")
     p.add_argument("--keep-logs", action="store_true", help="keep the service logs (kept anyway on failure)")
     p.add_argument("--rabbitmq-host", default="127.0.0.1")
     p.add_argument("--rabbitmq-port", type=int, default=5672)
@@ -144,4 +146,5 @@ def parse_args(argv: Sequence[str] | None, *, description: str | None = None) ->
         stall_timeout_s=a.stall_timeout,
         keep_logs=a.keep_logs,
         endpoints=Endpoints(a.rabbitmq_host, a.rabbitmq_port, a.postgres_host, a.postgres_port, a.postgres_user),
+        rounds=a.rounds,
     )

@@ -39,6 +39,7 @@ from bench_publishers import publish_backlog  # noqa: E402
 from bench_resources import MP, Resources  # noqa: E402
 from bench_settings import BenchError, Settings, parse_args  # noqa: E402
 from bench_votes import BenchVote, make_votes  # noqa: E402
+from procstat import CpuSources  # noqa: E402
 from reference_consumers import bare_consumer_main  # noqa: E402
 from service_process import ServiceProcess  # noqa: E402
 
@@ -127,7 +128,7 @@ def profile_bare(s: Settings, res: Resources, bodies: list[bytes], out: Path, ra
     queue = res.new_queue()
     publish_backlog(s, res, queue, bodies)
     receiver, sender = MP.Pipe(duplex=False)
-    child = res.child(bare_consumer_main, s.endpoints, queue, len(bodies), sender)
+    child = res.child(bare_consumer_main, s.endpoints, queue, len(bodies), CpuSources(None, None), sender)
     sender.close()
     assert child.pid is not None
     spy_proc = spy(child.pid, out / "bare.txt", rate)

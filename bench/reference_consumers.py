@@ -17,54 +17,49 @@ from bench_report import Report, Throughput
 from bench_resources import MP, Resources, child_signals
 from bench_settings import BenchError, Endpoints, Settings
 from bench_votes import BenchVote, expected_totals
-from procstat import busy_core_seconds, machine_busy_jiffies, process_cpu_seconds
+from procstat import CpuReading, CpuSources, CpuUse
 
 
 @dataclass(frozen=True)
 class ConsumerResult:
     messages: int
     seconds: float  # first message received to last message acked
-    cpu_s: float | None = None  # this process's user + system CPU over the same span
-    busy_core_s: float | None = None  # the whole machine's busy CPU over the same span
+    cpu: CpuUse | None = None  # this process's, the servers' and the machine's CPU over the same span
 
 
-@dataclass
 class _Clock:
-    """Wall time, own CPU and machine CPU from the first message to `finish`."""
+    """Wall time and CPU (own, the servers', the machine's) from the first message to `finish`."""
 
-    count: int = 0
-    first: float = 0.0
-    last: float = 0.0
-    cpu0: float | None = None
-    busy0: tuple[int, int] = (0, 0)
-    cpu_s: float | None = None
-    busy_core_s: float | None = None
+    def __init__(self, sources: CpuSources, backends: Sequence[int] = ()) -> None:
+        self._sources = sources
+        self._backends = backends
+        self.count = 0
+        self.first = self.last = 0.0
+        self._start: CpuReading | None = None
+        self._cpu: CpuUse | None = None
 
     def tick(self) -> None:
         if self.count == 0:
             self.first = time.perf_counter()
-            self.cpu0 = process_cpu_seconds(os.getpid())
-            self.busy0 = machine_busy_jiffies()
+            self._start = CpuReading.take(self._sources, [os.getpid()], backends=self._backends, own_first=False)
         self.count += 1
 
     def finish(self) -> None:
         self.last = time.perf_counter()
-        cpu1 = process_cpu_seconds(os.getpid())
-        if self.cpu0 is not None and cpu1 is not None:
-            self.cpu_s = cpu1 - self.cpu0
-        self.busy_core_s = busy_core_seconds(self.busy0, machine_busy_jiffies())
+        end = CpuReading.take(self._sources, [os.getpid()], backends=self._backends, own_first=True)
+        self._cpu = self._start.until(end) if self._start is not None else None
 
     def result(self) -> ConsumerResult:
-        return ConsumerResult(self.count, self.last - self.first, self.cpu_s, self.busy_core_s)
+        return ConsumerResult(self.count, self.last - self.first, self._cpu)
 
 
-def bare_consumer_main(endpoints: Endpoints, queue: str, expected: int, out: Connection) -> None:
+def bare_consumer_main(endpoints: Endpoints, queue: str, expected: int, sources: CpuSources, out: Connection) -> None:
     """The limit: parse each body, ack once per 100 messages, nothing else."""
     child_signals()
     connection = pika.BlockingConnection(endpoints.amqp())
     channel = connection.channel()
     channel.basic_qos(prefetch_count=1000)
-    clock = _Clock()
+    clock = _Clock(sources)
 
     def on_message(ch: Any, method: Any, _properties: Any, body: bytes) -> None:
         clock.tick()
@@ -92,14 +87,16 @@ _NAIVE_RESULTS = (
 )
 
 
-def naive_consumer_main(endpoints: Endpoints, queue: str, dbname: str, expected: int, out: Connection) -> None:
+def naive_consumer_main(
+    endpoints: Endpoints, queue: str, dbname: str, expected: int, sources: CpuSources, out: Connection
+) -> None:
     """The reference: per message, one transaction (audit row, then totals), commit, ack."""
     child_signals()
     db = endpoints.pg(dbname, autocommit=False)
     connection = pika.BlockingConnection(endpoints.amqp())
     channel = connection.channel()
     channel.basic_qos(prefetch_count=100)
-    clock = _Clock()
+    clock = _Clock(sources, [db.get_backend_pid()])
 
     def on_message(ch: Any, method: Any, _properties: Any, body: bytes) -> None:
         clock.tick()
@@ -123,14 +120,7 @@ def naive_consumer_main(endpoints: Endpoints, queue: str, dbname: str, expected:
 
 
 def _consumer_throughput(result: ConsumerResult, publish_rate: float) -> Throughput:
-    return Throughput(
-        result.messages,
-        result.seconds,
-        publish_rate,
-        cpu_s=result.cpu_s,
-        busy_core_s=result.busy_core_s,
-        cpu_votes=result.messages,
-    )
+    return Throughput.measured(result.messages, result.seconds, publish_rate, result.cpu, result.messages)
 
 
 def run_consumer(
@@ -153,19 +143,22 @@ def run_consumer(
     return result
 
 
-def phase_bare(s: Settings, res: Resources, bodies: Sequence[bytes]) -> Throughput:
+def phase_bare(s: Settings, res: Resources, bodies: Sequence[bytes], sources: CpuSources) -> Throughput:
     queue = res.new_queue()
     publish_rate = publish_backlog(s, res, queue, bodies)
-    result = run_consumer(res, "bare consumer", bare_consumer_main, (s.endpoints, queue, len(bodies)), _budget(s))
+    args = (s.endpoints, queue, len(bodies), sources)
+    result = run_consumer(res, "bare consumer", bare_consumer_main, args, _budget(s))
     res.delete_queue(queue)
     return _consumer_throughput(result, publish_rate)
 
 
-def phase_naive(s: Settings, res: Resources, votes: Sequence[BenchVote], report: Report) -> Throughput:
+def phase_naive(
+    s: Settings, res: Resources, votes: Sequence[BenchVote], report: Report, sources: CpuSources
+) -> Throughput:
     queue = res.new_queue()
     dbname = res.new_database(schema=True)
     publish_rate = publish_backlog(s, res, queue, [v.body() for v in votes])
-    args = (s.endpoints, queue, dbname, len(votes))
+    args = (s.endpoints, queue, dbname, len(votes), sources)
     result = run_consumer(res, "per-message consumer", naive_consumer_main, args, _budget(s, per_s=50))
     report.checks += exactly_once_checks(s.endpoints, "naive", dbname, expected_totals(votes))
     res.delete_queue(queue)

@@ -15,15 +15,23 @@ from bench_report import Report, Throughput
 from bench_resources import Resources, queue_depth
 from bench_settings import Settings
 from bench_votes import BenchVote, expected_totals
-from procstat import busy_core_seconds, machine_busy_jiffies
+from procstat import CpuReading, CpuSources, CpuUse
 from service_process import ServiceProcess
 
 THROUGHPUT_POLL_S = 0.02
-
 RSS_SAMPLE_S = 0.25
 
 
-def phase_service(s: Settings, res: Resources, votes: Sequence[BenchVote], log_dir: Path, report: Report) -> Throughput:
+def phase_service(
+    s: Settings,
+    res: Resources,
+    votes: Sequence[BenchVote],
+    log_dir: Path,
+    report: Report,
+    sources: CpuSources,
+    *,
+    run: str = "service",
+) -> Throughput:
     """The service on a preloaded backlog.
 
     How the rate is measured: recorded_at (default now()) is the start time of the
@@ -42,66 +50,57 @@ def phase_service(s: Settings, res: Resources, votes: Sequence[BenchVote], log_d
     # With --instances, every process consumes the same queue into the same database;
     # CPU is summed over them, RSS is the largest.
     svcs = [
-        res.service(ServiceProcess.start(s, queue=queue, dbname=dbname, log_path=log_dir / f"service-{i}.log"))
+        res.service(
+            ServiceProcess.start(s, queue=queue, dbname=dbname, log_path=log_dir / f"{run.replace(' ', '-')}-{i}.log")
+        )
         for i in range(s.instances)
     ]
     started = time.time()
     watcher = Watcher(s.endpoints, dbname)
     try:
-        progress = _follow_progress(s, svcs, watcher, len(votes))
+        progress = _follow_progress(s, svcs, watcher, len(votes), sources)
         count, first, last = watcher.audit_span()
     finally:
         watcher.close()
     hwm_kb = max((other.status_kb("VmHWM") or 0 for other in svcs), default=0)
     exit_codes = [other.stop() for other in svcs]
     exit_code = max(exit_codes, key=abs)
-    report.checks += exactly_once_checks(s.endpoints, "service", dbname, expected_totals(votes))
-    report.checks += service_checks("service", exit_code, queue_depth(s.endpoints, queue))
+    report.checks += exactly_once_checks(s.endpoints, run, dbname, expected_totals(votes))
+    report.checks += service_checks(run, exit_code, queue_depth(s.endpoints, queue))
     seconds = progress.done_at - first.timestamp() if progress.done_at and first else None
+    cpu = progress.cpu
     details: dict[str, Any] = {
         "start_to_first_vote_s": first.timestamp() - started if first else None,
         "db_span_s": (last - first).total_seconds() if first and last else None,
         "audit_rows_when_done": count,
         "peak_rss_mb": hwm_kb / 1024 if hwm_kb else None,
         "max_sampled_rss_mb": progress.max_rss_kb / 1024,
-        "service_cpu_s": progress.cpu_s,
-        "service_cpu_share": progress.cpu_s / progress.wall_s if progress.wall_s else None,
-        "machine_busy_share": progress.machine_busy,
+        "service_cpu_s": cpu.own_s if cpu else None,
+        "service_cpu_share": cpu.own_s / cpu.wall_s if cpu and cpu.own_s is not None and cpu.wall_s else None,
+        "machine_busy_share": cpu.machine_share if cpu else None,
         "poller_cpu_share": progress.poller_cpu_share,
         "exit_code": exit_code,
         "log_levels": svcs[0].log_levels(),
     }
     res.delete_queue(queue)
     res.drop_database(dbname)
-    return Throughput(
-        len(votes),
-        seconds,
-        publish_rate,
-        details,
-        cpu_s=progress.cpu_s if progress.window_votes else None,
-        busy_core_s=progress.busy_core_s,
-        cpu_votes=progress.window_votes,
-    )
+    return Throughput.measured(len(votes), seconds, publish_rate, cpu, progress.window_votes, details)
 
 
 @dataclass
 class Progress:
     done_at: float | None = None  # time.time() of the first poll that saw every vote
     max_rss_kb: int = 0
-    # Between the first poll that saw votes counted and the one that saw them all:
-    cpu_s: float = 0.0  # the services' CPU, every instance summed
-    busy_core_s: float | None = None  # the whole machine's busy CPU
-    window_votes: int = 0  # votes counted in that window
-    wall_s: float = 0.0
-    machine_busy: float | None = None
+    # Between the first poll that saw votes counted and the one that saw them all: the CPU
+    # (the services' every instance summed, the servers', the machine's) and the votes counted.
+    cpu: CpuUse | None = None
+    window_votes: int = 0
     poller_cpu_share: float = 0.0  # CPU of this process while polling, per second of wall time
 
 
-def _services_cpu(svcs: Sequence[ServiceProcess]) -> float:
-    return sum(svc.cpu_seconds() or 0.0 for svc in svcs)
-
-
-def _follow_progress(s: Settings, svcs: Sequence[ServiceProcess], watcher: Watcher, target: int) -> Progress:
+def _follow_progress(
+    s: Settings, svcs: Sequence[ServiceProcess], watcher: Watcher, target: int, sources: CpuSources
+) -> Progress:
     """Poll until every vote is counted. CPU is read from the first poll that sees votes counted.
 
     That window misses the receiving of the votes buffered (at most the prefetch
@@ -111,16 +110,18 @@ def _follow_progress(s: Settings, svcs: Sequence[ServiceProcess], watcher: Watch
     progress = Progress()
     last_count, last_change = 0, time.monotonic()
     next_rss = 0.0
-    cpu0: float | None = None
+    start: CpuReading | None = None
     count0 = 0
-    wall0 = 0.0
-    busy0 = (0, 0)
+    pids = [svc.pid for svc in svcs]
+    backends: list[int] = []
     cpu_began, began = time.process_time(), time.monotonic()
     while True:
         count = watcher.counted()
         now = time.time()
-        if count and cpu0 is None:
-            cpu0, count0, wall0, busy0 = _services_cpu(svcs), count, time.monotonic(), machine_busy_jiffies()
+        if count and start is None:
+            # The services' pools are connected once votes are counted: these backends write them.
+            backends = watcher.backend_pids()
+            start, count0 = CpuReading.take(sources, pids, backends=backends, own_first=True), count
         if time.monotonic() >= next_rss:
             rss = max(svc.status_kb("VmRSS") or 0 for svc in svcs)
             progress.max_rss_kb = max(progress.max_rss_kb, rss)
@@ -137,12 +138,7 @@ def _follow_progress(s: Settings, svcs: Sequence[ServiceProcess], watcher: Watch
             svc.check_running()
         time.sleep(THROUGHPUT_POLL_S)
     progress.poller_cpu_share = (time.process_time() - cpu_began) / (time.monotonic() - began)
-    if cpu0 is not None:
-        progress.cpu_s = _services_cpu(svcs) - cpu0
-        progress.wall_s = time.monotonic() - wall0
-        busy1 = machine_busy_jiffies()
-        total = busy1[1] - busy0[1]
-        progress.machine_busy = (busy1[0] - busy0[0]) / total if total else None
-        progress.busy_core_s = busy_core_seconds(busy0, busy1)
+    if start is not None:
+        progress.cpu = start.until(CpuReading.take(sources, pids, backends=backends, own_first=True))
         progress.window_votes = min(count, target) - count0
     return progress

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
@@ -38,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 # (queues, databases, child processes), bench_publishers, reference_consumers (the bare and the
 # per-message consumers), service_process (aggregator.py as a child), service_phase, latency_phase,
 # bench_db (what is read from a service's database), procstat (CPU from /proc), bench_report.
+from bench_db import cpu_sources  # noqa: E402
 from bench_report import Report, new_report, render, write_json  # noqa: E402
 from bench_resources import Resources  # noqa: E402
 from bench_settings import BenchError, Settings, parse_args  # noqa: E402
@@ -48,17 +50,28 @@ from service_phase import phase_service  # noqa: E402
 
 
 def run(s: Settings, res: Resources, log_dir: Path, report: Report) -> None:
-    """Run the selected phases in order, filling `report` as each one ends."""
+    """Run the selected phases in order, bare and service once per round, filling `report` as each one ends."""
     votes = make_votes(s.votes, laws=s.laws, seed=s.seed)
-    for phase in s.phases:
+    sources = cpu_sources(s.endpoints)
+    report.cpu_sources = asdict(sources)
+    for rnd in range(1, s.rounds + 1):
+        of = f" (round {rnd} of {s.rounds})" if s.rounds > 1 else ""
+        for phase in ("bare", "service"):
+            if phase not in s.phases:
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] {phase}{of} ...", file=sys.stderr, flush=True)
+            if phase == "bare":
+                report.bare_rounds.append(phase_bare(s, res, [v.body() for v in votes], sources))
+            else:
+                run = "service" if s.rounds == 1 else f"service {rnd}"
+                report.service_rounds.append(phase_service(s, res, votes, log_dir, report, sources, run=run))
+    for phase in ("naive", "latency"):
+        if phase not in s.phases:
+            continue
         print(f"[{time.strftime('%H:%M:%S')}] {phase} ...", file=sys.stderr, flush=True)
-        if phase == "bare":
-            report.bare = phase_bare(s, res, [v.body() for v in votes])
-        elif phase == "service":
-            report.service = phase_service(s, res, votes, log_dir, report)
-        elif phase == "naive":
-            report.naive = phase_naive(s, res, votes[: s.naive_votes], report)
-        elif phase == "latency":
+        if phase == "naive":
+            report.naive = phase_naive(s, res, votes[: s.naive_votes], report, sources)
+        else:
             report.latency = phase_latency(s, res, log_dir, report)
 
 
