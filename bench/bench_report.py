@@ -294,33 +294,26 @@ def _row(name: str, f: Figures) -> str:
     )
 
 
+# The ratios printed, service over bare round by round: label, the figure, the target and its side.
+_RATIOS: tuple[tuple[str, Callable[[Figures], float | None], str, float, str], ...] = (
+    ("service / limit", _rate, ">=", TARGET_LIMIT_RATIO, ""),
+    ("machine CPU/vote, service run / bare run", _machine, "<=", TARGET_MACHINE_RATIO, ""),
+    ("  own + RabbitMQ + PostgreSQL only", _pipeline, "<=", TARGET_MACHINE_RATIO, ", without the rest"),
+    ("service CPU/vote / bare CPU/vote", _own, "<=", TARGET_CPU_RATIO, ""),
+)
+
+
 def _ratios(report: Report) -> list[str]:
     lines = []
     several = report.settings.get("rounds", 1) > 1
-
-    def line(label: str, ratios: list[float], target: str, spec: str = ".2f", unit: str = "") -> None:
+    for label, pick, side, bound, remark in _RATIOS:
+        ratios = report.round_ratios(pick)
         value = median_ratio(ratios)
         if value is None:
-            return
-        each = f"   rounds: {', '.join(format(r, spec) for r in ratios)}" if several else ""
-        lines.append(f"{label:<42}{format(value, spec) + unit:>10}   {target}{each}")
-
-    limit = median_ratio(report.round_ratios(_rate))
-    if limit is not None:
-        target = f"(target >= {TARGET_LIMIT_RATIO:g}{_target(limit >= TARGET_LIMIT_RATIO)})"
-        line("service / limit", report.round_ratios(_rate), target)
-    machine = machine_ratio(report)
-    if machine is not None:
-        target = f"(target <= {TARGET_MACHINE_RATIO:g}{_target(machine <= TARGET_MACHINE_RATIO)})"
-        line("machine CPU/vote, service run / bare run", report.round_ratios(_machine), target)
-    pipeline = median_ratio(report.round_ratios(_pipeline))
-    if pipeline is not None:
-        target = f"(target <= {TARGET_MACHINE_RATIO:g}{_target(pipeline <= TARGET_MACHINE_RATIO)}, without the rest)"
-        line("  own + RabbitMQ + PostgreSQL only", report.round_ratios(_pipeline), target)
-    cpu = cpu_ratio(report)
-    if cpu is not None:
-        target = f"(target <= {TARGET_CPU_RATIO:g}{_target(cpu <= TARGET_CPU_RATIO)})"
-        line("service CPU/vote / bare CPU/vote", report.round_ratios(_own), target)
+            continue
+        ok = value >= bound if side == ">=" else value <= bound
+        each = f"   rounds: {', '.join(f'{r:.2f}' for r in ratios)}" if several else ""
+        lines.append(f"{label:<42}{value:>10.2f}   (target {side} {bound:g}{_target(ok)}{remark}){each}")
     svc = report.service.votes_per_s if report.service else None
     naive = report.naive.rate if report.naive else None
     if svc and naive:
