@@ -89,15 +89,20 @@ class Throughput:
         return self.cpu_votes / self.busy_core_s if self.busy_core_s else None
 
     def figures(self) -> Figures:
+        own, machine = self.cpu_us_per_vote, self.machine_us_per_vote
+        rabbitmq, postgres = self._per_vote(self.rabbitmq_cpu_s), self._per_vote(self.postgres_cpu_s)
+        pipeline = None if own is None or rabbitmq is None or postgres is None else own + rabbitmq + postgres
         return Figures(
             votes=self.votes,
             seconds=self.seconds,
             votes_per_s=self.rate,
             cpu_us_per_vote=self.cpu_us_per_vote,
             machine_us_per_vote=self.machine_us_per_vote,
-            rabbitmq_us_per_vote=self._per_vote(self.rabbitmq_cpu_s),
-            postgres_us_per_vote=self._per_vote(self.postgres_cpu_s),
+            rabbitmq_us_per_vote=rabbitmq,
+            postgres_us_per_vote=postgres,
             backends_us_per_vote=self._per_vote(self.backends_cpu_s),
+            pipeline_us_per_vote=pipeline,
+            rest_us_per_vote=None if machine is None or pipeline is None else machine - pipeline,
             votes_per_busy_core_s=self.votes_per_busy_core_s,
         )
 
@@ -114,19 +119,9 @@ class Figures:
     rabbitmq_us_per_vote: float | None
     postgres_us_per_vote: float | None
     backends_us_per_vote: float | None  # the consumer's own PostgreSQL backends, part of postgres_us_per_vote
+    pipeline_us_per_vote: float | None  # own + RabbitMQ + PostgreSQL: the machine's without the rest
+    rest_us_per_vote: float | None  # the machine's CPU that is neither the consumer's nor a server's
     votes_per_busy_core_s: float | None
-
-    @property
-    def pipeline_us_per_vote(self) -> float | None:
-        """The consumer's, RabbitMQ's and PostgreSQL's CPU per vote: the machine's without the rest."""
-        parts = (self.cpu_us_per_vote, self.rabbitmq_us_per_vote, self.postgres_us_per_vote)
-        return None if any(p is None for p in parts) else sum(p for p in parts if p is not None)
-
-    @property
-    def rest_us_per_vote(self) -> float | None:
-        """The machine's CPU per vote that is neither the consumer's, nor RabbitMQ's, nor PostgreSQL's."""
-        pipeline = self.pipeline_us_per_vote
-        return None if self.machine_us_per_vote is None or pipeline is None else self.machine_us_per_vote - pipeline
 
     @classmethod
     def median(cls, rounds: Sequence[Figures]) -> Figures:
@@ -143,6 +138,8 @@ class Figures:
             rabbitmq_us_per_vote=med([r.rabbitmq_us_per_vote for r in rounds]),
             postgres_us_per_vote=med([r.postgres_us_per_vote for r in rounds]),
             backends_us_per_vote=med([r.backends_us_per_vote for r in rounds]),
+            pipeline_us_per_vote=med([r.pipeline_us_per_vote for r in rounds]),
+            rest_us_per_vote=med([r.rest_us_per_vote for r in rounds]),
             votes_per_busy_core_s=med([r.votes_per_busy_core_s for r in rounds]),
         )
 
@@ -438,18 +435,14 @@ def _levels(levels: dict[str, int]) -> str:
     return ", ".join(f"{n} {level}" for level, n in levels.items())
 
 
-def _figures_json(f: Figures) -> dict[str, Any]:
-    return {**asdict(f), "pipeline_us_per_vote": f.pipeline_us_per_vote, "rest_us_per_vote": f.rest_us_per_vote}
-
-
 def write_json(path: Path, report: Report) -> None:
     """Every round, plus "bare" and "service": the medians, with the details of the median round."""
     data = asdict(report)
     for name, runs in _runs(report):
-        rounds = [{**asdict(t), **_figures_json(t.figures())} for t in runs]
+        rounds = [{**asdict(t), **asdict(t.figures())} for t in runs]
         median = Figures.median([t.figures() for t in runs])
         middle = sorted(runs, key=lambda t: t.rate or 0.0)[(len(runs) - 1) // 2]
-        data[name] = {**_figures_json(median), "publish_rate": middle.publish_rate, "details": middle.details}
+        data[name] = {**asdict(median), "publish_rate": middle.publish_rate, "details": middle.details}
         if name != "naive":
             data[f"{name}_rounds"] = rounds
     data["service_cpu_ratio"] = cpu_ratio(report)
