@@ -35,8 +35,8 @@ from tests.support import (
     tool_env,
     wait_for,
 )
-from tools.publish_votes import INVALID_KINDS, MessageFactory
 from tools.publisher import PublishError, publish_all
+from tools.vote_messages import INVALID_KINDS, MessageFactory
 from votes import InvalidVote, parse_vote
 
 MakeService = Callable[..., Service]
