@@ -18,6 +18,7 @@ import pytest
 
 from tests.proxy import TcpProxy
 from tests.support import (
+    PER_LAW_METRICS,
     POSTGRES_HOST,
     POSTGRES_PASSWORD,
     POSTGRES_PORT,
@@ -262,7 +263,7 @@ def test_metrics_agree_with_the_database_also_after_a_restart(
 ) -> None:
     votes = make_votes(1000, laws=6)
     publish(queue, (v.body() for v in votes))
-    svc = make_service().start()
+    svc = make_service(PER_LAW_METRICS).start()
     wait_for(lambda: audit_count(dbname) == len(votes), timeout=30, what="votes counted")
     wait_for(lambda: svc.metric("batch_size_processed_total") == len(votes), timeout=10, what="metrics updated")
 
@@ -276,7 +277,7 @@ def test_metrics_agree_with_the_database_also_after_a_restart(
     assert svc.stop() == 0
 
     # A new process knows the stored totals before it counts anything.
-    again = make_service().start()
+    again = make_service(PER_LAW_METRICS).start()
     for law, (oui, non) in totals.items():
         assert again.metric("current_vote_totals", law_id=law, choice="oui") == oui
         assert again.metric("current_vote_totals", law_id=law, choice="non") == non
