@@ -56,6 +56,18 @@ class TcpProxy:
         with self._lock:
             return len(self._pairs)
 
+    def holding(self) -> bool:
+        """While paused: some peer sent bytes the proxy holds back (a request the other side never got)."""
+        with self._lock:
+            sockets = [sock for pair in self._pairs for sock in pair]
+        if not sockets:
+            return False
+        try:
+            readable, _, _ = select.select(sockets, [], [], 0)
+        except (OSError, ValueError):  # a connection closed meanwhile
+            return False
+        return bool(readable)
+
     # -- forwarding -----------------------------------------------------------------
 
     def _accept_loop(self) -> None:

@@ -343,16 +343,14 @@ def test_shutdown_is_bounded_when_postgres_hangs_mid_query(make_service: MakeSer
         wait_for(lambda: audit_count(dbname) == 300, timeout=30, what="the first votes counted")
         proxy.pause()  # PostgreSQL stops answering with a batch on the way
         publish(queue, [v.body() for v in votes[300:]])
-        wait_for(lambda: svc.metric("oldest_unacked_delivery_age_seconds") > 0.5, timeout=10, what="a batch held")
-        started = time.monotonic()
+        wait_for(proxy.holding, timeout=10, interval=0.01, what="a batch's query sent and held back")
         svc.signal()
         assert svc.proc is not None
-        code = svc.proc.wait(15)
-        took = time.monotonic() - started
+        # It exits although the query never returns (the proxy stays paused): the shutdown budget
+        # ends it. How long that takes is bench/'s; the wait only guards against a hang.
+        code = svc.proc.wait(60)
     finally:
         proxy.close()
-    # SHUTDOWN_TIMEOUT_SECONDS plus a small fixed margin, although the query never returned.
-    assert took < 2 + 2.5, f"stopping took {took:.1f}s"
     assert code == 1  # not everything was written: said by the exit code
     assert "shutdown budget" in svc.logs()
     # Nothing was lost: the next instance counts what the first could not.
