@@ -597,6 +597,21 @@ class NotifyListener:
         message: list[str] = wait_for(found, timeout=timeout, interval=0.02, what=state)
         return message
 
+    def unfed(self) -> tuple[int, int]:
+        """(watchdog pings, turns that said "not counting" instead), from the first such turn on.
+
+        Once liveness fails, each turn a ping is due sends `STATUS=not counting: ...` in its place:
+        the second figure counts turns, so that "no ping since" needs no clock.
+        """
+
+        def not_counting(message: list[str]) -> bool:
+            return any(state.startswith("STATUS=not counting") for state in message)
+
+        messages = self.received()
+        first = next((i for i, message in enumerate(messages) if not_counting(message)), len(messages))
+        later = messages[first:]
+        return sum("WATCHDOG=1" in m for m in later), sum(not_counting(m) for m in later)
+
     def count(self, state: str, *, since: float = 0.0) -> int:
         """Messages carrying `state`, received at or after `since` (time.monotonic())."""
         with self._lock:

