@@ -76,12 +76,12 @@ def test_buffer_releases_a_partial_batch_once_its_oldest_vote_is_due() -> None:
     late = Buffer(batch_size=100, timeout_s=3600)
     late.extend([_delivery(3, channel, received_at=time.monotonic() - 3600)])
     assert _tags(late.take(wait_s=0)) == [3]
-    # And when it falls due: a writer asleep in take() (for up to an hour) wakes for it.
+    # And when it falls due: a writer waiting in take() (for up to an hour) wakes for it.
     soon = Buffer(batch_size=100, timeout_s=0.3)
+    soon.extend([_delivery(4, channel)])
     taken: list[list[int]] = []
     writer = threading.Thread(target=lambda: taken.append(_tags(soon.take(wait_s=3600))), daemon=True)
     writer.start()
-    soon.extend([_delivery(4, channel)])
     writer.join(60)
     assert taken == [[4]]
 
