@@ -348,7 +348,7 @@ def test_shutdown_is_bounded_when_postgres_hangs_mid_query(make_service: MakeSer
         svc.signal()
         assert svc.proc is not None
         # It exits although the query never returns (the proxy stays paused): the shutdown budget
-        # ends it. How long that takes is bench/'s; the wait only guards against a hang.
+        # ends it. How long that takes, bench/shutdown.py measures; this wait only guards a hang.
         code = svc.proc.wait(60)
     finally:
         proxy.close()
