@@ -555,7 +555,8 @@ def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
     svc = make_service(
         {"BATCH_TIMEOUT_SECONDS": "0.2", **node_env(node), **PER_LAW_METRICS}, queue_name=VOTE_QUEUE
     ).start()
-    load = start_load(VOTE_QUEUE, port=node.amqp_port, rate=300, seconds=60)
+    # Longer than any wait below can take, however loaded the machine: it is stopped at the end.
+    load = start_load(VOTE_QUEUE, port=node.amqp_port, rate=300, seconds=600)
     try:
         prometheus = start_prometheus(svc.metrics_port, node.metrics_port)
         wait_for(
