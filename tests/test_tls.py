@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import skips
 from tests.support import (
     RABBITMQ_HOST,
     RABBITMQ_PORT,
@@ -201,9 +202,7 @@ def test_rabbitmq_client_certificate(make_service: Callable[..., Service], queue
 
 @pytest.fixture(scope="module")
 def tls_postgres(pki: Pki) -> Iterator[TempPostgres]:
-    why_not = TempPostgres.available()
-    if why_not:
-        pytest.fail(f"cannot start a PostgreSQL with TLS here: {why_not}")
+    skips.require(TempPostgres.available())
     server = TempPostgres(server=pki.server)
     try:
         server.start()
