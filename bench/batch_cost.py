@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import growth  # noqa: E402
-import throughput as tp  # noqa: E402
+from bench_settings import SCHEMA_FILE  # noqa: E402
 
 import db  # noqa: E402
 from config import load_config  # noqa: E402
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with conn.cursor() as cur:
                 cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
             conn.close()
-            server.execute(tp.SCHEMA_FILE.read_text(encoding="utf-8"), dbname=name)
+            server.execute(SCHEMA_FILE.read_text(encoding="utf-8"), dbname=name)
             growth.fill(server, name, a.stored, laws=a.laws)
             if VARIANTS[variant]:
                 server.execute(VARIANTS[variant], dbname=name)

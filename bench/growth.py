@@ -48,7 +48,15 @@ from psycopg2 import sql
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-import throughput as tp  # noqa: E402
+import procstat  # noqa: E402
+from bench_db import Watcher  # noqa: E402
+from bench_publishers import publish_backlog  # noqa: E402
+from bench_report import cpu_model  # noqa: E402
+from bench_resources import Resources  # noqa: E402
+from bench_settings import SCHEMA_FILE, BenchError, Settings, parse_args  # noqa: E402
+from bench_votes import expected_totals, make_votes  # noqa: E402
+from service_phase import THROUGHPUT_POLL_S  # noqa: E402
+from service_process import ServiceProcess  # noqa: E402
 
 from tests.pg_servers import PgServer  # noqa: E402
 from tests.pg_servers import unavailable as pg_unavailable  # noqa: E402
@@ -113,8 +121,8 @@ class Run:
 class Bench:
     args: argparse.Namespace
     server: PgServer
-    settings: tp.Settings
-    res: tp.Resources
+    settings: Settings
+    res: Resources
     log_dir: Path
     runs: list[Run] = field(default_factory=list)
     next_citizen: int = 0
@@ -123,57 +131,16 @@ class Bench:
 # -- CPU of the parts, from /proc ----------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
 def cluster_cpu_seconds(server: PgServer) -> float:
-    """CPU of every process of the cluster: the postmaster, its live children, and the children it
-    has reaped (cutime + cstime: the backends that ended)."""
-    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
-    tick = os.sysconf("SC_CLK_TCK")
-    own = _stat_fields(postmaster)
-    if own is None:
-        raise tp.BenchError("the PostgreSQL server is gone")
-    total = sum(int(v) for v in own[11:15])
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
-        if fields is not None and int(fields[1]) == postmaster:
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
-
-
-def listening_pid(port: int) -> int | None:
-    """The process holding the IPv4 or IPv6 socket that listens on `port` (RabbitMQ's beam)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            cols = line.split()
-            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f"socket:[{cols[9]}]")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            for fd in (entry / "fd").iterdir():
-                if os.readlink(fd) in inodes:
-                    return int(entry.name)
-        except OSError:
-            continue
-    return None
+    """CPU of every process of the cluster, the backends that ended included (procstat.tree_cpu_seconds)."""
+    cpu = procstat.tree_cpu_seconds(int((server.data / "postmaster.pid").read_text().split()[0]))
+    if cpu is None:
+        raise BenchError("the PostgreSQL server is gone")
+    return cpu
 
 
 def pid_cpu_seconds(pid: int | None) -> float:
-    return (tp.process_cpu_seconds(pid) or 0.0) if pid else 0.0
+    return (procstat.process_cpu_seconds(pid) or 0.0) if pid else 0.0
 
 
 # -- the databases -----------------------------------------------------------------------------------
@@ -190,7 +157,7 @@ def _admin(b: Bench, statement: sql.Composed) -> None:
 
 def new_database(b: Bench, name: str) -> None:
     _admin(b, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    b.server.execute(tp.SCHEMA_FILE.read_text(encoding="utf-8"), dbname=name)
+    b.server.execute(SCHEMA_FILE.read_text(encoding="utf-8"), dbname=name)
 
 
 def drop_database(b: Bench, name: str) -> None:
@@ -237,7 +204,7 @@ def fill(server: PgServer, name: str, n: int, *, laws: int) -> float:
     finally:
         conn.close()
     # The indexes of init_db.sql, as it defines them, then what autovacuum would have done.
-    server.execute(tp.SCHEMA_FILE.read_text(encoding="utf-8"), dbname=name)
+    server.execute(SCHEMA_FILE.read_text(encoding="utf-8"), dbname=name)
     server.execute("VACUUM ANALYZE", dbname=name)
     server.execute("CHECKPOINT")
     return time.monotonic() - started
@@ -279,20 +246,20 @@ def server_counters(b: Bench, dbname: str) -> tuple[int, int, int]:
 
 
 def run_service(b: Bench, profile: str, target: str, dbname: str, count: int | None = None) -> Run:
-    votes = tp.make_votes(count or b.args.votes, laws=b.args.laws, seed=b.next_citizen, first_citizen=b.next_citizen)
+    votes = make_votes(count or b.args.votes, laws=b.args.laws, seed=b.next_citizen, first_citizen=b.next_citizen)
     b.next_citizen += len(votes)
     stored = int(b.server.execute("SELECT count(*) FROM vote_audit", dbname=dbname)[0][0])
-    expected = tp.expected_totals(votes)
+    expected = expected_totals(votes)
     before = {
         law: (int(oui), int(non))
         for law, oui, non in b.server.execute("SELECT law_id, oui_count, non_count FROM vote_results", dbname=dbname)
     }
     queue = b.res.new_queue()
-    tp.publish_backlog(b.settings, b.res, queue, [v.body() for v in votes])
+    publish_backlog(b.settings, b.res, queue, [v.body() for v in votes])
     log_path = b.log_dir / f"{profile}-{target}-{len(b.runs)}.log"
-    svc = b.res.service(tp.ServiceProcess.start(b.settings, queue=queue, dbname=dbname, log_path=log_path))
-    beam = listening_pid(b.settings.endpoints.rabbitmq_port)
-    watcher = tp.Watcher(b.settings.endpoints, dbname)
+    svc = b.res.service(ServiceProcess.start(b.settings, queue=queue, dbname=dbname, log_path=log_path))
+    beam = procstat.listening_pid(b.settings.endpoints.rabbitmq_port)
+    watcher = Watcher(b.settings.endpoints, dbname)
     target_total = sum(oui + non for oui, non in before.values()) + len(votes)
     try:
         # The window opens at the first vote counted (start-up left out) and closes when all are.
@@ -300,18 +267,18 @@ def run_service(b: Bench, profile: str, target: str, dbname: str, count: int | N
         while (counted := watcher.counted()) <= target_total - len(votes):
             svc.check_running()
             if time.monotonic() > deadline:
-                raise tp.BenchError(f"the service counted nothing in time:\n{svc.log_tail()}")
-            time.sleep(tp.THROUGHPUT_POLL_S)
+                raise BenchError(f"the service counted nothing in time:\n{svc.log_tail()}")
+            time.sleep(THROUGHPUT_POLL_S)
         first_count = counted
-        t0, m0 = time.monotonic(), tp.machine_busy_jiffies()
+        t0, m0 = time.monotonic(), procstat.machine_busy_jiffies()
         s0, p0, r0 = svc.cpu_seconds() or 0.0, cluster_cpu_seconds(b.server), pid_cpu_seconds(beam)
         c0 = server_counters(b, dbname)
         while watcher.counted() < target_total:
             svc.check_running()
             if time.monotonic() > deadline:
-                raise tp.BenchError(f"the service did not count the backlog in time:\n{svc.log_tail()}")
-            time.sleep(tp.THROUGHPUT_POLL_S)
-        t1, m1 = time.monotonic(), tp.machine_busy_jiffies()
+                raise BenchError(f"the service did not count the backlog in time:\n{svc.log_tail()}")
+            time.sleep(THROUGHPUT_POLL_S)
+        t1, m1 = time.monotonic(), procstat.machine_busy_jiffies()
         s1, p1, r1 = svc.cpu_seconds() or 0.0, cluster_cpu_seconds(b.server), pid_cpu_seconds(beam)
         c1 = server_counters(b, dbname)
     finally:
@@ -319,7 +286,7 @@ def run_service(b: Bench, profile: str, target: str, dbname: str, count: int | N
     exit_code = svc.stop()
     b.res.delete_queue(queue)
     if exit_code != 0:
-        raise tp.BenchError(f"the service exited with {exit_code}:\n{svc.log_tail()}")
+        raise BenchError(f"the service exited with {exit_code}:\n{svc.log_tail()}")
     check_counted(b, dbname, stored + len(votes), before, expected)
     window_votes = target_total - first_count
     return Run(
@@ -328,7 +295,7 @@ def run_service(b: Bench, profile: str, target: str, dbname: str, count: int | N
         stored,
         window_votes,
         t1 - t0,
-        tp.busy_core_seconds(m0, m1),
+        procstat.busy_core_seconds(m0, m1),
         s1 - s0,
         p1 - p0,
         r1 - r0,
@@ -356,7 +323,7 @@ def check_counted(
         had = want.get(law, (0, 0))
         want[law] = (had[0] + oui, had[1] + non)
     if audit != rows or totals != want:
-        raise tp.BenchError(f"not counted exactly once in {dbname}: {audit} audit rows for {rows}")
+        raise BenchError(f"not counted exactly once in {dbname}: {audit} audit rows for {rows}")
 
 
 # -- the report ---------------------------------------------------------------------------------------------
@@ -380,7 +347,7 @@ def render(b: Bench) -> str:
     lines = [
         f"growth: {b.args.stored:,} stored votes against an empty database, {b.args.votes:,} votes per run, "
         f"median of {b.args.rounds} rounds; {datetime.now(UTC):%Y-%m-%d} UTC, {os.cpu_count()} cores "
-        f"({tp.cpu_model()}), load average at the end {os.getloadavg()[0]:.2f}",
+        f"({cpu_model()}), load average at the end {os.getloadavg()[0]:.2f}",
         "",
         f"{'settings':16} {'database':13} {'votes/s':>8} {'machine':>8} {'service':>8} {'postgres':>8} "
         f"{'svc+pg':>8} {'rabbitmq':>8} {'WAL':>6}",
@@ -444,8 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"growth: cannot start a throwaway PostgreSQL server: {why}", file=sys.stderr)
         return 2
     server = PgServer(settings=DURABLE).start()
-    settings = tp.parse_args(["--postgres-port", str(server.port), "--votes", str(args.votes)])
-    b = Bench(args, server, settings, tp.Resources(settings.endpoints), Path(tempfile.mkdtemp(prefix="vote-growth-")))
+    settings = parse_args(["--postgres-port", str(server.port), "--votes", str(args.votes)])
+    b = Bench(args, server, settings, Resources(settings.endpoints), Path(tempfile.mkdtemp(prefix="vote-growth-")))
     began = time.monotonic()
     try:
         new_database(b, "full")
@@ -474,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(render(b))
         print(f"\ntotal time {time.monotonic() - began:.0f} s (load {seconds:.0f} s); service logs in {b.log_dir}")
-    except tp.BenchError as exc:
+    except BenchError as exc:
         print(f"growth: {exc}", file=sys.stderr)
         return 1
     finally:
