@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Where scripts/install_test_tools.sh unpacks the test tools for a developer who is not root.
 TOOLS_DIR ?= $(VENV)/tools
 
-.PHONY: run test test-tools lint check-services init-db bench clean
+.PHONY: run test test-tools lint check-services init-db bench bench-growth clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ test-tools:
 BENCH_ARGS ?=
 bench: $(VENV)/.runtime check-services
 	$(PY) bench/throughput.py $(BENCH_ARGS)
+
+## The service into a database holding 8 M votes against an empty one, each PostgreSQL setting of
+## docs/performance.md#sizing-postgresql-for-8-million-votes with and without; as root (it starts a
+## throwaway PostgreSQL server on a free port), about 30 minutes on 2 cores.
+## A quick run: make bench-growth GROWTH_ARGS="--stored 500000 --votes 30000 --warmup 30000 --profiles default,recommended"
+GROWTH_ARGS ?= --profiles default,shared_buffers,checkpoints,wal_compression,recommended
+bench-growth: $(VENV)/.dev check-services
+	$(PY) bench/growth.py $(GROWTH_ARGS)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

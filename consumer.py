@@ -562,6 +562,9 @@ class Consumer:
 
     def _hand_over(self) -> None:
         if self._arrived and self._pipeline is not None:
+            # Counted as received before a flush worker can count them as written: a summary line
+            # never shows a vote counted whose receipt a later line (perhaps never logged) carries.
+            self._count_received()
             self._pipeline.buffer.extend(self._arrived)
             self._arrived = []
 
@@ -606,8 +609,9 @@ class Consumer:
         for name in self._metrics.record_unknown_fields(names):
             logger.warning("votes carry a field this service ignores: %r (counted in vote_unknown_fields_total)", name)
 
-    def _report_received(self, *, final: bool = False) -> None:
-        # Fed once per loop turn, not once per message: the counter takes a lock on every increment.
+    def _count_received(self) -> None:
+        # Fed once per hand-over or loop turn, not once per message: the counter takes a lock on
+        # every increment.
         received, rejected = self._received, self._rejected
         if received or rejected:
             self.received_at = time.monotonic()
@@ -617,6 +621,9 @@ class Consumer:
             self._rejected_by = {}
             self._summary.received(received, rejected)
             self._received = self._rejected = 0
+
+    def _report_received(self, *, final: bool = False) -> None:
+        self._count_received()
         now = time.monotonic()
         if final or now >= self._rejects_window_ends:
             if self._rejects_unlogged:

@@ -28,8 +28,16 @@ CREATE TABLE IF NOT EXISTS vote_audit (
     recorded_at timestamptz  NOT NULL DEFAULT now()
 );
 
--- Recounts per law (the invariant check) and "who voted on this law".
-CREATE INDEX IF NOT EXISTS vote_audit_law_choice_idx ON vote_audit (law_id, choice);
+-- No index on (law_id, choice), and the one earlier versions made is dropped: no statement reads
+-- vote_audit by law (the recount groups the whole table, which reads the table anyway), and it cost
+-- every vote one more index entry and its WAL (docs/performance.md#what-a-vote-costs-postgresql).
+-- No version of the code relies on it either way: the schema's version does not change.
+DO $$
+BEGIN
+    IF to_regclass('vote_audit_law_choice_idx') IS NOT NULL THEN
+        DROP INDEX vote_audit_law_choice_idx;
+    END IF;
+END $$;
 -- Looking up one citizen's ballots (audits, complaints).
 CREATE INDEX IF NOT EXISTS vote_audit_citizen_idx ON vote_audit (citizen_id);
 

@@ -89,9 +89,13 @@ class Summary:
         """Log the line if LOG_SUMMARY_INTERVAL_SECONDS have passed and anything happened, and the chain heads."""
         if time.monotonic() - self._heads_at >= (self._interval_s or HEADS_INTERVAL_S):
             self.log_heads()
-        if not self._interval_s or time.monotonic() - self._counts.since < self._interval_s:
+        if not self._interval_s:
             return
         with self._lock:
+            # Decided under the lock: every flush worker calls this, and two that both saw the
+            # line due would log a second one over an interval of almost nothing.
+            if time.monotonic() - self._counts.since < self._interval_s:
+                return
             done, self._counts = self._counts, _Counts()
         if not (done.received or done.written or done.errors):
             return

@@ -31,7 +31,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import throughput as tp
+ROOT = Path(__file__).resolve().parent.parent
+# `python bench/profile_service.py` puts bench/ on the path, not the repository the shared tools live in.
+sys.path.insert(0, str(ROOT))
+from bench_db import Watcher  # noqa: E402
+from bench_publishers import publish_backlog  # noqa: E402
+from bench_resources import MP, Resources  # noqa: E402
+from bench_settings import BenchError, Settings, parse_args  # noqa: E402
+from bench_votes import BenchVote, make_votes  # noqa: E402
+from procstat import CpuSources  # noqa: E402
+from reference_consumers import bare_consumer_main  # noqa: E402
+from service_process import ServiceProcess  # noqa: E402
 
 # Whose stack a sample is, by a frame only that thread runs (py-spy names threads, but pika's
 # and psycopg2's helper threads have no names of their own).
@@ -114,16 +124,16 @@ def report(title: str, path: Path, cpu: dict[int, ThreadCpu], votes: int, top: i
     print(f"  process CPU: {1e6 * total_cpu / votes:.1f} us/vote")
 
 
-def profile_bare(s: tp.Settings, res: tp.Resources, bodies: list[bytes], out: Path, rate: int, top: int) -> None:
+def profile_bare(s: Settings, res: Resources, bodies: list[bytes], out: Path, rate: int, top: int) -> None:
     queue = res.new_queue()
-    tp.publish_backlog(s, res, queue, bodies)
-    receiver, sender = tp.MP.Pipe(duplex=False)
-    child = res.child(tp._bare_consumer_main, s.endpoints, queue, len(bodies), sender)
+    publish_backlog(s, res, queue, bodies)
+    receiver, sender = MP.Pipe(duplex=False)
+    child = res.child(bare_consumer_main, s.endpoints, queue, len(bodies), CpuSources(None, None), sender)
     sender.close()
     assert child.pid is not None
     spy_proc = spy(child.pid, out / "bare.txt", rate)
     if not receiver.poll(s.stall_timeout_s + len(bodies) / 500):
-        raise tp.BenchError("the bare consumer did not finish")
+        raise BenchError("the bare consumer did not finish")
     result = receiver.recv()
     cpu = thread_cpu(child.pid)  # still alive: it closes its connection after reporting
     child.join(10)
@@ -132,21 +142,19 @@ def profile_bare(s: tp.Settings, res: tp.Resources, bodies: list[bytes], out: Pa
     report(f"bare consumer ({result.seconds:.2f} s)", out / "bare.txt", cpu, len(bodies), top)
 
 
-def profile_service(
-    s: tp.Settings, res: tp.Resources, votes: list[tp.BenchVote], out: Path, rate: int, top: int
-) -> None:
+def profile_service(s: Settings, res: Resources, votes: list[BenchVote], out: Path, rate: int, top: int) -> None:
     queue = res.new_queue()
     dbname = res.new_database(schema=False)
-    tp.publish_backlog(s, res, queue, [v.body() for v in votes])
-    svc = res.service(tp.ServiceProcess.start(s, queue=queue, dbname=dbname, log_path=out / "service.log"))
+    publish_backlog(s, res, queue, [v.body() for v in votes])
+    svc = res.service(ServiceProcess.start(s, queue=queue, dbname=dbname, log_path=out / "service.log"))
     spy_proc = spy(svc.pid, out / "service.txt", rate)
-    watcher = tp.Watcher(s.endpoints, dbname)
+    watcher = Watcher(s.endpoints, dbname)
     started = time.monotonic()
     try:
         while watcher.counted() < len(votes):
             svc.check_running()
             if time.monotonic() - started > s.stall_timeout_s + len(votes) / 500:
-                raise tp.BenchError("the service did not count the backlog in time")
+                raise BenchError("the service did not count the backlog in time")
             time.sleep(0.05)
     finally:
         watcher.close()
@@ -171,9 +179,9 @@ def main() -> int:
     a = p.parse_args()
     out = a.out or Path(tempfile.mkdtemp(prefix="vote-profile-"))
     out.mkdir(parents=True, exist_ok=True)
-    s = tp.parse_args(["--votes", str(a.votes), "--laws", str(a.laws)])
-    res = tp.Resources(s.endpoints)
-    votes = tp.make_votes(s.votes, laws=s.laws, seed=s.seed)
+    s = parse_args(["--votes", str(a.votes), "--laws", str(a.laws)])
+    res = Resources(s.endpoints)
+    votes = make_votes(s.votes, laws=s.laws, seed=s.seed)
     print(f"load average at start: {os.getloadavg()}; py-spy files in {out}")
     try:
         profile_bare(s, res, [v.body() for v in votes], out, a.rate, a.top)

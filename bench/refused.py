@@ -37,18 +37,17 @@ from pathlib import Path
 
 import pika
 import pika.exceptions
-from throughput import (
-    BenchError,
-    Endpoints,
-    Resources,
-    ServiceProcess,
-    Settings,
-    Watcher,
-    make_votes,
-    process_cpu_seconds,
-    publish_backlog,
-    queue_consumers,
-)
+
+ROOT = Path(__file__).resolve().parent.parent
+# `python bench/refused.py` puts bench/ on the path, not the repository the shared tools live in.
+sys.path.insert(0, str(ROOT))
+from bench_db import Watcher  # noqa: E402
+from bench_publishers import publish_backlog  # noqa: E402
+from bench_resources import Resources, queue_consumers  # noqa: E402
+from bench_settings import BenchError, Endpoints, Settings  # noqa: E402
+from bench_votes import make_votes  # noqa: E402
+from procstat import process_cpu_seconds  # noqa: E402
+from service_process import ServiceProcess  # noqa: E402
 
 POLL_S = 0.02
 # Valid votes behind the refused ones: one full batch (BATCH_SIZE's default), so that neither drain

@@ -6,7 +6,7 @@ Run from the repository root, with RabbitMQ and PostgreSQL as for bench/throughp
     .venv/bin/python bench/scaling.py                        # 1, 2, 3 instances x 1 and 50 laws, 2 rounds
     .venv/bin/python bench/scaling.py --instances 1,2 --laws 1 --rounds 1 --votes 20000
 
-Each cell is one run of `bench/throughput.py --phases bare,service --instances N --laws L`
+Each cell is one run of `bench/throughput.py --phases bare,service --rounds 1 --instances N --laws L`
 (a bare consumer and N service instances sharing one queue and one database, on the same
 backlog), so the bare consumer is measured in the same run as the instances it is compared
 with. Rounds go over the whole grid in turn, so a noisy minute spoils one cell of a round,
@@ -65,6 +65,8 @@ def run_cell(cell: Cell, votes: int, out: Path) -> dict[str, Any] | None:
         str(ROOT / "bench" / "throughput.py"),
         "--phases",
         "bare,service",
+        "--rounds",
+        "1",
         "--votes",
         str(votes),
         "--laws",

@@ -2,8 +2,10 @@
 # System tools the test suite runs for real: promtool and prometheus (Debian's prometheus package),
 # systemd-analyze (Debian's systemd package), prometheus-alertmanager and amtool (Debian's
 # prometheus-alertmanager package), and, as root only, Patroni with etcd (Debian's patroni and
-# etcd-server packages) for the throwaway PostgreSQL cluster of tests/test_patroni.py (which runs
-# PostgreSQL as the postgres user, so needs root anyway).
+# etcd-server packages) for the throwaway PostgreSQL cluster of tests/test_patroni.py, and the
+# locale sources localedef compiles de_DE.UTF-8 from (Debian's locales package) for the throwaway
+# server of tests/test_pg_errors.py that answers in German (both run PostgreSQL as the postgres
+# user, so need root anyway).
 #
 # As root, what is missing is installed with apt-get. As anyone else, nothing system-wide is
 # touched: `apt-get download` fetches the same packages (no root needed) and `dpkg-deb -x` unpacks
@@ -14,6 +16,12 @@ set -euo pipefail
 tools_dir=${TOOLS_DIR:-.venv/tools}
 export PATH="$tools_dir/bin:$PATH"
 
+# What localedef needs to compile de_DE.UTF-8 (tests/pg_servers.py message_locale).
+locale_sources() {
+  command -v localedef >/dev/null 2>&1 && [ -e /usr/share/i18n/locales/de_DE ] \
+    && { [ -e /usr/share/i18n/charmaps/UTF-8.gz ] || [ -e /usr/share/i18n/charmaps/UTF-8 ]; }
+}
+
 missing=()
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
@@ -23,6 +31,7 @@ if [ "$(id -u)" -eq 0 ]; then
   root_tools=(patroni etcd)
   command -v patroni >/dev/null 2>&1 || missing+=(patroni)
   command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+  locale_sources || missing+=(locales)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
@@ -92,6 +101,9 @@ still=()
 for tool in promtool prometheus systemd-analyze prometheus-alertmanager amtool "${root_tools[@]}"; do
   "$tool" --version >/dev/null 2>&1 || still+=("$tool")
 done
+if [ "$(id -u)" -eq 0 ] && ! locale_sources; then
+  still+=("localedef or the de_DE locale sources (/usr/share/i18n)")
+fi
 if [ ${#still[@]} -ne 0 ]; then
   echo "install_test_tools: still missing or not running after installing ${missing[*]}: ${still[*]}" >&2
   exit 1

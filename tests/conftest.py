@@ -1,13 +1,19 @@
-"""Fixtures: every test gets its own queue and its own database, removed afterwards."""
+"""Fixtures: every test gets its own queue and its own database, removed afterwards.
+
+And no skip goes unnoticed: with TEST_SKIPS_FAIL=1 (`.ci/run` sets it) a skipped test, or a module
+skipped whole, is reported as a failure carrying the skip's reason; without it, the end of the run
+lists every skip under a banner that says CI would fail.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
+from tests import skips
 from tests.roles import Server, ServiceRole, create_service_role, service_role
 from tests.support import (
     Service,
@@ -115,3 +121,56 @@ def make_service(tmp_path: Path, dbname: str, queue: str) -> Iterator[Callable[.
 
         yield make
         stop_all(services)
+
+
+# -- skips are failures in CI, and loud everywhere ------------------------------------------------
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    # A skip's longrepr is (path, line, "Skipped: <reason>"), a list once it came from an xdist worker.
+    if isinstance(longrepr, (tuple, list)) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _as_failure(report: pytest.TestReport | pytest.CollectReport) -> None:
+    report.outcome = "failed"
+    report.longrepr = f"skipped, and a skip fails the run here ({skips.STRICT}=1): {_skip_reason(report)}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    # An expected failure (xfail) is reported as skipped too; it is not a missing tool.
+    if report.skipped and not hasattr(report, "wasxfail") and skips.strict():
+        _as_failure(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    report = yield
+    if report.skipped and skips.strict():  # pytest.skip(..., allow_module_level=True), importorskip
+        _as_failure(report)
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if not hasattr(r, "wasxfail")]
+    if not skipped:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section(f"{len(skipped)} SKIPPED: NOT TESTED, AND CI WOULD FAIL", sep="!", red=True, bold=True)
+    for report in skipped:
+        write(f"SKIPPED {report.nodeid or report.fspath}: {_skip_reason(report)}", red=True, bold=True)
+    write(
+        f"What these tests check was not checked here. With {skips.STRICT}=1, as `.ci/run` sets it, "
+        "each of them fails the run.",
+        red=True,
+        bold=True,
+    )

@@ -7,7 +7,6 @@ the rules carry (docs/monitoring.md#runbook-links).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import urllib.error
 import urllib.parse
@@ -15,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests import skips
 from tests.support import ROOT, wait_for
 from tools.ports import free_port
 
@@ -39,10 +39,7 @@ def runbook_url(alert: str, external_labels: dict[str, str]) -> str:
 
 
 def binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise AssertionError(f"{name} is not installed; install it with: {INSTALL_HINT}")
-    return path
+    return skips.tool(name, install=INSTALL_HINT)
 
 
 def dashboard() -> dict[str, Any]:

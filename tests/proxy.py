@@ -21,6 +21,7 @@ class TcpProxy:
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._held = 0  # chunks read just as a pause began, held back until it ends
         self._accepter = threading.Thread(target=self._accept_loop, name=f"proxy-{self.port}", daemon=True)
         self._accepter.start()
 
@@ -56,6 +57,20 @@ class TcpProxy:
         with self._lock:
             return len(self._pairs)
 
+    def holding(self) -> bool:
+        """While paused: some peer sent bytes the proxy holds back (a request the other side never got)."""
+        with self._lock:
+            if self._held:
+                return True
+            sockets = [sock for pair in self._pairs for sock in pair]
+        if not sockets:
+            return False
+        try:
+            readable, _, _ = select.select(sockets, [], [], 0)
+        except (OSError, ValueError):  # a connection closed meanwhile
+            return False
+        return bool(readable)
+
     # -- forwarding -----------------------------------------------------------------
 
     def _accept_loop(self) -> None:
@@ -90,8 +105,15 @@ class TcpProxy:
                     if not data:
                         return
                     # Bytes read just as a pause began are held back too.
-                    while self._paused.is_set() and not self._closed.is_set():
-                        self._closed.wait(0.05)
+                    if self._paused.is_set():
+                        with self._lock:
+                            self._held += 1
+                        try:
+                            while self._paused.is_set() and not self._closed.is_set():
+                                self._closed.wait(0.05)
+                        finally:
+                            with self._lock:
+                                self._held -= 1
                     peers[src].sendall(data)
         except (OSError, ValueError):
             return

@@ -34,6 +34,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from tests import skips
 from tests.support import (
     RABBITMQ_PASSWORD,
     RABBITMQ_USER,
@@ -280,7 +281,8 @@ class RabbitNodes:
 @contextmanager
 def standalone_node(*, config: str = "", metrics: bool = False) -> Iterator[RabbitNode]:
     """One node on its own (more rabbitmq.conf lines in `config`; rabbitmq_prometheus with
-    `metrics`), removed afterwards."""
+    `metrics`), removed afterwards; skipped, saying why, where nodes cannot be started here."""
+    skips.require(unavailable())
     nodes = RabbitNodes(1, clustered=1, config=config, metrics=metrics)
     try:
         yield nodes.start().nodes[0]

@@ -573,8 +573,16 @@ def problems(result: subprocess.CompletedProcess[str]) -> list[str]:
 TEST_BATCH_TIMEOUT_S = "0.2"
 
 
+# For the tests whose subject is the per-law series: the results embargo (on by default, as in
+# production, for every other test) lifted.
+PER_LAW_METRICS = {"RESULTS_EMBARGO": "false"}
+
+
 class Service:
-    """The service as users run it: `python aggregator.py` with environment variables."""
+    """The service as users run it: `python aggregator.py` with environment variables.
+
+    Production's defaults, the results embargo included, except what the test sets.
+    """
 
     def __init__(
         self,
@@ -599,8 +607,6 @@ class Service:
                 "PYTHONUNBUFFERED": "1",
                 # The last, partial batch of a test is written 0.2 s after its first vote, not 1 s.
                 "BATCH_TIMEOUT_SECONDS": TEST_BATCH_TIMEOUT_S,
-                # Tests read the per-law series; tests/test_security.py runs the embargo (the default).
-                "RESULTS_EMBARGO": "false",
                 # Each run's signed chain heads in a file of its own, next to its log.
                 "CHAIN_HEADS_FILE": str(log_path.with_name(f"{log_path.stem}.heads.jsonl")),
                 **(env or {}),
@@ -765,6 +771,21 @@ class NotifyListener:
 
         message: list[str] = wait_for(found, timeout=timeout, interval=0.02, what=state)
         return message
+
+    def unfed(self) -> tuple[int, int]:
+        """(watchdog pings, turns that said "not counting" instead), from the first such turn on.
+
+        Once liveness fails, each turn a ping is due sends `STATUS=not counting: ...` in its place:
+        the second figure counts turns, so that "no ping since" needs no clock.
+        """
+
+        def not_counting(message: list[str]) -> bool:
+            return any(state.startswith("STATUS=not counting") for state in message)
+
+        messages = self.received()
+        first = next((i for i, message in enumerate(messages) if not_counting(message)), len(messages))
+        later = messages[first:]
+        return sum("WATCHDOG=1" in m for m in later), sum(not_counting(m) for m in later)
 
     def count(self, state: str, *, since: float = 0.0) -> int:
         """Messages carrying `state`, received at or after `since` (time.monotonic())."""

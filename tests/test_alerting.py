@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import pytest
 from ruamel.yaml import YAML
 
+from tests import skips
 from tests.deploy_files import COMPOSE, bind_mounts, pinned
 from tests.prometheus import JOB, PROMETHEUS_CONFIG, Prometheus, dashboard_panels, runbook_url
 from tests.support import ROOT, Service, wait_for
@@ -31,7 +32,7 @@ from tools.ports import free_port
 ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-INSTALL_HINT = "prometheus-alertmanager is not installed: make test-tools installs it (Debian's package)"
+INSTALL_HINT = "make test-tools installs it (Debian's prometheus-alertmanager package)"
 
 
 def _yaml(path: Path) -> Any:
@@ -58,15 +59,15 @@ def test_prometheus_sends_alerts_to_the_stacks_alertmanager() -> None:
     assert "alertmanager" in services["prometheus"]["depends_on"]
 
 
-@pytest.mark.skipif(shutil.which("amtool") is None, reason=INSTALL_HINT)
 def test_every_severity_is_routed_to_someone() -> None:
-    checked = subprocess.run(["amtool", "check-config", str(ALERTMANAGER_CONFIG)], capture_output=True, text=True)
+    amtool = skips.tool("amtool", install=INSTALL_HINT)
+    checked = subprocess.run([amtool, "check-config", str(ALERTMANAGER_CONFIG)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     severities = {rule["labels"]["severity"] for rule in _rules()}
     assert severities == {"critical", "warning", "info"}
     for severity in severities:
         routed = subprocess.run(
-            ["amtool", "config", "routes", "test", f"--config.file={ALERTMANAGER_CONFIG}", f"severity={severity}"],
+            [amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER_CONFIG}", f"severity={severity}"],
             capture_output=True,
             text=True,
         )
@@ -97,7 +98,7 @@ def receiver() -> Iterator[str]:
     server.server_close()
 
 
-@pytest.mark.skipif(ALERTMANAGER is None, reason=INSTALL_HINT)
+@skips.unless(None if ALERTMANAGER else f"prometheus-alertmanager is not installed: {INSTALL_HINT}")
 def test_a_critical_alert_reaches_the_on_call_receiver_with_its_runbook(receiver: str, tmp_path: Path) -> None:
     config = _yaml(ALERTMANAGER_CONFIG)
     (on_call,) = [r for r in config["receivers"] if r["name"] == "on-call"]

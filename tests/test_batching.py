@@ -65,23 +65,37 @@ def test_buffer_hands_out_full_batches_in_delivery_order() -> None:
 
 
 def test_buffer_releases_a_partial_batch_once_its_oldest_vote_is_due() -> None:
-    buffer = Buffer(batch_size=100, timeout_s=0.3)
     channel = 1
+    # Not before: received now, due in an hour.
+    buffer = Buffer(batch_size=100, timeout_s=3600)
     buffer.extend([_delivery(1, channel)])
-    started = time.monotonic()
-    assert _tags(buffer.take(wait_s=5)) == [1]
-    assert time.monotonic() - started >= 0.25
+    assert buffer.take(wait_s=0) is None
+    # Due an hour ago: released at once.
+    buffer.extend([_delivery(2, channel, received_at=time.monotonic() - 3600)])
+    assert buffer.take(wait_s=0) is None  # the oldest (tag 1) decides, and it is not due
+    late = Buffer(batch_size=100, timeout_s=3600)
+    late.extend([_delivery(3, channel, received_at=time.monotonic() - 3600)])
+    assert _tags(late.take(wait_s=0)) == [3]
+    # And when it falls due: a writer waiting in take() (for up to an hour) wakes for it.
+    soon = Buffer(batch_size=100, timeout_s=0.3)
+    soon.extend([_delivery(4, channel)])
+    taken: list[list[int]] = []
+    writer = threading.Thread(target=lambda: taken.append(_tags(soon.take(wait_s=3600))), daemon=True)
+    writer.start()
+    writer.join(60)
+    assert taken == [[4]]
 
 
 def test_buffer_wakes_the_writer_when_a_batch_fills() -> None:
-    buffer = Buffer(batch_size=5, timeout_s=60)
+    # Not woken, the writer would sleep out its wait or the batch timeout: an hour each.
+    buffer = Buffer(batch_size=5, timeout_s=3600)
     channel = 1
     taken: list[list[int]] = []
-    writer = threading.Thread(target=lambda: taken.append(_tags(buffer.take(wait_s=30))))
+    writer = threading.Thread(target=lambda: taken.append(_tags(buffer.take(wait_s=3600))), daemon=True)
     writer.start()
     for tag in range(1, 6):
         buffer.extend([_delivery(tag, channel)])
-    writer.join(10)
+    writer.join(60)
     assert not writer.is_alive()
     assert taken == [[1, 2, 3, 4, 5]]
 
@@ -208,11 +222,13 @@ def test_stopping_while_a_batch_is_being_written_waits_for_it(
         proxy.pause()
         publish(queue, (v.body() for v in votes))
         wait_for(lambda: svc.metric("vote_buffer_depth") > 0, timeout=30, what="votes buffered")
+        wait_for(proxy.holding, timeout=10, interval=0.01, what="a batch on its way to the silent database")
         svc.signal(signal.SIGTERM)
-        time.sleep(1.0)
-        assert svc.proc is not None
-        assert svc.proc.poll() is None, "the stop waits for the batch being written"
+        # The stop under way with a batch on its way to the silent database; it ends well only if it
+        # waits for that batch (counted below, and exit 0), since nothing is written before resume().
+        wait_for(lambda: "stopping: no new messages" in svc.logs(), timeout=15, what="the stop under way")
         proxy.resume()
+        assert svc.proc is not None
         assert svc.proc.wait(30) == 0
     finally:
         proxy.close()
@@ -241,12 +257,16 @@ def test_a_later_batch_is_not_acked_before_an_earlier_one_commits(
         svc = make_service({"BATCH_SIZE": "10", "FLUSH_WORKERS": "2", "BATCH_TIMEOUT_SECONDS": "0.2"}).start()
         publish(queue, [v.body() for v in slow] + [v.body() for v in fast])
         wait_for(lambda: audit_count(dbname) == len(fast), timeout=30, what="the later batch committed")
-        time.sleep(1.0)  # time enough for an ack to reach RabbitMQ, were one sent
+        # An ack, were one sent, is written on the connection thread's next turn. A message received
+        # after the commit shows a later turn: an ack would be on the wire before the kill. (Refused
+        # on arrival, it is no vote; it too waits behind batch 0.)
+        publish(queue, [b"not json"])
+        wait_for(lambda: svc.metric("messages_received_total") == len(slow) + len(fast) + 1, timeout=30, what="a turn")
         svc.kill()
     finally:
         blocker.rollback()
         blocker.close()
-    assert queue_state(queue)[0] == len(slow) + len(fast)  # nothing was acked
+    assert queue_state(queue)[0] == len(slow) + len(fast) + 1  # nothing was acked
 
     again = make_service().start()
     wait_for(lambda: audit_count(dbname) == len(slow) + len(fast), timeout=30, what="every vote counted")

@@ -18,9 +18,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 import exits
+from tests import skips
 from tests.support import (
     Service,
     VoteMsg,
@@ -66,7 +65,7 @@ def _rabbitmqctl_unavailable() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_rabbitmqctl_unavailable() is not None, reason=str(_rabbitmqctl_unavailable()))
+@skips.unless(_rabbitmqctl_unavailable())
 def test_closing_the_polls_step_by_step(
     make_service: MakeService, queue_names: list[str], dbname: str, tmp_path: Path
 ) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -232,28 +231,25 @@ def _in_thread(call: Any) -> tuple[threading.Thread, list[BaseException]]:
     return thread, raised
 
 
-def test_close_returns_at_once_while_a_query_hangs(dbname: str) -> None:
+def test_close_returns_and_ends_a_query_that_hangs(dbname: str) -> None:
     proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
     database = _through(proxy, dbname)
     try:
         database.ping()
         proxy.pause()  # PostgreSQL (or the path to it) stops answering mid-query
         thread, raised = _in_thread(database.ping)
-        thread.join(0.5)
+        wait_for(proxy.holding, timeout=10, interval=0.01, what="the query sent and held back")
         assert thread.is_alive(), "the query should hang while the proxy is paused"
-        started = time.monotonic()
-        database.close()
-        closing = time.monotonic() - started
-        thread.join(5)
+        database.close()  # returns although the query never will (a hang is the test's timeout)
+        # The hung query ends, with the proxy still paused: close() interrupted it.
+        wait_for(lambda: not thread.is_alive(), timeout=30, what="the hung query ended by close()")
     finally:
         proxy.close()
-    assert closing < 1.0, f"close() took {closing:.2f}s"
-    assert not thread.is_alive()
     assert raised
     assert isinstance(raised[0], db.DatabaseUnavailable)
 
 
-def test_interrupt_ends_a_hung_write_at_once(dbname: str) -> None:
+def test_interrupt_ends_a_hung_write(dbname: str) -> None:
     apply_schema(dbname)
     vote = Vote("ef" * 32, "citizen-3", "law-z", "oui", datetime(2025, 11, 14, 12, tzinfo=UTC))
     proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT)
@@ -261,11 +257,11 @@ def test_interrupt_ends_a_hung_write_at_once(dbname: str) -> None:
     try:
         proxy.pause()
         thread, raised = _in_thread(lambda: database.write_batch([vote]))
-        thread.join(0.5)
+        wait_for(proxy.holding, timeout=10, interval=0.01, what="the write sent and held back")
         assert thread.is_alive(), "the write should hang while the proxy is paused"
         database.interrupt()
-        thread.join(2)
-        assert not thread.is_alive()
+        # The hung write ends, with the proxy still paused: interrupt() ended it.
+        wait_for(lambda: not thread.is_alive(), timeout=30, what="the hung write ended by interrupt()")
         assert raised
         assert isinstance(raised[0], db.DatabaseUnavailable)
     finally:

@@ -23,6 +23,7 @@ from amqp import amqp_parameters, open_connection
 from config import Config
 from tests.proxy import TcpProxy
 from tests.support import (
+    PER_LAW_METRICS,
     POSTGRES_HOST,
     POSTGRES_PORT,
     RABBITMQ_HOST,
@@ -402,7 +403,7 @@ def test_law_labels_are_capped_and_law_ids_checked_against_the_pattern(
 ) -> None:
     votes = make_votes(3_000, laws=40)
     outsider = VoteMsg("cd" * 32, "citizen-x", "bill-7", "oui")
-    svc = make_service({"METRICS_MAX_LAWS": "10", "LAW_ID_PATTERN": r"law-[0-9]{3}"}).start()
+    svc = make_service({"METRICS_MAX_LAWS": "10", "LAW_ID_PATTERN": r"law-[0-9]{3}", **PER_LAW_METRICS}).start()
     publish(queue, [outsider.body()] + [v.body() for v in votes])
     wait_for(lambda: audit_count(dbname) == len(votes), timeout=60, what="votes counted")
     wait_for(lambda: svc.metric("batch_size_processed_total") == len(votes), timeout=10, what="metrics updated")

@@ -18,6 +18,7 @@ import pika.exceptions
 import pytest
 
 import db
+import replication
 from amqp import declare_queues
 from config import Config, ConfigError, load_config
 from health import describe_replication
@@ -29,6 +30,7 @@ from tests.support import (
     audit_count,
     drain_queue,
     make_votes,
+    pg_connect,
     publish,
     queue_state,
     run_cli,
@@ -289,7 +291,18 @@ def test_what_a_failover_could_lose_is_said_in_one_line(
 
 def test_the_service_reports_the_shared_servers_replication(make_service: MakeService) -> None:
     svc = make_service().start()
+    # What the shared server's replication is, read here as a superuser: safe (1) only with a
+    # synchronous standby every commit waits for; a server on its own, as tests run, says 0.
+    conn = pg_connect("postgres")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_setting('synchronous_standby_names'), current_setting('synchronous_commit')")
+            names, commit = cur.fetchone() or ("", "")
+            standbys = replication.read_standbys(cur)
+    finally:
+        conn.close()
+    expected = replication.ReplicationState("shared", names, commit, standbys)
     assert "PostgreSQL replication on " in svc.logs()
-    assert svc.metric("database_failover_safe") in (0, 1)
+    assert svc.metric("database_failover_safe") == (1 if expected.failover_safe else 0)
     assert svc.metric("rabbitmq_node_connected", node=f"{RABBITMQ_HOST}:{RABBITMQ_PORT}") == 1
     assert svc.stop() == 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import io
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from ruamel.yaml import YAML
 
 import config
 from config import load_config
+from tests import skips
 from tests.deploy_files import (
     COMPOSE,
     DOCKERFILE,
@@ -306,8 +306,7 @@ def test_the_prometheus_rule_carries_the_alerts_of_alerts_yml(tmp_path: Path) ->
     )
     assert result.returncode == 0, result.stderr
     # promtool reads the rules as the Operator hands them to Prometheus.
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool is not installed: make test-tools installs it (Debian's prometheus package)"
+    promtool = skips.tool("promtool", install="make test-tools installs it (Debian's prometheus package)")
     rules = tmp_path / "rules.yml"
     rules.write_text(dump(rule["spec"]))
     checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)

@@ -2,8 +2,8 @@
 load and a real RabbitMQ node's rabbitmq_prometheus plugin.
 
 promtool and prometheus come from Debian's `prometheus` package, the node from Debian's
-`rabbitmq-server` (tests/rabbitmq_cluster.py); these tests fail, never skip, when one is
-missing (.ci/run installs them).
+`rabbitmq-server` (tests/rabbitmq_cluster.py); without one these tests are skipped, saying
+which, and a skip fails the run in CI (tests/skips.py; .ci/run installs them).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,6 +36,7 @@ from tests.prometheus import (
 )
 from tests.rabbitmq_cluster import RabbitNode, standalone_node
 from tests.support import (
+    PER_LAW_METRICS,
     ROOT,
     Service,
     make_votes,
@@ -427,8 +427,12 @@ def node_env(node: RabbitNode) -> dict[str, str]:
 def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
     make_service: MakeService, node: RabbitNode, start_prometheus: Callable[..., Prometheus]
 ) -> None:
-    svc = make_service({"BATCH_TIMEOUT_SECONDS": "0.2", **node_env(node)}, queue_name=VOTE_QUEUE).start()
-    load = start_load(VOTE_QUEUE, port=node.port, rate=300, seconds=60)
+    # The dashboard's per-law panels are queried too: the embargo lifted, as after the close of polls.
+    svc = make_service(
+        {"BATCH_TIMEOUT_SECONDS": "0.2", **node_env(node), **PER_LAW_METRICS}, queue_name=VOTE_QUEUE
+    ).start()
+    # Longer than any wait below can take, however loaded the machine: it is stopped at the end.
+    load = start_load(VOTE_QUEUE, port=node.port, rate=300, seconds=600)
     try:
         prometheus = start_prometheus(svc.metrics_port, node.metrics_port)
         wait_for(
@@ -597,10 +601,8 @@ def test_prometheus_scrapes_the_service_down_as_up_zero(
     prometheus = start_prometheus(svc.metrics_port)
     wait_for(lambda: prometheus.query(f'up{{app="{APP}"}} == 1'), timeout=20, what="a successful scrape")
     assert svc.stop() == 0
-    started = time.monotonic()
-    down = wait_for(lambda: prometheus.query(f'up{{app="{APP}"}} == 0'), timeout=20, what="up == 0")
+    down = wait_for(lambda: prometheus.query(f'up{{app="{APP}"}} == 0'), timeout=30, what="up == 0")
     assert down[0]["metric"]["instance"] == f"127.0.0.1:{svc.metrics_port}"
-    assert time.monotonic() - started < 20
 
 
 def test_a_real_node_counts_what_it_dead_letters_for_a_delivery_count(rabbit: RabbitNode) -> None:

@@ -2,6 +2,8 @@
 
 Run against throwaway clusters (tests/pg_servers.py) whose server messages are in German when the
 locale can be made here, so nothing depends on English text: the service classifies by SQLSTATE.
+The throwaway servers need root and PostgreSQL's binaries (tests/pg_servers.py); the classification
+of messages without an SQLSTATE, and of a port where nothing listens, needs neither.
 """
 
 from __future__ import annotations
@@ -16,12 +18,10 @@ import pytest
 import db
 import dberrors
 from config import Config
-from tests import pg_servers
+from tests import pg_servers, skips
 from tests.pg_servers import PgServer
 from tests.support import Service, make_votes, publish, queue_state, stop_all, wait_for
 from tools.ports import free_port
-
-pytestmark = pytest.mark.skipif(pg_servers.unavailable() is not None, reason=str(pg_servers.unavailable()))
 
 LANGUAGE = "de_DE.UTF-8"
 PASSWORD = "richtig-geheim"
@@ -29,6 +29,8 @@ PASSWORD = "richtig-geheim"
 
 @pytest.fixture(scope="module")
 def locpath() -> Path | None:
+    """The German messages' LOCPATH; every test with a throwaway server asks for it, so it checks they can be made."""
+    skips.require(pg_servers.unavailable())
     return pg_servers.message_locale(LANGUAGE)
 
 
@@ -100,8 +102,11 @@ def _keeps_retrying(svc: Service, needle: str) -> None:
 
 
 def test_the_throwaway_server_answers_in_german(server: PgServer, locpath: Path | None) -> None:
-    if locpath is None:
-        pytest.skip(f"the {LANGUAGE} locale cannot be made here (localedef or its sources missing)")
+    skips.require(
+        None
+        if locpath
+        else f"the {LANGUAGE} locale cannot be made here (localedef, or its sources: Debian's locales package)"
+    )
     with pytest.raises(psycopg2.OperationalError, match="Passwort-Authentifizierung"):
         server.connect("votes", user="alice", password="falsch")
 

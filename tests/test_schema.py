@@ -137,6 +137,19 @@ def test_init_db_sql_records_the_version_schema_py_declares(dbname: str) -> None
     ]
 
 
+def test_init_db_sql_drops_the_law_choice_index_earlier_versions_made(dbname: str) -> None:
+    """No statement reads vote_audit by law: the index only cost every vote an entry and its WAL
+    (docs/performance.md). Applying init_db.sql again removes it from a database that has it."""
+    assert _init_db(dbname).returncode == 0
+    query(dbname, "CREATE INDEX vote_audit_law_choice_idx ON vote_audit (law_id, choice)")
+    done = _init_db(dbname)
+    assert done.returncode == 0, done.stderr
+    assert query(dbname, "SELECT indexname FROM pg_indexes WHERE tablename = 'vote_audit' ORDER BY 1") == [
+        ("vote_audit_citizen_idx",),
+        ("vote_audit_pkey",),
+    ]
+
+
 def test_migration_files_are_named_and_ordered(tmp_path: Path) -> None:
     assert all(m.version <= schema.SCHEMA_VERSION for m in schema.migrations())
     for name in ("0010_later.sql", "0003_earlier.sql", "0004_middle.sql"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import pg_servers
+from tests import pg_servers, skips
 from tests.pg_servers import PgServer
 from tests.support import (
     RABBITMQ_HOST,
@@ -203,9 +203,7 @@ def test_rabbitmq_client_certificate(make_service: Callable[..., Service], queue
 
 @pytest.fixture(scope="module")
 def tls_postgres(pki: Pki) -> Iterator[PgServer]:
-    why_not = pg_servers.unavailable()
-    if why_not:
-        pytest.fail(f"cannot start a PostgreSQL with TLS here: {why_not}")
+    skips.require(pg_servers.unavailable())
     server = postgres_with_tls(pki.server)
     try:
         server.start()

@@ -9,7 +9,6 @@ import pty
 import select
 import signal
 import subprocess
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -35,8 +34,8 @@ from tests.support import (
     tool_env,
     wait_for,
 )
-from tools.publish_votes import INVALID_KINDS, MessageFactory
 from tools.publisher import PublishError, publish_all
+from tools.vote_messages import INVALID_KINDS, MessageFactory
 from votes import InvalidVote, parse_vote
 
 MakeService = Callable[..., Service]
@@ -183,24 +182,24 @@ def test_two_connections_share_the_messages(queue: str) -> None:
 
 
 def test_rate_paces_publishing(queue: str) -> None:
-    started = time.monotonic()
     result = run_tool("--count=200", "--rate=100", "--json", f"--queue={queue}")
-    wall = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     s = summary_of(result)
-    assert wall >= 1.5
-    assert s["elapsed_s"] >= 1.5
-    assert s["rate"] <= 130
+    # Message i goes out no earlier than i / rate after the first: 200 at 100/s take at least
+    # 1.99 s (1.98 leaves room for rounding). A floor only: a loaded machine is slower, never faster.
+    assert s["elapsed_s"] >= 1.98
+    assert s["rate"] <= 200 / 1.98
     assert queue_state(queue)[0] == 200
 
 
-def test_unpaced_publishing_reaches_thousands_per_second(queue: str) -> None:
-    result = run_tool("--count=20000", "--json", f"--queue={queue}")
+def test_unpaced_publishing_confirms_every_message(queue: str) -> None:
+    # How fast is bench/publisher.py's question (about 13,000/s on an idle 2-core machine).
+    result = run_tool("--count=5000", "--json", f"--queue={queue}")
     assert result.returncode == 0, result.stderr
     s = summary_of(result)
-    assert s["confirmed"] == 20000
-    # About 13,000/s on an idle 2-core machine; the floor leaves room for a busy one.
-    assert s["rate"] >= 2000, s["rate"]
+    assert s["published"] == s["confirmed"] == 5000
+    assert s["rate"] > 0
+    assert queue_state(queue)[0] == 5000
 
 
 def test_the_shared_publisher_raises_unless_every_message_is_in_the_queue(queue_names: list[str]) -> None:

@@ -3,8 +3,8 @@
 A BlockingChannel in confirm mode waits for each message's confirm, a broker round trip and an
 fsync per message (about 1,500 messages/s here). ConfirmedPublisher keeps up to `window`
 messages unconfirmed instead, so the broker confirms them in groups while more are on the wire,
-and it is done only when the broker has settled every one. Used by tools/publish_votes.py,
-bench/throughput.py and the tests (tests/support.py).
+and it is done only when the broker has settled every one. Used by tools/publish_processes.py,
+bench/bench_publishers.py and the tests (tests/support.py).
 """
 
 from __future__ import annotations
