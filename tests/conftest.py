@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 
 from tests import skips
-from tests.roles import ServiceRole, service_role
-from tests.support import Service, declare_queue, pg_connect, scratch_database, scratch_queues, stop_all
+from tests.roles import Server, ServiceRole, create_service_role, service_role
+from tests.support import (
+    Service,
+    close_reused_connections,
+    declare_queue,
+    pg_connect,
+    scratch_database,
+    scratch_queues,
+    stop_all,
+)
 
 
 @pytest.fixture
@@ -56,28 +64,55 @@ def queue(queue_names: list[str]) -> str:
 _ELSEWHERE = ("POSTGRES_HOST", "POSTGRES_DB", "POSTGRES_USER")
 
 
+@pytest.fixture(autouse=True)
+def _reused_connections() -> Iterator[None]:
+    """The connections the polling helpers keep are the test's own: ended when it ends."""
+    yield
+    close_reused_connections()
+
+
 @pytest.fixture
 def make_service(tmp_path: Path, dbname: str, queue: str) -> Iterator[Callable[..., Service]]:
     """The service as users run it, connecting with the least-privilege role (service_role.sql).
 
     The schema is applied by an administrator first, as docs/security.md says; a test about the
-    service applying the schema itself passes `as_superuser=True`.
+    service applying the schema itself passes `as_superuser=True`. By default it writes to the
+    test's database (`dbname`) on the shared server and consumes `queue`; a test of its own
+    servers passes `server` (where the role is made: the primary) and `dbname`, with settings that
+    name the hosts, and `queue_name` for a queue elsewhere.
     """
+    shared_dbname = dbname
     services: list[Service] = []
+    made: dict[tuple[int, str], ServiceRole] = {}
     with ExitStack() as roles:
-        role: list[ServiceRole] = []
+
+        def role_for(database: str, server: Server | None) -> ServiceRole:
+            key = (id(server), database)
+            if key not in made:
+                if server is None:
+                    made[key] = roles.enter_context(service_role(database))
+                else:  # a throwaway server: the role goes with it
+                    made[key] = create_service_role(database, server=server)
+            return made[key]
 
         def make(
-            env: dict[str, str] | None = None, *, queue_name: str | None = None, as_superuser: bool = False
+            env: dict[str, str] | None = None,
+            *,
+            queue_name: str | None = None,
+            as_superuser: bool = False,
+            server: Server | None = None,
+            dbname: str | None = None,
         ) -> Service:
             settings = dict(env or {})
-            if not as_superuser and not any(name in settings for name in _ELSEWHERE):
-                if not role:
-                    role.append(roles.enter_context(service_role(dbname)))
-                settings = {**role[0].env(), **settings}
+            if server is not None and dbname is None:
+                raise TypeError("make_service(server=...) needs the dbname on that server")
+            database = dbname or shared_dbname
+            elsewhere = server is None and any(name in settings for name in _ELSEWHERE)
+            if not as_superuser and not elsewhere:
+                settings = {**role_for(database, server).env(), **settings}
             svc = Service(
                 queue=queue_name or queue,
-                dbname=dbname,
+                dbname=database,
                 log_path=tmp_path / f"service-{len(services)}.log",
                 env=settings,
             )

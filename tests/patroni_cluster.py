@@ -31,7 +31,7 @@ import psycopg2.extensions
 
 from tests.pg_servers import PG_BIN
 from tests.pg_servers import unavailable as pg_unavailable
-from tests.support import alive, wait_for
+from tests.support import alive, execute, reused_connection, wait_for
 from tools.ports import free_port
 
 _PREFIX = "agg-patroni-"
@@ -200,14 +200,13 @@ class Member:
         conn.autocommit = True
         return conn
 
-    def execute(self, statement: str, *, dbname: str = "postgres") -> list[tuple[Any, ...]]:
-        conn = self.connect(dbname)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(statement)
-                return list(cur.fetchall()) if cur.description else []
-        finally:
-            conn.close()
+    def execute(
+        self, statement: str, params: tuple[Any, ...] = (), *, dbname: str = "postgres"
+    ) -> list[tuple[Any, ...]]:
+        """One statement as the superuser, on the test's kept connection to `dbname` (a new one
+        once the member ended the last: a kill, a restart, a demotion)."""
+        conn = reused_connection("127.0.0.1", self.port, dbname, lambda: self.connect(dbname))
+        return execute(conn, statement, params)
 
     def writable(self) -> bool:
         """Whether its PostgreSQL answers and accepts writes (is not in recovery)."""

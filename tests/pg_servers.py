@@ -26,7 +26,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from tests.support import alive, wait_for
+from tests.support import alive, execute, reused_connection, wait_for
 from tools.ports import free_port
 
 _PREFIX = "agg-pg-"
@@ -107,7 +107,10 @@ class PgServer:
     """One throwaway cluster on 127.0.0.1:<free port>, superuser `postgres` trusted locally.
 
     `settings` go into postgresql.conf; `hba` replaces pg_hba.conf's lines (default: trust all on
-    127.0.0.1); `locpath` is handed to the server as LOCPATH (see message_locale).
+    127.0.0.1); `locpath` is handed to the server as LOCPATH (see message_locale); `files` are
+    copied into the data directory, readable by the server only (a TLS certificate and its key:
+    PostgreSQL refuses a key that others can read); `connect_options` are libpq's for every
+    connection of the tests' own (sslmode=require where pg_hba.conf refuses any other).
     """
 
     def __init__(
@@ -116,6 +119,8 @@ class PgServer:
         settings: Mapping[str, str] | None = None,
         hba: Sequence[str] | None = None,
         locpath: Path | None = None,
+        files: Mapping[str, Path] | None = None,
+        connect_options: Mapping[str, str] | None = None,
     ) -> None:
         remove_leftovers()
         self.port = free_port()
@@ -125,6 +130,8 @@ class PgServer:
         self._settings = dict(settings or {})
         self._hba = list(hba or ["host all all 127.0.0.1/32 trust"])
         self._env = {"LOCPATH": str(locpath)} if locpath else {}
+        self._files = dict(files or {})
+        self._connect_options = dict(connect_options or {})
         self._created = False
 
     # -- life cycle -------------------------------------------------------------------
@@ -146,6 +153,11 @@ class PgServer:
             str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
             "--locale=C.UTF-8", "--no-sync", "--no-instructions",
         )  # fmt: skip
+        for name, source in self._files.items():
+            target = self.data / name
+            shutil.copyfile(source, target)
+            shutil.chown(target, "postgres", "postgres")
+            target.chmod(0o600)
         settings = {
             "port": str(self.port),
             "listen_addresses": "'127.0.0.1'",
@@ -209,7 +221,7 @@ class PgServer:
 
     def connect(self, dbname: str = "postgres", **kwargs: Any) -> psycopg2.extensions.connection:
         params: dict[str, Any] = {"host": "127.0.0.1", "port": self.port, "user": "postgres", "dbname": dbname}
-        conn: psycopg2.extensions.connection = psycopg2.connect(**{**params, **kwargs})
+        conn: psycopg2.extensions.connection = psycopg2.connect(**{**params, **self._connect_options, **kwargs})
         conn.autocommit = True
         return conn
 
@@ -223,13 +235,10 @@ class PgServer:
     def execute(
         self, statement: str, params: tuple[Any, ...] = (), *, dbname: str = "postgres"
     ) -> list[tuple[Any, ...]]:
-        conn = self.connect(dbname)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(statement, params or None)
-                return list(cur.fetchall()) if cur.description else []
-        finally:
-            conn.close()
+        """One statement as the superuser, on the test's kept connection to `dbname` (a new one
+        once the server ended the last: a stop, a crash, a promotion)."""
+        conn = reused_connection("127.0.0.1", self.port, dbname, lambda: self.connect(dbname, connect_timeout=5))
+        return execute(conn, statement, params)
 
     def server_log(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

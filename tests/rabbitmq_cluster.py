@@ -1,5 +1,6 @@
-"""Throwaway RabbitMQ nodes: a three-node cluster and a standalone node, for tests that kill, stop
-and restart a broker. The shared broker (127.0.0.1:5672) is never touched.
+"""Throwaway RabbitMQ nodes: a three-node cluster and standalone nodes, for tests that kill, stop,
+restart or reconfigure a broker, or read its metrics (rabbitmq_prometheus, which the shared broker
+does not run). The shared broker (127.0.0.1:5672) is never touched.
 
 Each node has a directory of its own under the temporary directory, named
 `agg-rmq-<pid of the test run>-...` (config file, data, logs, pid file), listens on free loopback
@@ -10,7 +11,7 @@ half-way leaves such directories behind: the next run stops and removes those wh
 (`remove_leftovers`).
 
 Nodes boot in parallel (about 10 s here), so a module-scoped fixture that starts them once keeps
-the tests fast.
+the tests fast (`standalone_node` for one node on its own).
 """
 
 from __future__ import annotations
@@ -24,13 +25,27 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pika
+import pika.exceptions
 
-from tests.support import RABBITMQ_PASSWORD, RABBITMQ_USER, alive, rabbitmq_node_of, wait_for
+from tests import skips
+from tests.support import (
+    RABBITMQ_PASSWORD,
+    RABBITMQ_USER,
+    alive,
+    drain_with_headers,
+    queue_state,
+    rabbitmq_node_of,
+    wait_for,
+)
 from tools.ports import free_port
+from tools.publisher import publish_all
 
 RABBITMQ_BIN = Path(os.environ.get("TEST_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 _PREFIX = "agg-rmq-"
@@ -72,22 +87,27 @@ def remove_leftovers() -> None:
 
 
 class RabbitNode:
-    """One node: `start()` boots it detached, `wait_started()` until it serves AMQP."""
+    """One node: `start()` boots it detached, `wait_started()` until it serves AMQP (and, with
+    `metrics`, rabbitmq_prometheus on 127.0.0.1:`metrics_port`)."""
 
-    def __init__(self, base: Path, name: str, *, config: str = "") -> None:
+    def __init__(self, base: Path, name: str, *, config: str = "", metrics: bool = False) -> None:
         self.dir = base / name
         # Node names are unique on this host while they run: the base directory's name is.
         self.node = f"{base.name.replace('-', '_')}_{name}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
+        self.metrics_port = free_port() if metrics else None
         self.dir.mkdir()
         (self.dir / "rabbitmq.conf").write_text(
             f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n"
             # The smallest disk and memory checks: the tests' messages are tiny.
             "disk_free_limit.absolute = 1MB\n"
+            + (f"prometheus.tcp.port = {self.metrics_port}\nprometheus.tcp.ip = 127.0.0.1\n" if metrics else "")
             # Lines of the test's own, e.g. a short consumer_timeout.
-            f"{config}"
+            + config
         )
+        if metrics:
+            (self.dir / "plugins").write_text("[rabbitmq_prometheus].\n")
 
     @property
     def address(self) -> str:
@@ -118,6 +138,21 @@ class RabbitNode:
 
         wait_for(started, timeout=timeout, interval=0.5, what=f"RabbitMQ node {self.node} to start")
         wait_for(self.answers, timeout=30, what=f"RabbitMQ node {self.node} to accept AMQP connections")
+        if self.metrics_port is not None:
+            wait_for(self._serving_metrics, timeout=30, interval=0.2, what="rabbitmq_prometheus to answer")
+
+    @property
+    def metrics_url(self) -> str:
+        """rabbitmq_prometheus' per-object endpoint (add ?family=... to choose what it returns)."""
+        assert self.metrics_port is not None, f"{self.node} runs without rabbitmq_prometheus"
+        return f"http://127.0.0.1:{self.metrics_port}/metrics/detailed"
+
+    def _serving_metrics(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.metrics_url}?family=queue_consumer_count", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
 
     def ctl_result(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return _as_rabbitmq(str(RABBITMQ_BIN / "rabbitmqctl"), "-q", "-n", self.node, *args, timeout=timeout)
@@ -161,12 +196,30 @@ class RabbitNode:
 
     def queue_state(self, queue: str) -> tuple[int, int]:
         """(messages ready, consumers) of a queue, asked through this node."""
-        connection = pika.BlockingConnection(self.params())
+        return queue_state(queue, self.params())
+
+    def publish(self, queue: str, bodies: Iterable[bytes]) -> int:
+        """Publish in order with confirms: every body is in the queue when this returns."""
+        messages = list(bodies)
+        publish_all(self.params(), queue, messages)
+        return len(messages)
+
+    def drain(self, queue: str) -> list[bytes]:
+        """Take every ready message off a queue of this node."""
+        return [body for body, _headers in drain_with_headers(queue, self.params())]
+
+    def delete(self, *, queues: Iterable[str] = (), exchanges: Iterable[str] = ()) -> None:
+        """Delete queues and exchanges, those that do not exist included."""
+        conn = pika.BlockingConnection(self.params())
         try:
-            ok = connection.channel().queue_declare(queue, passive=True).method
-            return int(ok.message_count), int(ok.consumer_count)
+            for name in queues:
+                with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                    conn.channel().queue_delete(name)
+            for name in exchanges:
+                with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                    conn.channel().exchange_delete(name)
         finally:
-            connection.close()
+            conn.close()
 
     def queues(self) -> dict[str, dict[str, Any]]:
         """name -> {type, leader, members, arguments, messages} of every queue, as the node reports them."""
@@ -182,11 +235,11 @@ class RabbitNode:
 class RabbitNodes:
     """`count` nodes booted in parallel; the first `clustered` of them joined into one cluster."""
 
-    def __init__(self, count: int, *, clustered: int, config: str = "") -> None:
+    def __init__(self, count: int, *, clustered: int, config: str = "", metrics: bool = False) -> None:
         remove_leftovers()
         self.base = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
         os.chmod(self.base, 0o755)
-        self.nodes = [RabbitNode(self.base, f"n{i + 1}", config=config) for i in range(count)]
+        self.nodes = [RabbitNode(self.base, f"n{i + 1}", config=config, metrics=metrics) for i in range(count)]
         self._clustered = clustered
         shutil.chown(self.base, "rabbitmq", "rabbitmq")
         for path in self.base.rglob("*"):
@@ -223,3 +276,15 @@ class RabbitNodes:
         for node in self.nodes:
             node.remove()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+@contextmanager
+def standalone_node(*, config: str = "", metrics: bool = False) -> Iterator[RabbitNode]:
+    """One node on its own (more rabbitmq.conf lines in `config`; rabbitmq_prometheus with
+    `metrics`), removed afterwards; skipped, saying why, where nodes cannot be started here."""
+    skips.require(unavailable())
+    nodes = RabbitNodes(1, clustered=1, config=config, metrics=metrics)
+    try:
+        yield nodes.start().nodes[0]
+    finally:
+        nodes.remove()

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -31,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pika
 import pika.exceptions
@@ -42,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg2 import sql
 
-from config import variables
+from config import Config, variables
 from tools.ports import free_port
 from tools.publisher import publish_all
 
@@ -185,14 +186,56 @@ def scratch_queues() -> Iterator[list[str]]:
             conn.close()
 
 
-def queue_state(queue: str) -> tuple[int, int]:
-    """(messages ready, consumers) of a queue."""
-    conn = amqp_connection()
-    try:
-        ok = conn.channel().queue_declare(queue, passive=True).method
-        return int(ok.message_count), int(ok.consumer_count)
-    finally:
-        conn.close()
+def queue_state(queue: str, params: pika.ConnectionParameters | None = None) -> tuple[int, int]:
+    """(messages ready, consumers) of a queue on the shared broker, or on the node `params` name.
+
+    Asked on a channel kept for the test (tests poll this every few milliseconds); a connection the
+    broker closed, or a node that was killed, is replaced by a new one and the question asked again
+    (a passive declare changes nothing, so asking twice is safe).
+    """
+    params = params or amqp_params()
+    for attempt in (1, 2):
+        channel = _amqp_channel(params)
+        try:
+            ok = channel.queue_declare(queue, passive=True).method
+            return int(ok.message_count), int(ok.consumer_count)
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.ConnectionClosed, pika.exceptions.StreamLostError):
+            _forget_amqp(params)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+_amqp_open: dict[tuple[str, int, int], tuple[pika.BlockingConnection, Any]] = {}
+_amqp_lock = threading.Lock()
+
+
+def _amqp_channel(params: pika.ConnectionParameters) -> Any:
+    """A channel on the test's open connection to the broker `params` names: a new connection if
+    there is none or it died, a new channel if the broker closed the last one (a passive declare of
+    a queue that does not exist closes it). One per thread: pika's connections are not shared."""
+    key = (str(params.host), int(params.port), threading.get_ident())
+    with _amqp_lock:
+        conn, channel = _amqp_open.get(key, (None, None))
+        if conn is not None and conn.is_open:
+            try:
+                conn.process_data_events(0)  # heartbeats, and a close the broker sent meanwhile
+            except pika.exceptions.AMQPError:
+                conn = None
+        if conn is None or not conn.is_open:
+            conn, channel = pika.BlockingConnection(params), None
+        if channel is None or not channel.is_open:
+            channel = conn.channel()
+        _amqp_open[key] = (conn, channel)
+        return channel
+
+
+def _forget_amqp(params: pika.ConnectionParameters) -> None:
+    with _amqp_lock:
+        conn, _channel = _amqp_open.pop((str(params.host), int(params.port), threading.get_ident()), (None, None))
+    if conn is not None:
+        with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+            conn.close()
 
 
 def drain_queue(queue: str) -> list[bytes]:
@@ -243,14 +286,131 @@ def scratch_database(admin: psycopg2.extensions.connection, *, prefix: str) -> I
         admin.close()
 
 
-def query(dbname: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = pg_connect(dbname)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement, params or None)
-            return list(cur.fetchall()) if cur.description else []
-    finally:
+_pg_open: dict[tuple[str, int, str, int], psycopg2.extensions.connection] = {}
+_pg_lock = threading.Lock()
+
+
+def _idle_and_alive(conn: psycopg2.extensions.connection) -> bool:
+    """Whether a kept connection can be used again. An idle session is told nothing unasked (no
+    LISTEN here): data waiting on its socket is the server ending it (a terminated backend, a
+    shutdown, a crash's EOF), so it is replaced before a statement is sent on it. A session being
+    ended at this very moment may still look alive: the statement then fails, as it would on a new
+    connection to a server going down; pg_ctl stop, a kill waited for and DROP DATABASE ... WITH
+    (FORCE) return once the sessions are gone."""
+    if conn.closed or conn.status != psycopg2.extensions.STATUS_READY:
+        return False
+    readable, _, _ = select.select([conn], [], [], 0)
+    return not readable
+
+
+def reused_connection(
+    host: str, port: int, dbname: str, connect: Callable[[], psycopg2.extensions.connection]
+) -> psycopg2.extensions.connection:
+    """The test's open autocommit connection to `dbname` on host:port, made by `connect` when there
+    is none or the one kept was ended (see _idle_and_alive). One per thread: a watcher thread's
+    answer arriving must not be taken for the server ending the main thread's session.
+    close_reused_connections() ends them."""
+    key = (host, port, dbname, threading.get_ident())
+    with _pg_lock:
+        conn = _pg_open.get(key)
+        if conn is None or not _idle_and_alive(conn):
+            if conn is not None:
+                conn.close()
+            conn = _pg_open[key] = connect()
+        return conn
+
+
+def close_reused_connections() -> None:
+    """End the connections query(), PgServer.execute() and queue_state() kept (after each test)."""
+    with _pg_lock:
+        pg = list(_pg_open.values())
+        _pg_open.clear()
+    for conn in pg:
         conn.close()
+    with _amqp_lock:
+        amqp = [broker for broker, _channel in _amqp_open.values()]
+        _amqp_open.clear()
+    for broker in amqp:
+        with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+            broker.close()
+
+
+def execute(
+    conn: psycopg2.extensions.connection, statement: str, params: tuple[Any, ...] = ()
+) -> list[tuple[Any, ...]]:
+    """One statement on `conn`; its rows, if it returns any."""
+    with conn.cursor() as cur:
+        cur.execute(statement, params or None)
+        return list(cur.fetchall()) if cur.description else []
+
+
+def query(dbname: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """One statement on the shared server, as the administrator, on the test's kept connection."""
+    conn = reused_connection(POSTGRES_HOST, POSTGRES_PORT, dbname, lambda: pg_connect(dbname))
+    return execute(conn, statement, params)
+
+
+class SharedPostgres:
+    """The shared server as the helpers below read a database: `execute(statement, params, dbname=)`,
+    as tests.pg_servers.PgServer and tests.patroni_cluster.Member do for theirs."""
+
+    def execute(
+        self, statement: str, params: tuple[Any, ...] = (), *, dbname: str = "postgres"
+    ) -> list[tuple[Any, ...]]:
+        return query(dbname, statement, params)
+
+
+class Sql(Protocol):
+    def execute(
+        self, statement: str, params: tuple[Any, ...] = (), *, dbname: str = "postgres"
+    ) -> list[tuple[Any, ...]]: ...
+
+
+SHARED_POSTGRES = SharedPostgres()
+
+
+@contextmanager
+def holding_back(connect: Callable[[], psycopg2.extensions.connection]) -> Iterator[None]:
+    """The service cannot commit while this lasts: an exclusive lock on vote_results (taken once
+    a transaction of the service's in progress has ended), on a connection `connect` makes as an
+    administrator; the service retries. A server that crashes meanwhile ends the lock with it."""
+    conn = connect()
+    try:
+        conn.autocommit = False
+        with conn.cursor() as cur:
+            cur.execute("LOCK TABLE vote_results IN EXCLUSIVE MODE")
+        yield
+    finally:
+        with contextlib.suppress(psycopg2.Error):  # gone with a crashed server
+            conn.rollback()
+        conn.close()
+
+
+# Votes sent while holding_back() keeps the service from committing, just before a failure the test
+# brings about: twice the prefetch window (1000 by default), so that the failure finds a full window
+# in the service's hands (a batch being written, more buffered) and as many votes still in the
+# queue, however fast this machine counts. A failover test needs that, not a large backlog.
+BACKLOG = 2 * Config().rabbitmq_prefetch_count
+
+
+@contextmanager
+def backlog_held_back(
+    connect: Callable[[], psycopg2.extensions.connection],
+    queue: str,
+    votes: list[VoteMsg],
+    *,
+    seed: int,
+    laws: int,
+    broker: pika.ConnectionParameters | None = None,
+) -> Iterator[None]:
+    """holding_back(connect), with BACKLOG more votes published to `queue` (on the shared broker,
+    or on the node `broker` names) and added to `votes` first: the failure the block brings about
+    (a kill, a crash, a stop) comes with work in hand and work left."""
+    backlog = make_votes(BACKLOG, laws=laws, seed=seed)
+    with holding_back(connect):
+        publish_all(broker or amqp_params(), queue, [v.body() for v in backlog])
+        votes += backlog
+        yield
 
 
 def set_database_default(dbname: str, setting: str, value: str) -> None:
@@ -295,33 +455,44 @@ def waiting_on(dbname: str, blocker: psycopg2.extensions.connection) -> bool:
     return bool(rows[0][0])
 
 
-def audit_count(dbname: str) -> int:
+def audit_count(dbname: str, server: Sql = SHARED_POSTGRES) -> int:
+    """Votes in `dbname`'s audit table (on the shared server unless `server`); 0 before the schema."""
     try:
-        return int(query(dbname, "SELECT count(*) FROM vote_audit")[0][0])
+        return int(server.execute("SELECT count(*) FROM vote_audit", dbname=dbname)[0][0])
     except psycopg2.errors.UndefinedTable:
         return 0
 
 
-def results(dbname: str) -> dict[str, tuple[int, int]]:
-    rows = query(dbname, "SELECT law_id, oui_count, non_count FROM vote_results")
+def results(dbname: str, server: Sql = SHARED_POSTGRES) -> dict[str, tuple[int, int]]:
+    rows = server.execute("SELECT law_id, oui_count, non_count FROM vote_results", dbname=dbname)
     return {law: (int(oui), int(non)) for law, oui, non in rows if oui or non}
 
 
-def assert_invariant(dbname: str) -> None:
+def assert_invariant(dbname: str, server: Sql = SHARED_POSTGRES) -> None:
     """For every law, vote_results equals vote_audit grouped by law and choice."""
     audit: dict[str, list[int]] = {}
-    for law, choice, n in query(dbname, "SELECT law_id, choice, count(*) FROM vote_audit GROUP BY 1, 2"):
+    grouped = "SELECT law_id, choice, count(*) FROM vote_audit GROUP BY 1, 2"
+    for law, choice, n in server.execute(grouped, dbname=dbname):
         audit.setdefault(law, [0, 0])[0 if choice == "oui" else 1] = int(n)
-    assert results(dbname) == {law: (oui, non) for law, (oui, non) in audit.items()}
+    assert results(dbname, server) == {law: (oui, non) for law, (oui, non) in audit.items()}
 
 
-def assert_all_counted_once(dbname: str, queue: str, votes: list[VoteMsg]) -> None:
-    """Every vote counted once, no duplicate attempt, the queue empty, and the invariant."""
-    assert results(dbname) == expected_totals(votes)
-    assert audit_count(dbname) == len(votes)
-    assert query(dbname, "SELECT count(*) FROM duplicate_attempts") == [(0,)]
-    assert queue_state(queue) == (0, 0)
-    assert_invariant(dbname)
+def assert_all_counted_once(
+    dbname: str,
+    queue: str,
+    votes: list[VoteMsg],
+    *,
+    server: Sql = SHARED_POSTGRES,
+    broker: pika.ConnectionParameters | None = None,
+) -> None:
+    """Every vote counted once, no duplicate attempt, the queue empty, and the invariant: in
+    `dbname` on the shared server or on `server`, for `queue` on the shared broker or on the node
+    `broker` names."""
+    assert results(dbname, server) == expected_totals(votes)
+    assert audit_count(dbname, server) == len(votes)
+    assert server.execute("SELECT count(*) FROM duplicate_attempts", dbname=dbname) == [(0,)]
+    assert queue_state(queue, broker) == (0, 0)
+    assert_invariant(dbname, server)
 
 
 # -- the service --------------------------------------------------------------------
@@ -482,6 +653,10 @@ class Service:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
+
+    def running(self) -> bool:
+        """Started and not exited."""
+        return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
         self.note_unexpected()

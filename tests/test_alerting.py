@@ -24,9 +24,9 @@ import pytest
 from ruamel.yaml import YAML
 
 from tests import skips
+from tests.deploy_files import COMPOSE, bind_mounts, pinned
+from tests.prometheus import JOB, PROMETHEUS_CONFIG, Prometheus, dashboard_panels, runbook_url
 from tests.support import ROOT, Service, wait_for
-from tests.test_deploy import COMPOSE, _bind_mounts, pinned
-from tests.test_monitoring import JOB, PROMETHEUS_CONFIG, Prometheus, dashboard_panels, runbook_url
 from tools.ports import free_port
 
 ALERTMANAGER_CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
@@ -47,7 +47,7 @@ def test_prometheus_sends_alerts_to_the_stacks_alertmanager() -> None:
     services = _yaml(COMPOSE)["services"]
     alertmanager = services["alertmanager"]
     assert pinned(alertmanager["image"]), alertmanager["image"]
-    mounts = dict((target, source) for source, target in _bind_mounts(alertmanager))
+    mounts = dict((target, source) for source, target in bind_mounts(alertmanager))
     assert (ROOT / mounts["/etc/alertmanager/alertmanager.yml"]).resolve() == ALERTMANAGER_CONFIG
     assert "--config.file=/etc/alertmanager/alertmanager.yml" in alertmanager["command"]
     (targets,) = [

@@ -22,6 +22,7 @@ import pytest
 import exits
 from tests import pg_servers, rabbitmq_cluster
 from tests.pg_servers import PgServer
+from tests.roles import create_service_role
 from tests.support import (
     Service,
     VoteMsg,
@@ -95,8 +96,10 @@ def test_a_point_in_time_restore_verifies_and_the_votes_acked_after_it_are_sent_
     )
     servers.append(primary)
     primary.start()
-    env = {**primary.env(DBNAME), "POSTGRES_USER": "postgres"}
-    assert run_cli("--init-db", env=service_env(dbname=DBNAME, **env)).returncode == exits.OK
+    primary.execute(f"CREATE DATABASE {DBNAME}")
+    # The service's role, made on the primary (the base backup and the restore carry it over).
+    role = create_service_role(DBNAME, server=primary)
+    env = {**primary.env(DBNAME), **role.env()}
 
     def serve(server_env: dict[str, str], name: str) -> Service:
         svc = Service(queue=queue, dbname=DBNAME, log_path=tmp_path / f"{name}.log", env=server_env)
@@ -146,7 +149,9 @@ def test_a_point_in_time_restore_verifies_and_the_votes_acked_after_it_are_sent_
         what="the restore to reach its target and promote",
     )
     assert "recovery stopping before commit" in restored.server_log()
-    restored_env = {**restored.env(DBNAME), "POSTGRES_USER": "postgres"}
+    restored_env = {**restored.env(DBNAME), **role.env()}
+    # verify, as an administrator runs it.
+    admin_env = {**restored.env(DBNAME), "POSTGRES_USER": "postgres"}
     # Everything acked up to the restore point, nothing after it.
     upstream = [*before_backup, *after_backup, *after_target]
     missing = restored.execute(
@@ -155,12 +160,12 @@ def test_a_point_in_time_restore_verifies_and_the_votes_acked_after_it_are_sent_
         dbname=DBNAME,
     )
     assert sorted(h for (h,) in missing) == sorted(v.vote_hash for v in after_target)
-    verified = run_cli("verify", env=service_env(dbname=DBNAME, **restored_env))
+    verified = run_cli("verify", env=service_env(dbname=DBNAME, **admin_env))
     assert verified.returncode == exits.OK, verified.stdout + verified.stderr
     # The last heads the instance logged (at its stop, after the restore point) are not there: the loss shows.
     heads = re.findall(r"hash chain head (\S+)", svc.logs())
     assert heads, svc.logs()
-    lost = run_cli("verify", "--head", heads[-1], env=service_env(dbname=DBNAME, **restored_env))
+    lost = run_cli("verify", "--head", heads[-1], env=service_env(dbname=DBNAME, **admin_env))
     assert lost.returncode == exits.FAILURE, lost.stdout + lost.stderr
 
     # Upstream sends again everything after the backup's start: what is stored is absorbed.
@@ -172,7 +177,7 @@ def test_a_point_in_time_restore_verifies_and_the_votes_acked_after_it_are_sent_
     )} == expected_totals(upstream)  # fmt: skip
     assert restored.execute("SELECT count(*) FROM duplicate_attempts", dbname=DBNAME) == [(0,)]
     assert queue_state(queue)[0] == 0
-    verified = run_cli("verify", env=service_env(dbname=DBNAME, **restored_env))
+    verified = run_cli("verify", env=service_env(dbname=DBNAME, **admin_env))
     assert verified.returncode == exits.OK, verified.stdout + verified.stderr
 
 

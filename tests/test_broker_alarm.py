@@ -4,23 +4,21 @@ RabbitMQ blocks every connection that publishes while an alarm lasts. The servic
 the dead-letter copies, on a connection of its own (deadletter_publisher.py): that one is blocked,
 the consuming one goes on. The batch whose copies wait holds back the acks behind it, by design,
 so liveness must not call that a stall (a restart would be blocked the same way), while /readyz,
-a metric and a log line say what is going on. The node is tests/rabbitmq_metrics_node.py's; the
+a metric and a log line say what is going on. The node is tests/rabbitmq_cluster.py's; the
 shared broker is never alarmed.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pika
 import pytest
 
-from tests.rabbitmq_metrics_node import MetricsNode, remove_leftovers
+from tests.rabbitmq_cluster import RabbitNode, standalone_node
 from tests.support import NotifyListener, Service, assert_invariant, audit_count, expected_totals, make_votes, results
 from tests.support import wait_for as wait_until
 
@@ -28,58 +26,23 @@ MakeService = Callable[..., Service]
 
 
 @pytest.fixture(scope="module")
-def node() -> Iterator[MetricsNode]:
-    remove_leftovers()
-    started = MetricsNode()
-    try:
-        yield started.start()
-    finally:
-        started.stop()
+def node() -> Iterator[RabbitNode]:
+    with standalone_node() as started:
+        yield started
 
 
-def _watermark(node: MetricsNode, value: str) -> None:
-    done = subprocess.run(
-        ["rabbitmqctl", "-n", node.name, "set_vm_memory_high_watermark", value],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-
-
-def _state(node: MetricsNode, queue: str) -> tuple[int, int]:
-    """(messages ready, consumers) on the throwaway node."""
-    conn = pika.BlockingConnection(node.params())
-    try:
-        ok = conn.channel().queue_declare(queue, passive=True).method
-        return int(ok.message_count), int(ok.consumer_count)
-    finally:
-        conn.close()
-
-
-def _drain(node: MetricsNode, queue: str) -> list[bytes]:
-    conn = pika.BlockingConnection(node.params())
-    try:
-        ch = conn.channel()
-        bodies: list[bytes] = []
-        while True:
-            method, _properties, body = ch.basic_get(queue, auto_ack=True)
-            if method is None or body is None:
-                return bodies
-            bodies.append(body)
-    finally:
-        conn.close()
+def _watermark(node: RabbitNode, value: str) -> None:
+    node.ctl("set_vm_memory_high_watermark", value)
 
 
 def test_a_memory_alarm_pauses_dead_lettering_without_a_restart_loop_and_counting_resumes(
-    node: MetricsNode, make_service: MakeService, dbname: str, tmp_path: Path
+    node: RabbitNode, make_service: MakeService, dbname: str, tmp_path: Path
 ) -> None:
     queue = f"agg.alarm.{uuid.uuid4().hex[:12]}"
     listener = NotifyListener(str(tmp_path / "notify.sock"))
     env = {
         "RABBITMQ_HOST": "127.0.0.1",
-        "RABBITMQ_PORT": str(node.amqp_port),
+        "RABBITMQ_PORT": str(node.port),
         "NOTIFY_SOCKET": listener.address,
         "WATCHDOG_USEC": "1000000",  # a ping every 0.5 s while alive
         "STALL_TIMEOUT_SECONDS": "3",
@@ -114,13 +77,13 @@ def test_a_memory_alarm_pauses_dead_lettering_without_a_restart_loop_and_countin
             pinged = listener.count("WATCHDOG=1")
             wait_until(lambda: listener.count("WATCHDOG=1") > pinged, timeout=30, what="a watchdog ping")
             assert "RabbitMQ blocks the dead-letter connection" in svc.logs()
-            assert _state(node, queue)[0] > 0  # votes still waiting in the queue
+            assert node.queue_state(queue)[0] > 0  # votes still waiting in the queue
         finally:
             _watermark(node, "0.4")
 
         wait_until(lambda: audit_count(dbname) == len(good), timeout=60, what="every vote counted")
-        wait_until(lambda: _state(node, queue)[0] == 0, timeout=60, what="the queue drained")
-        wait_until(lambda: _state(node, f"{queue}.dead")[0] == len(invalid), timeout=60, what="every copy")
+        wait_until(lambda: node.queue_state(queue)[0] == 0, timeout=60, what="the queue drained")
+        wait_until(lambda: node.queue_state(f"{queue}.dead")[0] == len(invalid), timeout=60, what="every copy")
         wait_until(lambda: svc.metric("dead_letter_publishing_blocked") == 0, timeout=10, what="unblocked")
         wait_until(lambda: svc.http("/readyz")[0] == 200, timeout=10, what="ready again")
         assert svc.stop() == 0
@@ -133,8 +96,8 @@ def test_a_memory_alarm_pauses_dead_lettering_without_a_restart_loop_and_countin
     assert results(dbname) == expected_totals(good)
     assert audit_count(dbname) == len(good)
     assert_invariant(dbname)
-    assert sorted(_drain(node, f"{queue}.dead")) == sorted(invalid)
-    assert _state(node, queue) == (0, 0)
+    assert sorted(node.drain(f"{queue}.dead")) == sorted(invalid)
+    assert node.queue_state(queue) == (0, 0)
     node.delete(queues=[queue, f"{queue}.dead"], exchanges=[f"{queue}.dlx"])
 
 
@@ -149,27 +112,20 @@ length(Named).
 """
 
 
-def _close_dead_letter_connections(node: MetricsNode) -> int:
+def _close_dead_letter_connections(node: RabbitNode) -> int:
     """Close the service's dead-letter connections from the broker's side, as a node restart or a
     network fault would; returns how many were closed."""
-    done = subprocess.run(
-        ["rabbitmqctl", "-n", node.name, "-q", "eval", _CLOSE_DEAD_LETTER_CONNECTIONS],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return int(done.stdout.strip() or 0)
+    return int(node.ctl("eval", _CLOSE_DEAD_LETTER_CONNECTIONS).strip() or 0)
 
 
 def test_copies_in_flight_when_the_dead_letter_connection_drops_are_sent_again(
-    node: MetricsNode, make_service: MakeService, dbname: str
+    node: RabbitNode, make_service: MakeService, dbname: str
 ) -> None:
     # The copies are certainly in flight and unconfirmed while an alarm blocks the connection: the
     # broker reads nothing from it. Closed from the broker's side then, those copies are gone and
     # only sending them again puts them in the dead-letter queue.
     queue = f"agg.dlconn.{uuid.uuid4().hex[:12]}"
-    env = {"RABBITMQ_HOST": "127.0.0.1", "RABBITMQ_PORT": str(node.amqp_port), "BATCH_SIZE": "50"}
+    env = {"RABBITMQ_HOST": "127.0.0.1", "RABBITMQ_PORT": str(node.port), "BATCH_SIZE": "50"}
     make_service(env, queue_name=queue).start().stop()  # declares the queue and its dead-letter queue
     good = make_votes(600, laws=4, seed=41)
     invalid = [
@@ -195,32 +151,32 @@ def test_copies_in_flight_when_the_dead_letter_connection_drops_are_sent_again(
         _watermark(node, "0.4")
 
     wait_until(lambda: audit_count(dbname) == len(good), timeout=60, what="every vote counted")
-    wait_until(lambda: _state(node, queue)[0] == 0, timeout=60, what="the queue drained")
-    wait_until(lambda: _state(node, f"{queue}.dead")[0] >= len(invalid), timeout=60, what="every copy")
+    wait_until(lambda: node.queue_state(queue)[0] == 0, timeout=60, what="the queue drained")
+    wait_until(lambda: node.queue_state(f"{queue}.dead")[0] >= len(invalid), timeout=60, what="every copy")
     assert svc.stop() == 0
     logs = svc.logs()
     assert logs.count("dead-letter publisher: RabbitMQ connection to") == 2
     assert logs.count("unconfirmed copies again on the next connection") == 2
     # Each refused message at least once: the copies cut off never reached the broker and were sent
     # again (one the broker took just before the cut may be there twice).
-    dead = _drain(node, f"{queue}.dead")
+    dead = node.drain(f"{queue}.dead")
     assert set(dead) == set(invalid)
     assert len(dead) < len(invalid) + 100
     assert results(dbname) == expected_totals(good)
     assert audit_count(dbname) == len(good)
     assert_invariant(dbname)
-    assert _state(node, queue) == (0, 0)
+    assert node.queue_state(queue) == (0, 0)
     node.delete(queues=[queue, f"{queue}.dead"], exchanges=[f"{queue}.dlx"])
 
 
 def test_a_stop_during_an_alarm_is_bounded_and_keeps_the_final_heads(
-    node: MetricsNode, make_service: MakeService, dbname: str
+    node: RabbitNode, make_service: MakeService, dbname: str
 ) -> None:
     # The alarm blocks every connection that publishes: the final chain heads' too. The stop must
     # not wait for the alarm to clear (pika gives a blocked connection 300 s): the guard ends it
     # within SHUTDOWN_TIMEOUT_SECONDS and its margin, with the final heads already in the file.
     queue = f"agg.alarmstop.{uuid.uuid4().hex[:12]}"
-    env = {"RABBITMQ_HOST": "127.0.0.1", "RABBITMQ_PORT": str(node.amqp_port), "SHUTDOWN_TIMEOUT_SECONDS": "2"}
+    env = {"RABBITMQ_HOST": "127.0.0.1", "RABBITMQ_PORT": str(node.port), "SHUTDOWN_TIMEOUT_SECONDS": "2"}
     svc = make_service(env, queue_name=queue).start()
     good = make_votes(300, laws=3, seed=51)
     node.publish(queue, [v.body() for v in good])
@@ -240,5 +196,5 @@ def test_a_stop_during_an_alarm_is_bounded_and_keeps_the_final_heads(
     assert finals, records
     assert finals == {r["chain_id"] for r in records}
     assert results(dbname) == expected_totals(good)
-    assert _state(node, queue) == (0, 0)
+    assert node.queue_state(queue) == (0, 0)
     node.delete(queues=[queue, f"{queue}.dead"], exchanges=[f"{queue}.dlx"])

@@ -2,13 +2,12 @@
 limit during database outages, and a shutdown with a broker that no longer answers.
 
 The tests that restart, close or reconfigure a broker use a throwaway node
-(tests/rabbitmq_metrics_node.py) and, for database outages, a throwaway PostgreSQL
+(tests/rabbitmq_cluster.py) and, for database outages, a throwaway PostgreSQL
 (tests/pg_servers.py); the others use the shared servers with a queue of their own.
 """
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +19,8 @@ import pytest
 from tests import pg_servers
 from tests.pg_servers import PgServer
 from tests.proxy import TcpProxy
-from tests.rabbitmq_metrics_node import MetricsNode, remove_leftovers
+from tests.rabbitmq_cluster import RabbitNode, standalone_node
+from tests.roles import ServiceRole, create_service_role
 from tests.support import (
     NotifyListener,
     Service,
@@ -48,62 +48,40 @@ CONSUMER_TIMEOUT_MS = 5000
 
 
 @pytest.fixture(scope="module")
-def node() -> Iterator[MetricsNode]:
+def node() -> Iterator[RabbitNode]:
     """A throwaway RabbitMQ node with a short consumer_timeout, for the tests that close connections."""
-    remove_leftovers()
-    started = MetricsNode(config=f"consumer_timeout = {CONSUMER_TIMEOUT_MS}\n").start()
-    try:
+    with standalone_node(config=f"consumer_timeout = {CONSUMER_TIMEOUT_MS}\n") as started:
         yield started
-    finally:
-        started.stop()
 
 
-def on_node(node: MetricsNode, **extra: str) -> dict[str, str]:
+def on_node(node: RabbitNode, **extra: str) -> dict[str, str]:
     return {
         "RABBITMQ_HOST": "127.0.0.1",
-        "RABBITMQ_PORT": str(node.amqp_port),
+        "RABBITMQ_PORT": str(node.port),
         "RABBITMQ_USER": "guest",
         "RABBITMQ_PASSWORD": "guest",
         **extra,
     }
 
 
-def node_queue(node: MetricsNode, queue: str) -> tuple[int, int]:
+def node_queue(node: RabbitNode, queue: str) -> tuple[int, int]:
     """(ready, unacked) of a queue on the node."""
-    ctl = subprocess.run(
-        ["rabbitmqctl", "-q", "-n", node.name, "list_queues", "name", "messages_ready", "messages_unacknowledged"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    for line in ctl.stdout.splitlines():
+    for line in node.ctl("list_queues", "name", "messages_ready", "messages_unacknowledged").splitlines():
         fields = line.split()
         if fields and fields[0] == queue:
             return int(fields[1]), int(fields[2])
     raise AssertionError(f"no queue {queue} on the node")
 
 
-def connections(node: MetricsNode) -> list[str]:
-    ctl = subprocess.run(
-        ["rabbitmqctl", "-q", "-n", node.name, "list_connections", "pid"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return [line.strip() for line in ctl.stdout.splitlines() if line.strip().startswith("<")]
+def connections(node: RabbitNode) -> list[str]:
+    return [line.strip() for line in node.ctl("list_connections", "pid").splitlines() if line.strip().startswith("<")]
 
 
-def close_connections(node: MetricsNode) -> list[str]:
+def close_connections(node: RabbitNode) -> list[str]:
     """Close every client connection, as a flapping network or an operator would; returns their ids."""
     closed = connections(node)
     for pid in closed:
-        subprocess.run(
-            ["rabbitmqctl", "-q", "-n", node.name, "close_connection", pid, "test: network blip"],
-            capture_output=True,
-            timeout=60,
-        )
+        node.ctl_result("close_connection", pid, "test: network blip")
     return closed
 
 
@@ -111,7 +89,7 @@ def close_connections(node: MetricsNode) -> list[str]:
 
 
 def test_a_channel_closed_for_an_overdue_ack_leads_back_to_consuming(
-    node: MetricsNode, make_service: MakeService, queue: str, dbname: str
+    node: RabbitNode, make_service: MakeService, queue: str, dbname: str
 ) -> None:
     svc = make_service(on_node(node, STALL_TIMEOUT_SECONDS="600")).start()
     first = make_votes(100, laws=2, seed=184)
@@ -249,7 +227,7 @@ def test_shutdown_is_bounded_when_the_broker_stops_answering(
 
 @pytest.mark.skipif(pg_servers.unavailable() is not None, reason=str(pg_servers.unavailable()))
 def test_database_outages_with_connection_blips_and_restarts_dead_letter_no_valid_vote(
-    node: MetricsNode, tmp_path: Path, queue: str
+    node: RabbitNode, tmp_path: Path, queue: str
 ) -> None:
     # The service's own quorum queue with a delivery limit of 3 (RabbitMQ 3.10 counts every
     # return, those of a closed connection included), PostgreSQL stopped while votes arrive, and
@@ -257,6 +235,7 @@ def test_database_outages_with_connection_blips_and_restarts_dead_letter_no_vali
     server = PgServer(settings={"synchronous_commit": "on"})
     started: list[Service] = []
     db = "votes"
+    roles: list[ServiceRole] = []
 
     def service() -> Service:
         env = on_node(
@@ -264,6 +243,7 @@ def test_database_outages_with_connection_blips_and_restarts_dead_letter_no_vali
             POSTGRES_HOST="127.0.0.1",
             POSTGRES_PORT=str(server.port),
             POSTGRES_DB=db,
+            **roles[0].env(),
             RABBITMQ_QUEUE_TYPE="quorum",
             RABBITMQ_DELIVERY_LIMIT="3",
             RETRY_DELAY_SECONDS="0.2",
@@ -299,6 +279,7 @@ def test_database_outages_with_connection_blips_and_restarts_dead_letter_no_vali
     try:
         server.start()
         server.execute(f"CREATE DATABASE {db}")
+        roles.append(create_service_role(db, server=server))  # the schema applied by an administrator
         svc = service()
         votes = make_votes(200, laws=3, seed=187)
         node.publish(queue, [v.body() for v in votes])

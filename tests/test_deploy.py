@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import fnmatch
 import http.server
-import importlib.resources
 import json
 import re
 import shlex
@@ -26,7 +25,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-import jsonschema
 import pika.connection
 import pytest
 from ruamel.yaml import YAML
@@ -34,13 +32,27 @@ from ruamel.yaml import YAML
 from config import SECRET_FILES, Config, load_config, variables
 from systemd import Notifier
 from tests import skips
+from tests.deploy_files import (
+    COMPOSE,
+    DOCKERFILE,
+    ENV_EXAMPLE,
+    UNIT,
+    bind_mounts,
+    compose_errors,
+    compose_schema,
+    dockerfile_instructions,
+    env_file_assignments,
+    exec_form,
+    healthcheck_command,
+    pinned,
+    port_mapping,
+    systemd_analyze,
+    timespan_s,
+    unit_settings,
+)
 from tests.support import ROOT, NotifyListener, Service, make_votes, publish, query, queue_state, wait_for
 from tools.ports import free_port
 
-UNIT = ROOT / "deploy" / "vote-aggregator.service"
-ENV_EXAMPLE = ROOT / "deploy" / "vote-aggregator.env"
-DOCKERFILE = ROOT / "Dockerfile"
-COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA_PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
 DASHBOARD = ROOT / "deploy" / "grafana" / "aggregator.json"
@@ -59,34 +71,7 @@ def _yaml(path: Path) -> Any:
 # -- the systemd unit ---------------------------------------------------------------------
 
 
-def unit_settings(text: str) -> dict[str, list[str]]:
-    """Key -> values (a key may repeat), over all sections; comments and continuations handled."""
-    settings: dict[str, list[str]] = {}
-    for line in re.sub(r"\\\n", " ", text).splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";", "[")):
-            continue
-        key, _, value = line.partition("=")
-        settings.setdefault(key.strip(), []).append(value.strip())
-    return settings
-
-
-SYSTEMD_INSTALL = "make test-tools installs it (Debian's systemd package)"
 PROMETHEUS_INSTALL = "make test-tools installs it (Debian's prometheus package)"
-
-
-def systemd_analyze() -> str:
-    return skips.tool("systemd-analyze", install=SYSTEMD_INSTALL)
-
-
-def timespan_s(span: str) -> float:
-    """A systemd time span in seconds, as systemd itself parses it."""
-    out = subprocess.run(
-        [systemd_analyze(), "timespan", span], capture_output=True, text=True, check=True, timeout=30
-    ).stdout
-    match = re.search(r"μs:\s*(\d+)", out)
-    assert match, out
-    return int(match.group(1)) / 1e6
 
 
 def installed_here(unit_text: str) -> str:
@@ -127,20 +112,6 @@ def exposure(unit_text: str, directory: Path) -> float:
     match = re.search(r"Overall exposure level for \S+: ([\d.]+)", out)
     assert match, out
     return float(match.group(1))
-
-
-def env_file_assignments(text: str, *, commented: bool) -> dict[str, str]:
-    """VARIABLE=value lines of an EnvironmentFile; with `commented`, also the `#VARIABLE=value` examples."""
-    found: dict[str, str] = {}
-    pattern = r"#?\s*([A-Z][A-Z0-9_]*)=(.*)" if commented else r"([A-Z][A-Z0-9_]*)=(.*)"
-    for line in text.splitlines():
-        match = re.fullmatch(pattern, line.strip())
-        if match:
-            value = match.group(2).strip()
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-                value = value[1:-1]
-            found[match.group(1)] = value
-    return found
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -279,32 +250,13 @@ def test_no_watchdog_pings_for_another_process(
 # -- the container image ------------------------------------------------------------------------
 
 
-def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments), continuation lines joined, comments dropped."""
-    out: list[tuple[str, str]] = []
-    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
-    for logical in re.sub(r"\\\n", " ", "\n".join(lines)).splitlines():
-        if logical.strip():
-            word, _, rest = logical.strip().partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
-
-
-def _exec_form(arguments: str) -> list[str] | None:
-    try:
-        value = json.loads(arguments)
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
-
-
 def copied_sources(text: str) -> set[str]:
     """Build-context paths that COPY and ADD take into the image."""
     sources: set[str] = set()
     for word, arguments in dockerfile_instructions(text):
         if word not in ("COPY", "ADD"):
             continue
-        args = _exec_form(arguments) or shlex.split(arguments)
+        args = exec_form(arguments) or shlex.split(arguments)
         args = [a for a in args if not a.startswith("--")]
         sources.update(a.removeprefix("./") for a in args[:-1])
     return sources
@@ -410,16 +362,9 @@ def test_image_runs_the_service_as_the_unit_does() -> None:
     (base,) = by_word["FROM"]
     assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base), base
     assert by_word["USER"][-1] not in ("0", "root")
-    assert _exec_form(by_word["ENTRYPOINT"][-1]) == ["python", "aggregator.py"]
+    assert exec_form(by_word["ENTRYPOINT"][-1]) == ["python", "aggregator.py"]
     assert by_word["STOPSIGNAL"] == ["SIGTERM"]
     assert str(Config().prometheus_port) in by_word["EXPOSE"][-1].split()
-
-
-def _healthcheck_command() -> list[str]:
-    (healthcheck,) = [a for w, a in dockerfile_instructions(DOCKERFILE.read_text()) if w == "HEALTHCHECK"]
-    command = _exec_form(healthcheck.split(" CMD ", 1)[1])
-    assert command, "HEALTHCHECK must use the exec form"
-    return [sys.executable if part == "python" else part for part in command]
 
 
 class _Probe(http.server.BaseHTTPRequestHandler):
@@ -448,7 +393,7 @@ def _run_healthcheck(
     try:
         port = server.server_address[1]
         result = subprocess.run(
-            _healthcheck_command(), env={"PROMETHEUS_PORT": str(port), **(env or {})}, capture_output=True
+            healthcheck_command(), env={"PROMETHEUS_PORT": str(port), **(env or {})}, capture_output=True
         )
         return result.returncode, list(_Probe.requested)
     finally:
@@ -462,7 +407,7 @@ def test_healthcheck_probes_healthz_on_the_metrics_port() -> None:
     assert code != 0
     assert requested == ["/healthz"]
     # Nothing listening on PROMETHEUS_PORT: unhealthy.
-    unreachable = subprocess.run(_healthcheck_command(), env={"PROMETHEUS_PORT": str(free_port())}, capture_output=True)
+    unreachable = subprocess.run(healthcheck_command(), env={"PROMETHEUS_PORT": str(free_port())}, capture_output=True)
     assert unreachable.returncode != 0
 
 
@@ -486,26 +431,13 @@ def test_healthcheck_passes_against_the_running_service(make_service: Callable[.
     with urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/healthz", timeout=5) as resp:
         assert resp.read() == b"ok\n"
     healthy = subprocess.run(
-        _healthcheck_command(), env={"PROMETHEUS_PORT": str(svc.metrics_port)}, capture_output=True, timeout=30
+        healthcheck_command(), env={"PROMETHEUS_PORT": str(svc.metrics_port)}, capture_output=True, timeout=30
     )
     assert healthy.returncode == 0, healthy.stderr
     assert svc.stop() == 0
 
 
 # -- the compose stack -----------------------------------------------------------------------------------
-
-
-def compose_schema() -> dict[str, Any]:
-    vendored = importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
-    schema: dict[str, Any] = json.loads(vendored.joinpath("compose-spec.json").read_text())
-    return schema
-
-
-def compose_errors(document: Any) -> list[str]:
-    validator = jsonschema.Draft202012Validator(
-        compose_schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
-    )
-    return sorted(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document))
 
 
 def test_compose_file_follows_the_compose_specification() -> None:
@@ -531,25 +463,11 @@ def test_schema_rejects_a_broken_compose_file(mutate: Callable[[Any], None]) -> 
     assert compose_errors(document) != []
 
 
-def _bind_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
-    """(host path, container path) of a service's bind mounts."""
-    mounts = []
-    for volume in service.get("volumes", []):
-        if isinstance(volume, str):
-            source, _, rest = volume.partition(":")
-            target = rest.split(":")[0]
-            if source.startswith((".", "/", "~")):
-                mounts.append((source, target))
-        elif volume.get("type") == "bind":
-            mounts.append((volume["source"], volume["target"]))
-    return mounts
-
-
 def test_compose_mounts_files_that_exist() -> None:
     compose = _yaml(COMPOSE)
     named_volumes = set(compose.get("volumes") or {})
     for name, service in compose["services"].items():
-        for source, _target in _bind_mounts(service):
+        for source, _target in bind_mounts(service):
             path = (ROOT / source).resolve()
             assert path.is_relative_to(ROOT), f"{name} mounts {source}, outside the repository"
             assert path.exists(), f"{name} mounts {source}, which is not in the repository"
@@ -586,7 +504,7 @@ def test_compose_aggregator_configuration() -> None:
     postgres_env = services["postgres"]["environment"]
     assert config.postgres_db == postgres_env["POSTGRES_DB"]
     assert config.postgres_user == "vote_aggregator" != postgres_env["POSTGRES_USER"]
-    mounts = {target: source for source, target in _bind_mounts(services["postgres"])}
+    mounts = {target: source for source, target in bind_mounts(services["postgres"])}
     init_scripts = sorted(t for t in mounts if t.startswith("/docker-entrypoint-initdb.d/"))
     assert [mounts[t] for t in init_scripts] == [
         "./init_db.sql",
@@ -597,43 +515,11 @@ def test_compose_aggregator_configuration() -> None:
     assert f"ALTER ROLE {config.postgres_user} LOGIN PASSWORD '{config.postgres_password}';" in login
     assert config.results_embargo
 
-    published = [_published(entry, {}) for entry in aggregator["ports"]]
+    published = [port_mapping(entry, {}) for entry in aggregator["ports"]]
     assert ("127.0.0.1", str(config.prometheus_port), str(config.prometheus_port)) in published
     # docker stops a container after 10 s by default: the drain gets its whole budget, plus the
     # last acks and closing the connections (the unit's TimeoutStopSec keeps the same margin).
     assert timespan_s(aggregator["stop_grace_period"]) >= config.shutdown_timeout_s + 10
-
-
-def _interpolate(value: str, environment: dict[str, str]) -> str:
-    """Compose's variable interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, $VAR."""
-
-    def one(match: re.Match[str]) -> str:
-        name, operator, default = match.group("name") or match.group("bare"), match.group("op"), match.group("default")
-        if operator == ":-":
-            return environment.get(name) or default
-        if operator == "-":
-            return environment.get(name, default)
-        return environment.get(name, "")
-
-    pattern = r"\$\{(?P<name>\w+)(?:(?P<op>:?-)(?P<default>[^}]*))?\}|\$(?P<bare>\w+)"
-    return re.sub(pattern, one, value)
-
-
-def _published(entry: str | dict[str, Any], environment: dict[str, str]) -> tuple[str, str, str]:
-    """(host address, published port, container port) of one `ports` entry; "" for no address."""
-    if isinstance(entry, dict):
-        return str(entry.get("host_ip", "")), str(entry.get("published", "")), str(entry["target"])
-    text = _interpolate(entry, environment).split("/")[0]  # [ADDRESS:][PUBLISHED:]TARGET[/PROTOCOL]
-    address = ""
-    if text.startswith("["):  # an IPv6 address
-        address, _, text = text.partition("]:")
-        address += "]"
-    parts = text.split(":")
-    assert 1 <= len(parts) <= (2 if address else 3), f"cannot read ports entry {entry!r}"
-    if len(parts) == 3:
-        address = parts.pop(0)
-    published = parts[0] if len(parts) == 2 else ""
-    return address, published, parts[-1]
 
 
 @pytest.mark.parametrize(
@@ -651,7 +537,7 @@ def _published(entry: str | dict[str, Any], environment: dict[str, str]) -> tupl
 def test_ports_entries_are_read_as_compose_reads_them(
     entry: str | dict[str, Any], environment: dict[str, str], expected: tuple[str, str, str]
 ) -> None:
-    assert _published(entry, environment) == expected
+    assert port_mapping(entry, environment) == expected
 
 
 def test_compose_publishes_ports_on_loopback_unless_told_otherwise() -> None:
@@ -659,26 +545,13 @@ def test_compose_publishes_ports_on_loopback_unless_told_otherwise() -> None:
     entries = [(name, entry) for name, service in services.items() for entry in service.get("ports", [])]
     assert len(entries) >= 6
     for name, entry in entries:
-        assert _published(entry, {})[0] == "127.0.0.1", f"{name} publishes {entry} beyond this machine"
+        assert port_mapping(entry, {})[0] == "127.0.0.1", f"{name} publishes {entry} beyond this machine"
         # The documented way to expose the stack: PUBLISH_ADDRESS=0.0.0.0 docker compose up -d
-        assert _published(entry, {"PUBLISH_ADDRESS": "0.0.0.0"})[0] == "0.0.0.0", f"{name}: {entry}"
+        assert port_mapping(entry, {"PUBLISH_ADDRESS": "0.0.0.0"})[0] == "0.0.0.0", f"{name}: {entry}"
     for name, service in services.items():
         assert service.get("network_mode") != "host", name
     assert "PUBLISH_ADDRESS=0.0.0.0 docker compose up -d" in COMPOSE.read_text()
     assert "PUBLISH_ADDRESS=0.0.0.0 docker compose up -d" in DEPLOYING.read_text()
-
-
-def pinned(image: str) -> bool:
-    """Whether an image reference names one release: 3.13.7-management, v2.55.1, a digest; for
-    PostgreSQL, whose releases have two numbers since version 10, 16.4-bookworm."""
-    name, _, tag = image.partition("@")[0].rpartition(":")
-    numbers = 2 if name.rsplit("/", 1)[-1] == "postgres" else 3
-    digest = image.partition("@")[2]
-    return bool(
-        name
-        and re.fullmatch(rf"v?\d+(?:\.\d+){{{numbers - 1}}}(?:-[\w.-]+)?", tag)
-        and (not digest or re.fullmatch(r"sha256:[0-9a-f]{64}", digest))
-    )
 
 
 @pytest.mark.parametrize(
@@ -732,7 +605,7 @@ def test_docker_commands_in_the_image_and_docs_keep_the_drain() -> None:
 def test_prometheus_scrapes_the_aggregator_and_loads_the_alerts() -> None:
     services = _yaml(COMPOSE)["services"]
     port = load_config({k: str(v) for k, v in services["aggregator"]["environment"].items()}).prometheus_port
-    mounts = dict((target, source) for source, target in _bind_mounts(services["prometheus"]))
+    mounts = dict((target, source) for source, target in bind_mounts(services["prometheus"]))
     assert mounts["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus/prometheus.yml"
 
     prometheus = _yaml(PROMETHEUS_CONFIG)
@@ -757,7 +630,7 @@ def _promtool_check_config(prometheus_yml: str, directory: Path) -> subprocess.C
     """`promtool check config` on a copy of the compose stack's prometheus.yml whose rule files
     are read from the repository (where compose mounts them from), not the container paths."""
     services = _yaml(COMPOSE)["services"]
-    mounts = {target: source for source, target in _bind_mounts(services["prometheus"])}
+    mounts = {target: source for source, target in bind_mounts(services["prometheus"])}
     for target, source in mounts.items():
         prometheus_yml = prometheus_yml.replace(target, str((ROOT / source).resolve()))
     path = directory / "prometheus.yml"
@@ -788,9 +661,9 @@ def test_compose_serves_the_runbooks_where_prometheus_links_them(tmp_path: Path)
     assert not base.endswith("/"), "the rules add /monitoring.md#..."
 
     options = dict(a.removeprefix("--").split("=", 1) for a in docs["command"] if a.startswith("--"))
-    published = [_published(entry, {}) for entry in docs["ports"]]
+    published = [port_mapping(entry, {}) for entry in docs["ports"]]
     assert ("127.0.0.1", str(url.port), options["port"]) in published, published
-    mounts = {target: source for source, target in _bind_mounts(docs)}
+    mounts = {target: source for source, target in bind_mounts(docs)}
     served = f"{options['directory'].rstrip('/')}{url.path}"
     assert (ROOT / mounts[served]).resolve() == DOCS, f"{served} is not docs/: {mounts}"
     assert all(str(v).endswith(":ro") for v in docs["volumes"]), docs["volumes"]
@@ -830,7 +703,7 @@ def test_prometheus_scrapes_rabbitmqs_queue_metrics() -> None:
     plugins = str(rabbitmq["environment"]["RABBITMQ_ENABLED_PLUGINS"]).split(",")
     assert "rabbitmq_prometheus" in plugins
     assert "rabbitmq_management" in plugins  # the UI the header names
-    assert not [p for p in rabbitmq.get("ports", []) if _published(p, {})[2] == "15692"], "metrics published"
+    assert not [p for p in rabbitmq.get("ports", []) if port_mapping(p, {})[2] == "15692"], "metrics published"
     (job,) = [j for j in _yaml(PROMETHEUS_CONFIG)["scrape_configs"] if j["job_name"] == "rabbitmq-queues"]
     assert job["metrics_path"] == "/metrics/detailed"
     assert set(job["params"]["family"]) == {"queue_coarse_metrics", "queue_consumer_count"}
@@ -840,7 +713,7 @@ def test_prometheus_scrapes_rabbitmqs_queue_metrics() -> None:
 
 def test_grafana_provisioning_matches_the_mounts() -> None:
     services = _yaml(COMPOSE)["services"]
-    mounts = dict((target, source) for source, target in _bind_mounts(services["grafana"]))
+    mounts = dict((target, source) for source, target in bind_mounts(services["grafana"]))
     assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
     dashboard_target = next(t for t, s in mounts.items() if s == "./deploy/grafana/aggregator.json")
 

@@ -19,8 +19,8 @@ from ruamel.yaml import YAML
 
 from config import load_config, variables
 from tests import pg_replication, pg_servers
+from tests.deploy_files import compose_errors, pinned, port_mapping, timespan_s
 from tests.support import ROOT, wait_for
-from tests.test_deploy import _published, compose_errors, pinned, timespan_s
 
 COMPOSE = ROOT / "deploy" / "docker-compose.ha.yml"
 AGGREGATORS = ("aggregator-1", "aggregator-2", "aggregator-3")
@@ -115,7 +115,7 @@ def test_three_aggregators_reach_every_node_and_both_database_servers() -> None:
         for server in (*BROKERS, "postgres-primary", "postgres-standby"):
             assert services[name]["depends_on"][server] == {"condition": "service_healthy"}
         assert timespan_s(services[name]["stop_grace_period"]) >= config.shutdown_timeout_s + 10
-    ports = [_published(port, {})[1] for name in AGGREGATORS for port in services[name]["ports"]]
+    ports = [port_mapping(port, {})[1] for name in AGGREGATORS for port in services[name]["ports"]]
     assert len(set(ports)) == len(AGGREGATORS), ports
 
 
@@ -146,8 +146,8 @@ def test_ha_compose_pins_every_image_and_publishes_on_loopback() -> None:
         else:
             assert pinned(service["image"]), f"{name}: {service['image']} is not pinned to a release"
         for entry in service.get("ports", []):
-            assert _published(entry, {})[0] == "127.0.0.1", f"{name} publishes {entry} beyond this machine"
-            assert _published(entry, {"PUBLISH_ADDRESS": "0.0.0.0"})[0] == "0.0.0.0", f"{name}: {entry}"
+            assert port_mapping(entry, {})[0] == "127.0.0.1", f"{name} publishes {entry} beyond this machine"
+            assert port_mapping(entry, {"PUBLISH_ADDRESS": "0.0.0.0"})[0] == "0.0.0.0", f"{name}: {entry}"
 
 
 def test_a_configuration_error_is_not_restarted_forever() -> None:

@@ -18,7 +18,7 @@ import pytest
 from ruamel.yaml import YAML
 
 import config
-from tests.test_monitoring import runbook_url, runbook_url_template
+from tests.prometheus import runbook_url, runbook_url_template
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -41,7 +41,7 @@ from tests.support import (
     service_env,
     wait_for,
 )
-from tests.test_verify import maintenance, vote
+from tests.tampering import maintenance, rechain, vote
 
 MakeService = Callable[..., Service]
 
@@ -154,15 +154,13 @@ def test_a_deleted_whole_chain_is_caught(election: tuple[str, Path, Path]) -> No
 
 
 def test_a_rewritten_chain_is_caught(election: tuple[str, Path, Path]) -> None:
-    from tests.test_verify import _rechain
-
     dbname, heads_file, public = election
     with maintenance(dbname) as cur:
         cur.execute("UPDATE vote_audit SET choice = 'oui' WHERE vote_hash = %s", (vote(1).vote_hash,))  # was non
         cur.execute(
             "UPDATE vote_results SET oui_count = oui_count + 1, non_count = non_count - 1 WHERE law_id = 'law-1'"
         )
-        _rechain(cur, "legit")
+        rechain(cur, "legit")
     assert run_cli("verify", env=service_env(dbname=dbname)).returncode == 0  # a thorough forger fools the rest
     code, lines = verify(dbname, heads_file, public)
     assert code == 1

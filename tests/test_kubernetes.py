@@ -21,19 +21,19 @@ from ruamel.yaml import YAML
 import config
 from config import load_config
 from tests import skips
-from tests.proxy import TcpProxy
-from tests.support import POSTGRES_HOST, POSTGRES_PORT, Service, key_files, private_key_file, wait_for
-from tests.test_deploy import (
+from tests.deploy_files import (
     COMPOSE,
     DOCKERFILE,
     ENV_EXAMPLE,
     UNIT,
-    _healthcheck_command,
     dockerfile_instructions,
     env_file_assignments,
+    healthcheck_command,
     timespan_s,
     unit_settings,
 )
+from tests.proxy import TcpProxy
+from tests.support import POSTGRES_HOST, POSTGRES_PORT, Service, key_files, private_key_file, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -400,7 +400,7 @@ def test_kubernetes_compose_systemd_and_the_image_agree(tmp_path: Path) -> None:
     assert len(set(roles.values())) == 1, roles
 
     # Liveness: the image's HEALTHCHECK (compose uses it) and the pod's liveness probe ask the same path.
-    healthcheck_path = re.search(r"/(\w+)'", " ".join(_healthcheck_command()))
+    healthcheck_path = re.search(r"/(\w+)'", " ".join(healthcheck_command()))
     assert healthcheck_path is not None
     assert container()["livenessProbe"]["httpGet"]["path"] == f"/{healthcheck_path.group(1)}"
     # A start is given as long under Kubernetes (the startup probe) as under systemd.

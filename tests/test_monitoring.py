@@ -2,13 +2,12 @@
 load and a real RabbitMQ node's rabbitmq_prometheus plugin.
 
 promtool and prometheus come from Debian's `prometheus` package, the node from Debian's
-`rabbitmq-server` (tests/rabbitmq_metrics_node.py); without one these tests are skipped, saying
+`rabbitmq-server` (tests/rabbitmq_cluster.py); without one these tests are skipped, saying
 which, and a skip fails the run in CI (tests/skips.py; .ci/run installs them).
 """
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import subprocess
@@ -25,8 +24,17 @@ import pytest
 from ruamel.yaml import YAML
 
 from config import Config
-from tests import skips
-from tests.rabbitmq_metrics_node import MetricsNode, remove_leftovers
+from tests.prometheus import (
+    JOB,
+    PROMETHEUS_CONFIG,
+    RUNBOOK_LABEL,
+    Prometheus,
+    binary,
+    dashboard,
+    dashboard_panels,
+    runbook_url,
+)
+from tests.rabbitmq_cluster import RabbitNode, standalone_node
 from tests.support import (
     PER_LAW_METRICS,
     ROOT,
@@ -37,23 +45,19 @@ from tests.support import (
     tool_env,
     wait_for,
 )
-from tools.ports import free_port
 
 MakeService = Callable[..., Service]
 
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
-DASHBOARD = ROOT / "deploy" / "grafana" / "aggregator.json"
 DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "aggregator.yml"
-PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 # The rules and the dashboard select targets by this label, whatever their job is called
 # (docs/monitoring.md#scrape-labels); the scrape jobs of these tests are named otherwise, as the
 # Prometheus Operator names them, to show that the name does not matter.
 APP = "vote-aggregator"
 RABBITMQ_APP = "rabbitmq-queues"  # RabbitMQ's plugin, on /metrics/detailed
 BROKER_APP = "rabbitmq"  # the same plugin's plain /metrics (global counters)
-JOB = "votes/vote-aggregator"
 RABBITMQ_JOB = "votes/rabbitmq"
 BROKER_JOB = "votes/rabbitmq-global"
 # The label value each group of alerts.yml selects.
@@ -62,12 +66,7 @@ GROUP_APPS = {"vote-aggregator": APP, "vote-aggregator-queue": RABBITMQ_APP, "vo
 VOTE_QUEUE = Config().rabbitmq_queue
 DEAD_LETTER_QUEUE = Config().dead_letter_queue
 SEVERITIES = {"critical", "warning", "info"}
-INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus (Debian's package; .ci/run installs it)"
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
-# Every alert's runbook_url: its section of docs/monitoring.md under the Prometheus external label
-# runbook_base_url, or under a host that says the label is missing (docs/monitoring.md#runbook-links).
-RUNBOOK_LABEL = "runbook_base_url"
-RUNBOOK_FALLBACK = "https://runbook-base-url-not-set.invalid/docs"
 # Units of per-second rates and of durations (Grafana's ids); "percentunit" is CPU seconds per second.
 RATE_UNITS = {"ops", "reqps", "cps", "s", "percentunit"}
 
@@ -79,20 +78,6 @@ SUBSTITUTIONS = {
     "$vote_queue": VOTE_QUEUE,
     "$dead_letter_queue": DEAD_LETTER_QUEUE,
 }
-
-
-def runbook_url_template(alert: str) -> str:
-    """The runbook_url annotation every rule of alerts.yml carries, as written there."""
-    return f"{{{{ or $externalLabels.{RUNBOOK_LABEL} `{RUNBOOK_FALLBACK}` }}}}/monitoring.md#{alert.lower()}"
-
-
-def runbook_url(alert: str, external_labels: dict[str, str]) -> str:
-    """The link Prometheus makes of runbook_url_template(alert) under these external labels."""
-    return f"{external_labels.get(RUNBOOK_LABEL) or RUNBOOK_FALLBACK}/monitoring.md#{alert.lower()}"
-
-
-def binary(name: str) -> str:
-    return skips.tool(name, install=INSTALL_HINT)
 
 
 # -- reading the files ---------------------------------------------------------------------------
@@ -125,19 +110,6 @@ def alert_cases() -> list[tuple[str, bool]]:
         quiet = re.search(r"^\s*exp_alerts:\s*\[\]", block, flags=re.MULTILINE) is not None
         cases.append((name.group(1), not quiet))
     return cases
-
-
-def dashboard() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
-    return data
-
-
-def dashboard_panels() -> list[dict[str, Any]]:
-    panels = []
-    for panel in dashboard()["panels"]:
-        panels.append(panel)
-        panels.extend(panel.get("panels", []))  # collapsed rows keep theirs inside
-    return panels
 
 
 def dashboard_queries() -> list[tuple[str, str, str]]:
@@ -361,98 +333,6 @@ def test_the_unit_check_sees_a_rate_in_plain_numbers() -> None:
 # -- a real Prometheus -------------------------------------------------------------------------------
 
 
-class Prometheus:
-    """A real Prometheus on a free loopback port, for the tests that check queries, rules and scrapes."""
-
-    def __init__(self, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.url = url
-        self.proc = proc
-        self.log = log
-
-    @classmethod
-    def launch(cls, config: dict[str, Any], directory: Path, name: str) -> Prometheus:
-        """Start one with `config` (written as JSON, which is YAML) and wait until it is ready."""
-        config_file, log = directory / f"{name}.yml", directory / f"{name}.log"
-        config_file.write_text(json.dumps(config))
-        port = free_port()
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [
-                    binary("prometheus"),
-                    f"--config.file={config_file}",
-                    f"--storage.tsdb.path={directory / f'{name}-tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                    "--storage.tsdb.retention.time=1h",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        prometheus = cls(f"http://127.0.0.1:{port}", proc, log)
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"prometheus exited with {proc.returncode}:\n{prometheus.logs()}")
-            try:
-                with urllib.request.urlopen(f"{prometheus.url}/-/ready", timeout=2) as resp:
-                    return bool(resp.status == 200)
-            except OSError:
-                return False
-
-        try:
-            wait_for(ready, timeout=30, interval=0.2, what="prometheus to be ready")
-        except AssertionError:
-            prometheus.stop()
-            raise
-        return prometheus
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def api(self, path: str, **params: str) -> Any:
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        try:
-            with urllib.request.urlopen(f"{self.url}{path}{query}", timeout=10) as resp:
-                body = json.load(resp)
-        except urllib.error.HTTPError as exc:
-            raise AssertionError(f"{path} {params}: HTTP {exc.code}: {exc.read().decode()}") from None
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        data = self.api("/api/v1/query", query=expr)
-        assert data["resultType"] in ("vector", "scalar"), data
-        result: list[dict[str, Any]] = data["result"] if data["resultType"] == "vector" else [data]
-        return result
-
-    def value(self, expr: str) -> float:
-        """The value of a query that answers with one sample."""
-        result = self.query(expr)
-        assert len(result) == 1, f"{expr}: {result}"
-        return float(result[0]["value"][1])
-
-    def rules(self) -> dict[str, dict[str, Any]]:
-        """Alert name -> its rule as Prometheus evaluates it (state, health, lastError)."""
-        groups = self.api("/api/v1/rules")["groups"]
-        return {r["name"]: r for g in groups for r in g["rules"]}
-
-    def wait_state(self, alert: str, *states: str, timeout: float = 20) -> None:
-        wait_for(
-            lambda: self.rules()[alert]["state"] in states,
-            timeout=timeout,
-            interval=0.5,
-            what=f"{alert} to be {' or '.join(states)}",
-        )
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
-
-
 def rabbitmq_jobs(metrics_port: int) -> list[dict[str, Any]]:
     """The compose stack's scrape jobs of RabbitMQ's plugin (paths, families and labels, as
     committed), under other names, pointed at a node on 127.0.0.1:`metrics_port`."""
@@ -518,18 +398,14 @@ def start_load(queue: str, *, port: int, rate: int, seconds: int) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def rabbit() -> Iterator[MetricsNode]:
+def rabbit() -> Iterator[RabbitNode]:
     """A RabbitMQ node of this module's own, with rabbitmq_prometheus, started once."""
-    remove_leftovers()
-    node = MetricsNode()
-    try:
-        yield node.start()
-    finally:
-        node.stop()
+    with standalone_node(metrics=True) as node:
+        yield node
 
 
 @pytest.fixture
-def node(rabbit: MetricsNode) -> Iterator[MetricsNode]:
+def node(rabbit: RabbitNode) -> Iterator[RabbitNode]:
     """The module's node without the vote queue, its dead-letter queue and exchange, which the
     service declares again when it starts: every test begins with no message and no consumer."""
     names = {"queues": [VOTE_QUEUE, DEAD_LETTER_QUEUE], "exchanges": [Config().dead_letter_exchange]}
@@ -538,25 +414,25 @@ def node(rabbit: MetricsNode) -> Iterator[MetricsNode]:
     rabbit.delete(**names)
 
 
-def node_env(node: MetricsNode) -> dict[str, str]:
+def node_env(node: RabbitNode) -> dict[str, str]:
     """The service's settings for the node: its port, guest (allowed from loopback)."""
     return {
         "RABBITMQ_HOST": "127.0.0.1",
-        "RABBITMQ_PORT": str(node.amqp_port),
+        "RABBITMQ_PORT": str(node.port),
         "RABBITMQ_USER": "guest",
         "RABBITMQ_PASSWORD": "guest",
     }
 
 
 def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
-    make_service: MakeService, node: MetricsNode, start_prometheus: Callable[..., Prometheus]
+    make_service: MakeService, node: RabbitNode, start_prometheus: Callable[..., Prometheus]
 ) -> None:
     # The dashboard's per-law panels are queried too: the embargo lifted, as after the close of polls.
     svc = make_service(
         {"BATCH_TIMEOUT_SECONDS": "0.2", **node_env(node), **PER_LAW_METRICS}, queue_name=VOTE_QUEUE
     ).start()
     # Longer than any wait below can take, however loaded the machine: it is stopped at the end.
-    load = start_load(VOTE_QUEUE, port=node.amqp_port, rate=300, seconds=600)
+    load = start_load(VOTE_QUEUE, port=node.port, rate=300, seconds=600)
     try:
         prometheus = start_prometheus(svc.metrics_port, node.metrics_port)
         wait_for(
@@ -664,7 +540,7 @@ def firing(prometheus: Prometheus, alert: str) -> list[dict[str, Any]]:
 
 
 def test_queue_alerts_follow_a_real_rabbitmq_queue(
-    make_service: MakeService, node: MetricsNode, start_prometheus: Callable[..., Prometheus]
+    make_service: MakeService, node: RabbitNode, start_prometheus: Callable[..., Prometheus]
 ) -> None:
     """Each queue alert's expression on RabbitMQ's real series: quiet while the service consumes,
     matching once the queue is in the state it describes (pending is enough: the durations of
@@ -729,7 +605,7 @@ def test_prometheus_scrapes_the_service_down_as_up_zero(
     assert down[0]["metric"]["instance"] == f"127.0.0.1:{svc.metrics_port}"
 
 
-def test_a_real_node_counts_what_it_dead_letters_for_a_delivery_count(rabbit: MetricsNode) -> None:
+def test_a_real_node_counts_what_it_dead_letters_for_a_delivery_count(rabbit: RabbitNode) -> None:
     """VoteQueueDeliveryLimitDeadLetters' counter, as RabbitMQ 3.10's plain /metrics names it, rises
     when a quorum queue dead-letters a message past its x-delivery-limit."""
     series = (

@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import httpauth
+from tests.prometheus import JOB, Prometheus
 from tests.roles import ServiceRole, apply_scripts
 from tests.support import (
     Service,
@@ -38,7 +39,6 @@ from tests.support import (
     service_env,
     wait_for,
 )
-from tests.test_monitoring import JOB, Prometheus
 from tests.tls_support import Authority, KeyPair
 
 MakeService = Callable[..., Service]

@@ -27,9 +27,9 @@ import pytest
 
 from tests import pg_servers, rabbitmq_cluster
 from tests.pg_servers import PgServer
-from tests.rabbitmq_cluster import RabbitNode, RabbitNodes
-from tests.roles import INIT_DB, SERVICE_ROLE
-from tests.support import Service, VoteMsg, drain_with_headers, expected_totals, make_votes, stop_all, wait_for
+from tests.rabbitmq_cluster import RabbitNode, standalone_node
+from tests.roles import create_service_role
+from tests.support import Service, VoteMsg, assert_all_counted_once, drain_with_headers, make_votes, stop_all, wait_for
 from tools.publisher import ConfirmedPublisher
 
 pytestmark = [
@@ -38,7 +38,6 @@ pytestmark = [
 ]
 
 DB = "soak"
-ROLE = "agg_soak_service"
 DELIVERY_LIMIT = 3
 STALL_TIMEOUT_S = 30.0
 RATE = 400.0  # messages a second, valid and invalid together
@@ -48,11 +47,8 @@ INVALID_SHARE = 0.15  # of the messages, in floods
 
 @pytest.fixture(scope="module")
 def broker() -> Iterator[RabbitNode]:
-    nodes = RabbitNodes(1, clustered=1, config="consumer_timeout = 5000\n")
-    try:
-        yield nodes.start().nodes[0]
-    finally:
-        nodes.remove()
+    with standalone_node(config="consumer_timeout = 5000\n") as node:
+        yield node
 
 
 @pytest.fixture
@@ -61,15 +57,6 @@ def database() -> Iterator[PgServer]:
     try:
         server.start()
         server.execute(f"CREATE DATABASE {DB}")
-        server.execute(f"CREATE ROLE {ROLE} LOGIN")
-        conn = server.connect(DB)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(INIT_DB.read_text())
-                cur.execute("SET vote_aggregator.service_role = %s", (ROLE,))
-                cur.execute(SERVICE_ROLE.read_text())
-        finally:
-            conn.close()
         yield server
     finally:
         server.remove()
@@ -152,14 +139,14 @@ def test_an_election_day_of_faults_counts_every_vote_once(
     broker: RabbitNode, database: PgServer, tmp_path: Path
 ) -> None:
     queue = f"soak.{uuid.uuid4().hex[:8]}"
+    role = create_service_role(DB, server=database)  # the schema applied by an administrator first
     env = {
         "RABBITMQ_HOST": "127.0.0.1",
         "RABBITMQ_PORT": str(broker.port),
         "RABBITMQ_DELIVERY_LIMIT": str(DELIVERY_LIMIT),
         "POSTGRES_HOST": "127.0.0.1",
         "POSTGRES_PORT": str(database.port),
-        "POSTGRES_USER": ROLE,
-        "POSTGRES_PASSWORD": "",
+        **role.env(),
         "STALL_TIMEOUT_SECONDS": str(STALL_TIMEOUT_S),
         "RESULTS_EMBARGO": "true",  # the production default
     }
@@ -254,11 +241,7 @@ def test_an_election_day_of_faults_counts_every_vote_once(
             svc.kill()
         print("\n".join(["", "TIMELINE", *timeline.events]))
 
-    rows = database.execute("SELECT law_id, oui_count, non_count FROM vote_results", dbname=DB)
-    assert {law: (int(oui), int(non)) for law, oui, non in rows if oui or non} == expected_totals(votes)
-    assert database.execute("SELECT count(*) FROM vote_audit", dbname=DB) == [(len(votes),)]
-    assert database.execute("SELECT count(*) FROM duplicate_attempts", dbname=DB) == [(0,)]
-    assert broker.queue_state(queue) == (0, 0)
+    assert_all_counted_once(DB, queue, votes, server=database, broker=broker.params())
 
     letters = drain_with_headers(f"{queue}.dead", broker.params())
     copies = [body for body, _headers in letters]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import skips
+from tests import pg_servers, skips
+from tests.pg_servers import PgServer
 from tests.support import (
     RABBITMQ_HOST,
     RABBITMQ_PORT,
@@ -38,7 +39,7 @@ from tests.support import (
     tool_env,
     wait_for,
 )
-from tests.tls_support import Authority, KeyPair, TempPostgres, TlsProxy
+from tests.tls_support import Authority, KeyPair, TlsProxy, postgres_with_tls
 
 
 @dataclass(frozen=True)
@@ -201,23 +202,23 @@ def test_rabbitmq_client_certificate(make_service: Callable[..., Service], queue
 
 
 @pytest.fixture(scope="module")
-def tls_postgres(pki: Pki) -> Iterator[TempPostgres]:
-    skips.require(TempPostgres.available())
-    server = TempPostgres(server=pki.server)
+def tls_postgres(pki: Pki) -> Iterator[PgServer]:
+    skips.require(pg_servers.unavailable())
+    server = postgres_with_tls(pki.server)
     try:
         server.start()
         yield server
     finally:
-        server.stop()
+        server.remove()
 
 
 @pytest.fixture
-def tls_dbname(tls_postgres: TempPostgres) -> Iterator[str]:
+def tls_dbname(tls_postgres: PgServer) -> Iterator[str]:
     with scratch_database(tls_postgres.connect("postgres"), prefix="agg_tls") as name:
         yield name
 
 
-def postgres_tls_env(server: TempPostgres, dbname: str, ca: Path, **extra: str) -> dict[str, str]:
+def postgres_tls_env(server: PgServer, dbname: str, ca: Path, **extra: str) -> dict[str, str]:
     return {
         "POSTGRES_HOST": "localhost",
         "POSTGRES_PORT": str(server.port),
@@ -232,24 +233,28 @@ def postgres_tls_env(server: TempPostgres, dbname: str, ca: Path, **extra: str) 
 
 
 def test_postgres_verify_full_counts_votes(
-    make_service: Callable[..., Service], queue: str, tls_postgres: TempPostgres, tls_dbname: str, pki: Pki
+    make_service: Callable[..., Service], queue: str, tls_postgres: PgServer, tls_dbname: str, pki: Pki
 ) -> None:
-    svc = make_service(postgres_tls_env(tls_postgres, tls_dbname, pki.ca.cert)).start()
-    assert f"connected to PostgreSQL at postgresql://postgres@localhost:{tls_postgres.port}/{tls_dbname}" in svc.logs()
+    # As the service's least-privilege role, made there after the schema, as an administrator applies them.
+    env = postgres_tls_env(tls_postgres, tls_dbname, pki.ca.cert)
+    del env["POSTGRES_USER"], env["POSTGRES_PASSWORD"]
+    svc = make_service(env, server=tls_postgres, dbname=tls_dbname).start()
+    role = svc.env["POSTGRES_USER"]
+    assert f"connected to PostgreSQL at postgresql://{role}@localhost:{tls_postgres.port}/{tls_dbname}" in svc.logs()
     votes = make_votes(300, laws=4, seed=21)
     publish(queue, [v.body() for v in votes])
 
     def counted() -> int:
-        return int(tls_postgres.query(tls_dbname, "SELECT count(*) FROM vote_audit")[0][0])
+        return int(tls_postgres.execute("SELECT count(*) FROM vote_audit", dbname=tls_dbname)[0][0])
 
     wait_for(lambda: counted() == len(votes), timeout=30, what="votes counted in the TLS PostgreSQL")
-    rows = tls_postgres.query(tls_dbname, "SELECT law_id, oui_count, non_count FROM vote_results")
+    rows = tls_postgres.execute("SELECT law_id, oui_count, non_count FROM vote_results", dbname=tls_dbname)
     assert {law: (oui, non) for law, oui, non in rows} == expected_totals(votes)
     # The service's own connections are encrypted (the server would refuse any other).
-    encrypted = tls_postgres.query(
-        tls_dbname,
+    encrypted = tls_postgres.execute(
         "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = %s",
         ("vote-aggregator",),
+        dbname=tls_dbname,
     )
     assert encrypted
     assert all(row[0] is True for row in encrypted)
@@ -257,7 +262,7 @@ def test_postgres_verify_full_counts_votes(
 
 
 def test_postgres_with_the_wrong_ca_is_refused(
-    make_service: Callable[..., Service], queue: str, tls_postgres: TempPostgres, tls_dbname: str, pki: Pki
+    make_service: Callable[..., Service], queue: str, tls_postgres: PgServer, tls_dbname: str, pki: Pki
 ) -> None:
     votes = make_votes(20, laws=2, seed=22)
     publish(queue, [v.body() for v in votes])
@@ -269,7 +274,7 @@ def test_postgres_with_the_wrong_ca_is_refused(
     (refusal,) = [line for line in svc.logs().splitlines() if "certificate verify failed" in line]
     assert "ERROR" in refusal
     assert queue_state(queue) == (len(votes), 0)  # it never consumed without a database
-    assert tls_postgres.query(tls_dbname, "SELECT to_regclass('vote_audit')") == [(None,)]
+    assert tls_postgres.execute("SELECT to_regclass('vote_audit')", dbname=tls_dbname) == [(None,)]
 
     check = run_cli("--check", env=service_env(dbname=tls_dbname, queue=queue, **env))
     assert check.returncode == 2  # as the service: certain, retrying cannot fix it
@@ -277,7 +282,7 @@ def test_postgres_with_the_wrong_ca_is_refused(
     assert "certificate verify failed" in problem
 
 
-def test_postgres_host_name_is_checked(tls_postgres: TempPostgres, tls_dbname: str, pki: Pki) -> None:
+def test_postgres_host_name_is_checked(tls_postgres: PgServer, tls_dbname: str, pki: Pki) -> None:
     as_ip = service_env(dbname=tls_dbname, **postgres_tls_env(tls_postgres, tls_dbname, pki.ca.cert))
     as_ip["POSTGRES_HOST"] = "127.0.0.1"
     (problem,) = [p for p in problems(run_cli("--check", env=as_ip)) if "PostgreSQL" in p]
@@ -285,11 +290,11 @@ def test_postgres_host_name_is_checked(tls_postgres: TempPostgres, tls_dbname: s
     # verify-ca checks the chain only.
     init = run_cli("--init-db", env={**as_ip, "POSTGRES_SSLMODE": "verify-ca"})
     assert init.returncode == 0, init.stderr
-    assert tls_postgres.query(tls_dbname, "SELECT to_regclass('vote_audit') IS NOT NULL") == [(True,)]
+    assert tls_postgres.execute("SELECT to_regclass('vote_audit') IS NOT NULL", dbname=tls_dbname) == [(True,)]
 
 
 def test_postgres_without_tls_is_refused_by_the_server(
-    make_service: Callable[..., Service], tls_postgres: TempPostgres, tls_dbname: str, pki: Pki
+    make_service: Callable[..., Service], tls_postgres: PgServer, tls_dbname: str, pki: Pki
 ) -> None:
     env = postgres_tls_env(tls_postgres, tls_dbname, pki.ca.cert, POSTGRES_SSLMODE="disable")
     svc = make_service(env).start(wait_consuming=False)

@@ -10,9 +10,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 
-import psycopg2.extensions
 import pytest
 
 import db
@@ -26,21 +24,15 @@ from tests.support import (
     Service,
     VoteMsg,
     audit_count,
-    pg_connect,
     publish,
     query,
     run_cli,
     service_env,
     wait_for,
 )
-from votes import Vote
+from tests.tampering import maintenance, rechain, vote
 
 MakeService = Callable[..., Service]
-WHEN = datetime(2025, 11, 14, 12, 0, tzinfo=UTC)
-
-
-def vote(i: int, *, law: str = "law-1", choice: str = "oui") -> Vote:
-    return Vote(f"{i:08x}", f"citizen-{i}", law, choice, WHEN)
 
 
 @contextmanager
@@ -61,20 +53,6 @@ def verify(dbname: str, *args: str) -> tuple[int, list[str]]:
     done = run_cli("verify", *args, env=service_env(dbname=dbname, RESULTS_EMBARGO="false"))
     assert done.stderr == ""
     return done.returncode, done.stdout.splitlines()
-
-
-@contextmanager
-def maintenance(dbname: str) -> Iterator[psycopg2.extensions.cursor]:
-    """One transaction on the maintenance path: the owner, saying so first."""
-    conn = pg_connect(dbname)
-    conn.autocommit = False
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET LOCAL vote_aggregator.maintenance = 'on'")
-            yield cur
-        conn.commit()
-    finally:
-        conn.close()
 
 
 @pytest.fixture
@@ -136,24 +114,6 @@ def test_verify_names_each_row_edited_deleted_or_inserted(chained: str) -> None:
     )
 
 
-def _rechain(cur: psycopg2.extensions.cursor, chain: str) -> None:
-    """Recompute every link of `chain` from the rows as they are now: a thorough forger."""
-    cur.execute(
-        f"SELECT c.seq, array_agg(a.vote_hash), string_agg({db.row_digest_sql('a')}, ''::bytea) "
-        "FROM vote_chain c JOIN vote_audit a ON a.vote_hash = ANY(c.vote_hashes) "
-        "WHERE c.chain_id = %s GROUP BY c.seq ORDER BY c.seq",
-        (chain,),
-    )
-    previous = db.genesis_digest(chain)
-    for seq, hashes, digests in cur.fetchall():
-        content = hashlib.sha256(",".join(hashes).encode() + bytes(digests)).digest()
-        previous = db.link_digest_from_content(previous, seq, content)
-        cur.execute(
-            "UPDATE vote_chain SET vote_hashes = %s, row_digests = %s, digest = %s WHERE chain_id = %s AND seq = %s",
-            (hashes, bytes(digests), previous, chain, seq),
-        )
-
-
 def test_verify_catches_a_rewritten_chain_only_through_a_head_kept_elsewhere(chained: str) -> None:
     (head_seq, head_digest) = query(chained, "SELECT seq, digest FROM vote_chain ORDER BY seq DESC LIMIT 1")[0]
     head = f"test-chain:{head_seq}:{bytes(head_digest).hex()}"
@@ -180,7 +140,7 @@ def test_verify_catches_a_rewritten_chain_only_through_a_head_kept_elsewhere(cha
 
     # Rewriting the whole chain consistently fools every check but the head logged at the time.
     with maintenance(chained) as cur:
-        _rechain(cur, "test-chain")
+        rechain(cur, "test-chain")
     assert verify(chained)[0] == 0
     code, lines = verify(chained, "--head", head)
     assert code == 1

@@ -1,4 +1,4 @@
-"""TLS test helpers: throwaway certificates, a TLS-terminating proxy, a short-lived PostgreSQL with ssl=on.
+"""TLS test helpers: throwaway certificates, a TLS-terminating proxy, a throwaway PostgreSQL with ssl=on.
 
 Certificates are made with trustme (a test CA in a few lines; it brings `cryptography`).
 """
@@ -6,34 +6,16 @@ Certificates are made with trustme (a test CA in a few lines; it brings `cryptog
 from __future__ import annotations
 
 import contextlib
-import os
 import select
-import shutil
 import socket
 import ssl
-import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import psycopg2
 import trustme
 
-from tests.support import wait_for
-from tools.ports import free_port
-
-
-def _pg_bin() -> Path:
-    """TEST_PG_BIN, or the newest Debian-packaged PostgreSQL's bin/ (the shared server's packages)."""
-    if "TEST_PG_BIN" in os.environ:
-        return Path(os.environ["TEST_PG_BIN"])
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
-    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
-
-
-PG_BIN = _pg_bin()
+from tests.pg_servers import PgServer
 
 
 @dataclass(frozen=True)
@@ -179,109 +161,18 @@ class TlsProxy:
                     sock.close()
 
 
-# -- a short-lived PostgreSQL with TLS ---------------------------------------------------
+# -- PostgreSQL with TLS ---------------------------------------------------------------------
 
 
-class TempPostgres:
-    """A PostgreSQL cluster of its own: ssl=on, TCP on 127.0.0.1 only, TLS required by pg_hba.conf.
-
-    The shared server is left alone. initdb and pg_ctl refuse to run as root, so they run as the
-    `postgres` OS user (the tests run as root), on a data directory that user owns.
-    """
-
-    def __init__(self, *, server: KeyPair) -> None:
-        self.port = free_port()
-        self.base = Path(tempfile.mkdtemp(prefix="agg-tls-pg-"))
-        self.data = self.base / "data"
-        self.log = self.base / "postgres.log"
-        self._server = server
-        self._started = False
-
-    @staticmethod
-    def available() -> str | None:
-        """None if a cluster can be made here, else why not."""
-        if not (PG_BIN / "initdb").exists():
-            return f"no PostgreSQL binaries in {PG_BIN} (set TEST_PG_BIN)"
-        if os.geteuid() != 0:
-            return "the tests must run as root to start a cluster as the postgres user"
-        if shutil.which("runuser") is None:
-            return "runuser is missing"
-        return None
-
-    def _as_postgres(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True, text=True, timeout=timeout
-        )
-
-    def start(self) -> TempPostgres:
-        shutil.chown(self.base, "postgres", "postgres")
-        self._as_postgres(
-            str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-            "--no-sync", "--no-instructions",
-        )  # fmt: skip
-        for source, name in ((self._server.cert, "server.crt"), (self._server.key, "server.key")):
-            target = self.data / name
-            shutil.copyfile(source, target)
-            shutil.chown(target, "postgres", "postgres")
-            target.chmod(0o600)  # PostgreSQL refuses a key that others can read
-        with (self.data / "postgresql.conf").open("a") as conf:
-            conf.write(
-                f"port = {self.port}\n"
-                "listen_addresses = '127.0.0.1'\n"
-                f"unix_socket_directories = '{self.base}'\n"
-                "ssl = on\n"
-                "ssl_cert_file = 'server.crt'\n"
-                "ssl_key_file = 'server.key'\n"
-                "fsync = off\n"
-                "synchronous_commit = off\n"
-                "full_page_writes = off\n"
-                "max_connections = 30\n"
-                "shared_buffers = 16MB\n"
-            )
-        (self.data / "pg_hba.conf").write_text(
-            "local     all all                trust\n"
-            "hostssl   all all 127.0.0.1/32   trust\n"
-            "hostnossl all all 127.0.0.1/32   reject\n"
-        )
-        self._started = True
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
-        wait_for(self._answers, timeout=30, what="the TLS PostgreSQL to accept connections")
-        return self
-
-    def _answers(self) -> bool:
-        try:
-            self.connect("postgres").close()
-        except psycopg2.OperationalError:
-            return False
-        return True
-
-    def stop(self) -> None:
-        try:
-            if self._started:
-                with contextlib.suppress(subprocess.SubprocessError):
-                    self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
-        finally:
-            shutil.rmtree(self.base, ignore_errors=True)
-
-    def connect(self, dbname: str) -> psycopg2.extensions.connection:
-        """A TLS connection as the test's superuser (pg_hba.conf refuses any other)."""
-        conn = psycopg2.connect(
-            host="127.0.0.1", port=self.port, user="postgres", dbname=dbname, sslmode="require", connect_timeout=5
-        )
-        conn.autocommit = True
-        return conn
-
-    def query(self, dbname: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        conn = self.connect(dbname)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(statement, params or None)
-                return list(cur.fetchall()) if cur.description else []
-        finally:
-            conn.close()
-
-    def server_log(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+def postgres_with_tls(server: KeyPair) -> PgServer:
+    """A throwaway cluster (not started) with ssl=on and `server`'s certificate, TCP on 127.0.0.1
+    only, TLS required by pg_hba.conf; the tests' own connections use TLS too."""
+    return PgServer(
+        settings={"ssl": "on", "ssl_cert_file": "'server.crt'", "ssl_key_file": "'server.key'"},
+        hba=["hostssl all all 127.0.0.1/32 trust", "hostnossl all all 127.0.0.1/32 reject"],
+        files={"server.crt": server.cert, "server.key": server.key},
+        connect_options={"sslmode": "require"},
+    )
 
 
 def _close_after_alert(raw: socket.socket) -> None:
