@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import os
 import ssl
 import threading
@@ -60,6 +61,8 @@ _HANDOFF = 64
 # garbage would otherwise spend a third of the service's time writing log lines nobody reads.
 _REJECTS_LOGGED = 1_000
 _REJECTS_WINDOW_S = 60.0
+_SESSION = operator.attrgetter("session")
+_TAG = operator.attrgetter("tag")
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +158,13 @@ class Consumer:
     def settle(self, committed: list[Delivery], rejected: list[Delivery]) -> None:
         """Have one batch acked and rejected on the connection thread (called in batch order)."""
         acks: dict[int, int] = {}  # session -> highest committed tag
-        for d in committed:
-            acks[d.session] = max(d.tag, acks.get(d.session, 0))
+        sessions = set(map(_SESSION, committed))
+        if len(sessions) == 1:
+            # The usual batch, all on one channel: its highest tag found in C, not in a loop per vote.
+            acks[sessions.pop()] = max(map(_TAG, committed))
+        else:
+            for d in committed:
+                acks[d.session] = max(d.tag, acks.get(d.session, 0))
         rejects = [(d.session, d.tag) for d in rejected]
         connection = self._connection
         try:

@@ -352,8 +352,8 @@ class Pipeline:
             before_sleep=self._before_retry,
             reraise=True,
         )
-        votes = [d for d in batch.deliveries if d.refusal is None]
         refused = [d for d in batch.deliveries if d.refusal is not None]  # invalid on arrival
+        votes = [d for d in batch.deliveries if d.refusal is None] if refused else batch.deliveries
         try:
             committed, rejected = retrying(self._write_isolating, votes) if votes else ([], [])
         except db.DatabaseError:
