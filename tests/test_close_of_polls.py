@@ -36,6 +36,8 @@ from tests.support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # the runbook step by step
+
 MakeService = Callable[..., Service]
 
 

@@ -42,6 +42,8 @@ from tests.support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # what only time brings
+
 MakeService = Callable[..., Service]
 # What the broker closes a channel for: an ack overdue by more than this (5 s, checked about once a minute).
 CONSUMER_TIMEOUT_MS = 5000
@@ -136,6 +138,7 @@ def test_a_channel_closed_for_an_overdue_ack_leads_back_to_consuming(
         locker.rollback()
         locker.close()
     after = make_votes(300, laws=2, seed=186)
+@pytest.mark.ha
     node.publish(queue, [v.body() for v in after])
     votes = first + held + after
     wait_for(lambda: audit_count(dbname) == len(votes), timeout=60, what="every vote counted")
@@ -273,6 +276,7 @@ def test_database_outages_with_connection_blips_and_restarts_dead_letter_no_vali
         svc = Service(queue=queue, dbname=db, log_path=tmp_path / f"service-{len(started)}.log", env=env)
         started.append(svc)
         return svc.start()
+@pytest.mark.ha
 
     def counted() -> int:
         try:

@@ -44,6 +44,8 @@ from tests.support import (
 )
 
 MakeService = Callable[..., Service]
+pytestmark = pytest.mark.slow  # each failure scenario under load
+
 
 
 @pytest.fixture

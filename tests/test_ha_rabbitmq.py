@@ -43,7 +43,10 @@ from tests.support import (
 from tools.ports import free_port
 from tools.publisher import publish_all
 
-pytestmark = pytest.mark.skipif(rabbitmq_cluster.unavailable() is not None, reason=str(rabbitmq_cluster.unavailable()))
+pytestmark = [
+    pytest.mark.ha,
+    pytest.mark.skipif(rabbitmq_cluster.unavailable() is not None, reason=str(rabbitmq_cluster.unavailable())),
+]
 
 MakeService = Callable[..., Service]
 PREFETCH = Config().rabbitmq_prefetch_count

@@ -551,6 +551,7 @@ def node_env(node: MetricsNode) -> dict[str, str]:
     }
 
 
+@pytest.mark.ha
 def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
     make_service: MakeService, node: MetricsNode, start_prometheus: Callable[..., Prometheus]
 ) -> None:
@@ -662,6 +663,7 @@ def firing(prometheus: Prometheus, alert: str) -> list[dict[str, Any]]:
     return [a for a in prometheus.api("/api/v1/alerts")["alerts"] if a["labels"]["alertname"] == alert]
 
 
+@pytest.mark.ha
 def test_queue_alerts_follow_a_real_rabbitmq_queue(
     make_service: MakeService, node: MetricsNode, start_prometheus: Callable[..., Prometheus]
 ) -> None:
@@ -716,6 +718,7 @@ def test_queue_alerts_follow_a_real_rabbitmq_queue(
     prometheus.wait_state("VoteQueueMetricsAbsent", "pending")
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_the_service_down_as_up_zero(
     make_service: MakeService, start_prometheus: Callable[[int], Prometheus]
 ) -> None:
@@ -730,6 +733,7 @@ def test_prometheus_scrapes_the_service_down_as_up_zero(
     assert time.monotonic() - started < 20
 
 
+@pytest.mark.ha
 def test_a_real_node_counts_what_it_dead_letters_for_a_delivery_count(rabbit: MetricsNode) -> None:
     """VoteQueueDeliveryLimitDeadLetters' counter, as RabbitMQ 3.10's plain /metrics names it, rises
     when a quorum queue dead-letters a message past its x-delivery-limit."""

@@ -25,7 +25,10 @@ from tests import patroni_cluster
 from tests.patroni_cluster import Member, PatroniCluster
 from tests.support import Service, VoteMsg, expected_totals, make_votes, publish, queue_state, stop_all, wait_for
 
-pytestmark = pytest.mark.skipif(patroni_cluster.unavailable() is not None, reason=str(patroni_cluster.unavailable()))
+pytestmark = [
+    pytest.mark.ha,
+    pytest.mark.skipif(patroni_cluster.unavailable() is not None, reason=str(patroni_cluster.unavailable())),
+]
 
 MakeService = Callable[..., Service]
 # What docs/high-availability.md recommends with several hosts: after a new leader is there, the

@@ -41,6 +41,8 @@ DB = "soak"
 ROLE = "agg_soak_service"
 DELIVERY_LIMIT = 3
 STALL_TIMEOUT_S = 30.0
+    pytest.mark.ha,
+    pytest.mark.slow,
 RATE = 400.0  # messages a second, valid and invalid together
 SECONDS = 150.0  # of publishing
 INVALID_SHARE = 0.15  # of the messages, in floods

@@ -232,6 +232,7 @@ def postgres_tls_env(server: TempPostgres, dbname: str, ca: Path, **extra: str) 
     }
 
 
+@pytest.mark.ha
 def test_postgres_verify_full_counts_votes(
     make_service: Callable[..., Service], queue: str, tls_postgres: TempPostgres, tls_dbname: str, pki: Pki
 ) -> None:
@@ -257,6 +258,7 @@ def test_postgres_verify_full_counts_votes(
     assert svc.stop() == 0
 
 
+@pytest.mark.ha
 def test_postgres_with_the_wrong_ca_is_refused(
     make_service: Callable[..., Service], queue: str, tls_postgres: TempPostgres, tls_dbname: str, pki: Pki
 ) -> None:
@@ -278,6 +280,7 @@ def test_postgres_with_the_wrong_ca_is_refused(
     assert "certificate verify failed" in problem
 
 
+@pytest.mark.ha
 def test_postgres_host_name_is_checked(tls_postgres: TempPostgres, tls_dbname: str, pki: Pki) -> None:
     as_ip = service_env(dbname=tls_dbname, **postgres_tls_env(tls_postgres, tls_dbname, pki.ca.cert))
     as_ip["POSTGRES_HOST"] = "127.0.0.1"
@@ -289,6 +292,7 @@ def test_postgres_host_name_is_checked(tls_postgres: TempPostgres, tls_dbname: s
     assert tls_postgres.query(tls_dbname, "SELECT to_regclass('vote_audit') IS NOT NULL") == [(True,)]
 
 
+@pytest.mark.ha
 def test_postgres_without_tls_is_refused_by_the_server(
     make_service: Callable[..., Service], tls_postgres: TempPostgres, tls_dbname: str, pki: Pki
 ) -> None:
