@@ -4,6 +4,7 @@ and stopping while a batch is being written."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -209,9 +210,10 @@ def test_stopping_while_a_batch_is_being_written_waits_for_it(
         publish(queue, (v.body() for v in votes))
         wait_for(lambda: svc.metric("vote_buffer_depth") > 0, timeout=30, what="votes buffered")
         svc.signal(signal.SIGTERM)
-        time.sleep(1.0)
+        wait_for(lambda: "stopping: no new messages" in svc.logs(), timeout=15, what="the signal handled")
         assert svc.proc is not None
-        assert svc.proc.poll() is None, "the stop waits for the batch being written"
+        with pytest.raises(subprocess.TimeoutExpired):
+            svc.proc.wait(1.0)  # the stop waits for the batch being written
         proxy.resume()
         assert svc.proc.wait(30) == 0
     finally:

@@ -284,6 +284,7 @@ def test_metrics_agree_with_the_database_also_after_a_restart(
     assert_invariant(dbname)
 
 
+@pytest.mark.slow
 def test_sigterm_with_votes_in_flight_loses_and_doubles_nothing(
     make_service: MakeService, queue: str, dbname: str
 ) -> None:
@@ -396,11 +397,17 @@ def test_second_signal_exits_at_once(make_service: MakeService, queue: str, dbna
         votes = make_votes(10, laws=2)
         publish(queue, (v.body() for v in votes))
         wait_for(lambda: svc.metric("messages_received_total") == len(votes), timeout=15, what="the votes received")
-        time.sleep(0.3)  # past the batch timeout: the batch is on its way to the silent database
+        # Past the batch timeout the writer takes the batch: it is on its way to the silent database.
+        wait_for(
+            lambda: svc.metric("vote_buffer_depth") == 0 and svc.metric("oldest_unacked_delivery_age_seconds") > 0,
+            timeout=15,
+            what="the batch taken by the writer",
+        )
         svc.signal(signal.SIGTERM)
-        time.sleep(1.0)
+        wait_for(lambda: "stopping: no new messages" in svc.logs(), timeout=15, what="the first signal handled")
         assert svc.proc is not None
-        assert svc.proc.poll() is None, "the first signal waits for the batch"
+        with pytest.raises(subprocess.TimeoutExpired):
+            svc.proc.wait(1.0)  # the first signal waits for the batch
         svc.signal(signal.SIGTERM)
         assert svc.proc.wait(10) != 0
     finally:
