@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Where scripts/install_test_tools.sh unpacks the test tools for a developer who is not root.
 TOOLS_DIR ?= $(VENV)/tools
+# pytest-xdist: workers and how tests are handed out (docs/development.md says why these).
+PYTEST_PARALLEL ?= -n 4 --dist loadfile --no-loadscope-reorder
 
-.PHONY: run test test-tools lint check-services init-db bench bench-growth clean
+.PHONY: run test test-fast soak test-tools lint check-services init-db bench bench-growth clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +29,20 @@ init-db: $(VENV)/.runtime check-services
 run: init-db
 	$(PY) aggregator.py
 
-## Lint, type-check and run the whole test suite against the local RabbitMQ and PostgreSQL.
+## Lint, type-check and run the whole test suite against the local RabbitMQ and PostgreSQL
+## (the soak as a 90 s day: `make soak` runs the full one).
 test: $(VENV)/.dev check-services test-tools lint
-	PATH="$(abspath $(TOOLS_DIR))/bin:$$PATH" $(PY) -m pytest -n 4 --dist loadfile
+	PATH="$(abspath $(TOOLS_DIR))/bin:$$PATH" $(PY) -m pytest $(PYTEST_PARALLEL)
+
+## The quicker part of the suite: all but the tests marked `ha` (throwaway servers started,
+## restarted, killed, failed over) and `slow` (the soak, floods, outages waited out).
+test-fast: $(VENV)/.dev check-services
+	PATH="$(abspath $(TOOLS_DIR))/bin:$$PATH" $(PY) -m pytest $(PYTEST_PARALLEL) -m "not ha and not slow"
+
+## The soak at election-day length: 150 s of publishing with every fault (tests/test_soak.py, ~4 min).
+SOAK_SECONDS ?= 150
+soak: $(VENV)/.dev check-services test-tools
+	TEST_SOAK_SECONDS=$(SOAK_SECONDS) PATH="$(abspath $(TOOLS_DIR))/bin:$$PATH" $(PY) -m pytest -s tests/test_soak.py
 
 ## System tools the tests run: promtool/prometheus, systemd-analyze (with apt-get as root, else under TOOLS_DIR).
 test-tools:

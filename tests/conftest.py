@@ -3,17 +3,24 @@
 And no skip goes unnoticed: with TEST_SKIPS_FAIL=1 (`.ci/run` sets it) a skipped test, or a module
 skipped whole, is reported as a failure carrying the skip's reason; without it, the end of the run
 lists every skip under a banner that says CI would fail.
+
+And the `ha` marker kept true: a test that starts, stops or kills a throwaway server without it fails.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests import skips
+from tests.patroni_cluster import Member
+from tests.pg_servers import PgServer
+from tests.rabbitmq_cluster import RabbitNode
 from tests.roles import Server, ServiceRole, create_service_role, service_role
 from tests.support import (
     Service,
@@ -174,3 +181,68 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         red=True,
         bold=True,
     )
+
+
+# -- the order tests are handed to xdist workers ------------------------------------------------
+# `make test` runs `--dist loadfile --no-loadscope-reorder`: each file goes to one worker (its
+# module-scoped throwaway servers start once), in the order of the files' first tests here. The
+# longest first, so that no worker is still starting a long file when the others are done (sorted
+# by test count instead, the one-test soak file came last and ran alone at the end): files with
+# throwaway servers, the soak leading, then those with `slow` tests, then the rest.
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        ha = item.get_closest_marker("ha") is not None
+        slow = item.get_closest_marker("slow") is not None
+        return 0 if ha and slow else 1 if ha else 2 if slow else 3
+
+    items.sort(key=rank)
+
+
+# -- the `ha` marker ----------------------------------------------------------------------------
+# `make test-fast` leaves out the tests marked `ha`; a test that starts, stops or kills a throwaway
+# server without the marker would make it slow, or leave a server to a run that expects none. The
+# server classes' own methods check the marker of the test that calls them, fixtures included.
+
+# The test being set up or run. Not during teardown: a module's servers are stopped in the
+# teardown of its last test, marked or not.
+_running: list[pytest.Item] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    _running.append(item)
+    try:
+        yield
+    finally:
+        _running.clear()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    _running.clear()
+
+
+def _marked_ha(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def checked(self: object, *args: Any, **kwargs: Any) -> Any:
+        if _running and _running[-1].get_closest_marker("ha") is None:
+            pytest.fail(
+                f"{_running[-1].nodeid} calls {type(self).__name__}.{method.__name__}() of a throwaway server "
+                "without the `ha` marker (pyproject.toml; docs/development.md)",
+                pytrace=False,
+            )
+        return method(self, *args, **kwargs)
+
+    return checked
+
+
+for _server, _methods in (
+    (PgServer, ("start", "stop")),
+    (RabbitNode, ("start", "kill")),
+    (Member, ("start", "kill", "stop")),
+):
+    for _name in _methods:
+        setattr(_server, _name, _marked_ha(getattr(_server, _name)))

@@ -98,6 +98,7 @@ def receiver() -> Iterator[str]:
     server.server_close()
 
 
+@pytest.mark.slow
 @skips.unless(None if ALERTMANAGER else f"prometheus-alertmanager is not installed: {INSTALL_HINT}")
 def test_a_critical_alert_reaches_the_on_call_receiver_with_its_runbook(receiver: str, tmp_path: Path) -> None:
     config = _yaml(ALERTMANAGER_CONFIG)
@@ -196,6 +197,7 @@ def scraping(tmp_path: Path) -> Iterator[Callable[[int], Prometheus]]:
         prometheus.stop()
 
 
+@pytest.mark.slow
 def test_a_hold_for_the_synchronous_standby_shows_as_held_not_disconnected(
     make_service: Callable[..., Service], scraping: Callable[[int], Prometheus]
 ) -> None:

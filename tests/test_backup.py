@@ -36,6 +36,8 @@ from tests.support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.ha  # both drills on throwaway servers
+
 DBNAME = "election_drill"
 
 

@@ -22,6 +22,8 @@ from tests.rabbitmq_cluster import RabbitNode, standalone_node
 from tests.support import NotifyListener, Service, assert_invariant, audit_count, expected_totals, make_votes, results
 from tests.support import wait_for as wait_until
 
+pytestmark = pytest.mark.ha  # a throwaway node of the module's own
+
 MakeService = Callable[..., Service]
 
 

@@ -143,6 +143,7 @@ def _path_without(tmp_path: Path, *tools: str) -> str:
     return str(bin_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the script as another user (runuser)")
 def test_make_test_tools_installs_them_for_a_developer_who_is_not_root() -> None:
     # Not pytest's tmp_path: its parents are closed to other users.

@@ -42,15 +42,22 @@ from tests.support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # what only time brings
+
 MakeService = Callable[..., Service]
-# What the broker closes a channel for: an ack overdue by more than this (5 s, checked about once a minute).
+# What the broker closes a channel for: an ack overdue by more than this (5 s). RabbitMQ checks once
+# per channel_tick_interval, a minute by default; the node here checks every CHECK_MS, so that a test
+# waits seconds for the close, not a minute.
 CONSUMER_TIMEOUT_MS = 5000
+CHECK_MS = 5000
 
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[RabbitNode]:
     """A throwaway RabbitMQ node with a short consumer_timeout, for the tests that close connections."""
     with standalone_node(config=f"consumer_timeout = {CONSUMER_TIMEOUT_MS}\n") as started:
+        # Read by each channel when it sets its next check: every channel opened from now on.
+        started.ctl("eval", f"application:set_env(rabbit, channel_tick_interval, {CHECK_MS}).")
         yield started
 
 
@@ -77,17 +84,24 @@ def connections(node: RabbitNode) -> list[str]:
     return [line.strip() for line in node.ctl("list_connections", "pid").splitlines() if line.strip().startswith("<")]
 
 
-def close_connections(node: RabbitNode) -> list[str]:
-    """Close every client connection, as a flapping network or an operator would; returns their ids."""
-    closed = connections(node)
-    for pid in closed:
-        node.ctl_result("close_connection", pid, "test: network blip")
-    return closed
+# Every client connection closed in one call to the node (rabbitmqctl takes a second or more a call
+# on a loaded machine, one per connection adds up over the blips); prints how many.
+_CLOSE_EVERY_CONNECTION = """
+Closed = rabbit_networking:connections(),
+[rabbit_networking:close_connection(P, "test: network blip") || P <- Closed],
+length(Closed).
+"""
+
+
+def close_connections(node: RabbitNode) -> int:
+    """Close every client connection, as a flapping network or an operator would; returns how many."""
+    return int(node.ctl("eval", _CLOSE_EVERY_CONNECTION).strip())
 
 
 # -- a channel the broker closes --------------------------------------------------------------------
 
 
+@pytest.mark.ha
 def test_a_channel_closed_for_an_overdue_ack_leads_back_to_consuming(
     node: RabbitNode, make_service: MakeService, queue: str, dbname: str
 ) -> None:
@@ -225,6 +239,7 @@ def test_shutdown_is_bounded_when_the_broker_stops_answering(
 # -- a delivery limit during database outages ------------------------------------------------------
 
 
+@pytest.mark.ha
 @pytest.mark.skipif(pg_servers.unavailable() is not None, reason=str(pg_servers.unavailable()))
 def test_database_outages_with_connection_blips_and_restarts_dead_letter_no_valid_vote(
     node: RabbitNode, tmp_path: Path, queue: str

@@ -41,6 +41,8 @@ from tests.support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # stalls, hangs and errors waited out
+
 MakeService = Callable[..., Service]
 
 # Loaded by the service's interpreter at start-up (PYTHONPATH): it wraps the

@@ -51,6 +51,7 @@ def _service_backends(dbname: str) -> set[int]:
     return {pid for (pid,) in rows}
 
 
+@pytest.mark.slow
 def test_a_deadlock_is_a_conflict_that_leaves_nothing_behind(dbname: str) -> None:
     # Another session holds the law's row and then inserts the batch's hash: a
     # lock cycle. PostgreSQL aborts the batch (its check runs first, see deadlock_partner): a conflict,

@@ -37,6 +37,8 @@ from tests.support import (
 )
 from votes import InvalidVote, parse_message
 
+pytestmark = pytest.mark.slow  # floods of refused messages, kills and replays
+
 MakeService = Callable[..., Service]
 
 

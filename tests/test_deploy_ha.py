@@ -196,6 +196,7 @@ def _stubs(directory: Path, scripts: dict[str, str]) -> Path:
     return bin_dir
 
 
+@pytest.mark.ha
 @pytest.mark.skipif(pg_servers.unavailable() is not None, reason=str(pg_servers.unavailable()))
 def test_a_promoted_standby_does_not_wait_for_the_primarys_synchronous_standby() -> None:
     """ha/postgres-standby.sh copies a primary whose ALTER SYSTEM names standby1 (as

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import random
+import re
 import socket
 import time
 import uuid
@@ -43,6 +44,8 @@ from tests.support import (
     results,
     wait_for,
 )
+
+pytestmark = pytest.mark.slow  # each failure scenario under load
 
 MakeService = Callable[..., Service]
 
@@ -189,7 +192,10 @@ def test_hung_broker_is_detected_by_heartbeats(
 # -- 3. PostgreSQL unavailable ------------------------------------------------------------------
 
 
-OUTAGE_S = 7.0
+# Rounds of "keeping it and retrying" the outage lasts (logged past MAX_RETRY_ATTEMPTS, 3): with
+# waits of 0.1 s doubling up to 1.6 s, the fifth comes after 0.1+0.2+0.4+0.8+1.6+1.6+1.6 = 6.3 s of
+# waits, past RabbitMQ's two missed heartbeats (~4 s with RABBITMQ_HEARTBEAT_SECONDS=2).
+OUTAGE_ROUNDS = 5
 
 
 def test_postgres_unreachable_longer_than_the_retry_budget(
@@ -201,8 +207,8 @@ def test_postgres_unreachable_longer_than_the_retry_budget(
             # RabbitMQ would drop the connection after two missed heartbeats (~4 s) if pika's
             # I/O stalled during the outage.
             "RABBITMQ_HEARTBEAT_SECONDS": "2",
-            # Waits of 0.1 s doubling up to 1.6 s: an outage of OUTAGE_S outlasts tenacity's
-            # budget (0.1 + 0.2 + 0.4 s) several times over.
+            # Waits of 0.1 s doubling up to 1.6 s: an outage of OUTAGE_ROUNDS rounds outlasts
+            # tenacity's budget (0.1 + 0.2 + 0.4 s) several times over.
             "RETRY_DELAY_SECONDS": "0.1",
             "RETRY_MAX_DELAY_SECONDS": "1.6",
         }
@@ -215,7 +221,11 @@ def test_postgres_unreachable_longer_than_the_retry_budget(
     pg_proxy.cut()
     during = make_votes(3_000, laws=10, seed=2)
     publish(queue, (v.body() for v in during))
-    time.sleep(OUTAGE_S)
+    wait_for(
+        lambda: svc.logs().count("keeping it and retrying") >= OUTAGE_ROUNDS,
+        timeout=60,
+        what=f"{OUTAGE_ROUNDS} rounds of retries",
+    )
     assert svc.proc is not None
     assert svc.proc.poll() is None
     assert audit_count(dbname) == len(before)
@@ -227,8 +237,13 @@ def test_postgres_unreachable_longer_than_the_retry_budget(
     outage_logs = svc.logs()
     assert "keeping it and retrying" in outage_logs
     assert "Retrying" in outage_logs  # tenacity's attempts, logged
-    # Capped backoff, not a tight loop: a handful of retry rounds in OUTAGE_S (five or six).
-    assert outage_logs.count("keeping it and retrying") <= 12
+    # Capped backoff, not a tight loop: the waits double up to RETRY_MAX_DELAY_SECONDS and stay there.
+    waits = [
+        float(wait)
+        for wait in re.findall(r"(?:Retrying a batch of \d+ votes|keeping it and retrying) in ([\d.]+)s", outage_logs)
+    ]
+    attempts = Config().max_retry_attempts + OUTAGE_ROUNDS
+    assert waits[:attempts] == [round(min(0.1 * 2**i, 1.6), 1) for i in range(attempts)], waits
     assert svc.metric("aggregation_errors_total", error_type="database_unavailable") >= 1
 
     pg_proxy.resume()

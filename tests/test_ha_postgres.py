@@ -39,7 +39,10 @@ from tests.support import (
 )
 from votes import Vote, parse_message
 
-pytestmark = pytest.mark.skipif(pg_servers.unavailable() is not None, reason=str(pg_servers.unavailable()))
+pytestmark = [
+    pytest.mark.ha,
+    pytest.mark.skipif(pg_servers.unavailable() is not None, reason=str(pg_servers.unavailable())),
+]
 
 MakeService = Callable[..., Service]
 DB = "votes"

@@ -38,7 +38,10 @@ from tests.support import (
 )
 from tools.ports import free_port
 
-pytestmark = pytest.mark.skipif(rabbitmq_cluster.unavailable() is not None, reason=str(rabbitmq_cluster.unavailable()))
+pytestmark = [
+    pytest.mark.ha,
+    pytest.mark.skipif(rabbitmq_cluster.unavailable() is not None, reason=str(rabbitmq_cluster.unavailable())),
+]
 
 MakeService = Callable[..., Service]
 PREFETCH = Config().rabbitmq_prefetch_count

@@ -323,6 +323,7 @@ def pg_proxy() -> Iterator[TcpProxy]:
     proxy.close()
 
 
+@pytest.mark.slow
 def test_probes_through_a_database_outage(make_service: Callable[..., Service], pg_proxy: TcpProxy) -> None:
     """The manifest's probe paths on the running service: while PostgreSQL is unreachable the
     readiness and liveness probes pass (the pod stays ready and is not restarted), and only the

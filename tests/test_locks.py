@@ -29,6 +29,8 @@ from tests.support import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # a frozen instance waited out
+
 IDLE_TIMEOUT_S = 5
 LAW = "law-000"
 

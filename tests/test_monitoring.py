@@ -424,6 +424,7 @@ def node_env(node: RabbitNode) -> dict[str, str]:
     }
 
 
+@pytest.mark.ha
 def test_dashboard_queries_and_alert_rules_work_on_a_real_prometheus(
     make_service: MakeService, node: RabbitNode, start_prometheus: Callable[..., Prometheus]
 ) -> None:
@@ -539,6 +540,7 @@ def firing(prometheus: Prometheus, alert: str) -> list[dict[str, Any]]:
     return [a for a in prometheus.api("/api/v1/alerts")["alerts"] if a["labels"]["alertname"] == alert]
 
 
+@pytest.mark.ha
 def test_queue_alerts_follow_a_real_rabbitmq_queue(
     make_service: MakeService, node: RabbitNode, start_prometheus: Callable[..., Prometheus]
 ) -> None:
@@ -593,6 +595,7 @@ def test_queue_alerts_follow_a_real_rabbitmq_queue(
     prometheus.wait_state("VoteQueueMetricsAbsent", "pending")
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_the_service_down_as_up_zero(
     make_service: MakeService, start_prometheus: Callable[[int], Prometheus]
 ) -> None:
@@ -605,6 +608,7 @@ def test_prometheus_scrapes_the_service_down_as_up_zero(
     assert down[0]["metric"]["instance"] == f"127.0.0.1:{svc.metrics_port}"
 
 
+@pytest.mark.ha
 def test_a_real_node_counts_what_it_dead_letters_for_a_delivery_count(rabbit: RabbitNode) -> None:
     """VoteQueueDeliveryLimitDeadLetters' counter, as RabbitMQ 3.10's plain /metrics names it, rises
     when a quorum queue dead-letters a message past its x-delivery-limit."""

@@ -7,6 +7,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
+import pytest
+
 from tests.proxy import TcpProxy
 from tests.support import (
     POSTGRES_HOST,
@@ -19,6 +21,8 @@ from tests.support import (
     publish,
     wait_for,
 )
+
+pytestmark = pytest.mark.slow  # probes and metrics through outages
 
 MakeService = Callable[..., Service]
 

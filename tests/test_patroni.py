@@ -32,7 +32,10 @@ from tests.support import (
     wait_for,
 )
 
-pytestmark = pytest.mark.skipif(patroni_cluster.unavailable() is not None, reason=str(patroni_cluster.unavailable()))
+pytestmark = [
+    pytest.mark.ha,
+    pytest.mark.skipif(patroni_cluster.unavailable() is not None, reason=str(patroni_cluster.unavailable())),
+]
 
 MakeService = Callable[..., Service]
 # What docs/high-availability.md recommends with several hosts: after a new leader is there, the

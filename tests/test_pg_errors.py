@@ -101,6 +101,7 @@ def _keeps_retrying(svc: Service, needle: str) -> None:
     wait_for(retried_twice, timeout=30, what=f"two 'retrying' lines naming {needle}")
 
 
+@pytest.mark.ha
 def test_the_throwaway_server_answers_in_german(server: PgServer, locpath: Path | None) -> None:
     skips.require(
         None
@@ -114,6 +115,7 @@ def test_the_throwaway_server_answers_in_german(server: PgServer, locpath: Path 
 # -- through the CLI -----------------------------------------------------------------------
 
 
+@pytest.mark.ha
 def test_a_wrong_password_exits_2(server: PgServer, services: Callable[..., Service]) -> None:
     svc = services(server.env("votes", POSTGRES_USER="alice", POSTGRES_PASSWORD="falsch"))
     line = _exits_2_with_one_line(svc, "PostgreSQL refused")
@@ -121,11 +123,13 @@ def test_a_wrong_password_exits_2(server: PgServer, services: Callable[..., Serv
     assert "falsch" not in svc.logs()
 
 
+@pytest.mark.ha
 def test_a_missing_role_exits_2(server: PgServer, services: Callable[..., Service]) -> None:
     svc = services(server.env("votes", POSTGRES_USER="nobody"))
     assert "SQLSTATE 28000" in _exits_2_with_one_line(svc, "PostgreSQL refused")
 
 
+@pytest.mark.ha
 def test_a_missing_database_exits_2_with_the_createdb_advice(
     server: PgServer, services: Callable[..., Service]
 ) -> None:
@@ -134,11 +138,13 @@ def test_a_missing_database_exits_2_with_the_createdb_advice(
     assert f'database "nowhere" does not exist on 127.0.0.1:{server.port}; create it with: createdb' in line
 
 
+@pytest.mark.ha
 def test_too_many_connections_for_the_role_is_retried(server: PgServer, services: Callable[..., Service]) -> None:
     svc = services(server.env("votes", POSTGRES_USER="limited"))
     _keeps_retrying(svc, "SQLSTATE 53300")
 
 
+@pytest.mark.ha
 def test_a_standby_not_accepting_connections_is_retried_until_promoted(
     locpath: Path | None, services: Callable[..., Service], queue: str
 ) -> None:
@@ -196,6 +202,7 @@ def _open(server: PgServer, **overrides: object) -> None:
         ({"postgres_user": "limited"}, db.DatabaseUnavailable, "53300"),
     ],
 )
+@pytest.mark.ha
 def test_connection_errors_are_classified_by_sqlstate(
     server: PgServer, overrides: dict[str, object], expected: type[db.DatabaseError], sqlstate: str | None
 ) -> None:
@@ -206,6 +213,7 @@ def test_connection_errors_are_classified_by_sqlstate(
         assert f"SQLSTATE {sqlstate}" in str(raised.value)
 
 
+@pytest.mark.ha
 def test_the_right_password_connects(server: PgServer) -> None:
     _open(server, postgres_user="alice", postgres_password=PASSWORD)
 

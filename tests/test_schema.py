@@ -213,6 +213,7 @@ def test_migrations_above_the_version_run_in_one_transaction_before_init_db_sql(
 # -- the start-up check ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_older_schema_stops_the_new_code_until_init_db_migrates_it(
     dbname: str, queue: str, tmp_path: Path, services: list[Service]
 ) -> None:
@@ -278,6 +279,7 @@ def _counted(svc: Service) -> float:
     return sum(v for (name, _labels), v in svc.metrics().items() if name == "votes_aggregated_total")
 
 
+@pytest.mark.slow
 def test_a_rolling_upgrade_of_three_instances_counts_every_vote_once(
     dbname: str, queue: str, previous_release: Release, tmp_path: Path, services: list[Service]
 ) -> None:

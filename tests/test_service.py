@@ -285,6 +285,7 @@ def test_metrics_agree_with_the_database_also_after_a_restart(
     assert_invariant(dbname)
 
 
+@pytest.mark.slow
 def test_sigterm_with_votes_in_flight_loses_and_doubles_nothing(
     make_service: MakeService, queue: str, dbname: str
 ) -> None:

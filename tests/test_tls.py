@@ -232,6 +232,7 @@ def postgres_tls_env(server: PgServer, dbname: str, ca: Path, **extra: str) -> d
     }
 
 
+@pytest.mark.ha
 def test_postgres_verify_full_counts_votes(
     make_service: Callable[..., Service], queue: str, tls_postgres: PgServer, tls_dbname: str, pki: Pki
 ) -> None:
@@ -261,6 +262,7 @@ def test_postgres_verify_full_counts_votes(
     assert svc.stop() == 0
 
 
+@pytest.mark.ha
 def test_postgres_with_the_wrong_ca_is_refused(
     make_service: Callable[..., Service], queue: str, tls_postgres: PgServer, tls_dbname: str, pki: Pki
 ) -> None:
@@ -282,6 +284,7 @@ def test_postgres_with_the_wrong_ca_is_refused(
     assert "certificate verify failed" in problem
 
 
+@pytest.mark.ha
 def test_postgres_host_name_is_checked(tls_postgres: PgServer, tls_dbname: str, pki: Pki) -> None:
     as_ip = service_env(dbname=tls_dbname, **postgres_tls_env(tls_postgres, tls_dbname, pki.ca.cert))
     as_ip["POSTGRES_HOST"] = "127.0.0.1"
@@ -293,6 +296,7 @@ def test_postgres_host_name_is_checked(tls_postgres: PgServer, tls_dbname: str, 
     assert tls_postgres.execute("SELECT to_regclass('vote_audit') IS NOT NULL", dbname=tls_dbname) == [(True,)]
 
 
+@pytest.mark.ha
 def test_postgres_without_tls_is_refused_by_the_server(
     make_service: Callable[..., Service], tls_postgres: PgServer, tls_dbname: str, pki: Pki
 ) -> None:

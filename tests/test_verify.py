@@ -114,6 +114,7 @@ def test_verify_names_each_row_edited_deleted_or_inserted(chained: str) -> None:
     )
 
 
+@pytest.mark.slow
 def test_verify_catches_a_rewritten_chain_only_through_a_head_kept_elsewhere(chained: str) -> None:
     (head_seq, head_digest) = query(chained, "SELECT seq, digest FROM vote_chain ORDER BY seq DESC LIMIT 1")[0]
     head = f"test-chain:{head_seq}:{bytes(head_digest).hex()}"
