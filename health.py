@@ -112,9 +112,10 @@ class Health:
         stalled = self._not_receiving()
         if stalled is not None:
             return False, stalled
-        age = pipeline.oldest_unacked_age()
         # While a broker alarm blocks the dead-letter copies, acks wait by design, as during a
-        # database outage: a restart would be blocked the same way (readiness says why).
+        # database outage: a restart would be blocked the same way (readiness says why). Counted from
+        # the end of such a wait, too: the votes held through it need a moment to be settled after.
+        age = min(pipeline.oldest_unacked_age(), time.monotonic() - self._excused_at)
         if age > self._stall_timeout_s and pipeline.database_error is None and self._blocked() is None:
             return False, (
                 f"the oldest vote held has waited {age:.0f}s for its ack "
