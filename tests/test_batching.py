@@ -194,6 +194,10 @@ def test_the_next_batch_fills_while_one_is_being_written(make_service: MakeServi
                 "BATCH_SIZE": "50",
                 "RABBITMQ_PREFETCH_COUNT": "500",
                 "FLUSH_WORKERS": "2",
+                # Only full batches leave the buffer: on a loaded machine the publishing can take
+                # longer than the default 1 s, and a partial batch taken on time would change the
+                # arithmetic below.
+                "BATCH_TIMEOUT_SECONDS": "120",
             }
         ).start()
         proxy.pause()  # the writes of the first two batches (one per worker) hang
