@@ -89,7 +89,10 @@ def _parser() -> argparse.ArgumentParser:
         f"{EXIT_CONFIG} on one that retrying cannot fix (a configuration error)",
     )
     mode.add_argument(
-        "--init-db", action="store_true", help="create the database if missing, apply init_db.sql, and exit"
+        "--init-db",
+        action="store_true",
+        help="create the database if missing, apply the migrations above its schema version in order, then "
+        "init_db.sql, and exit (docs/operations.md#upgrading)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     results_parser = commands.add_parser("results", help="print the counts stored in PostgreSQL and exit")

@@ -282,9 +282,8 @@ def describe_replication(state: db.ReplicationState, *, user: str) -> str:
     if not state.readable:
         return (
             f"{where}: unknown, role {user} cannot see the standbys' state in pg_stat_replication "
-            f"(apply init_db.sql and service_role.sql again as an administrator, which grants it "
-            f"vote_replication_standbys(); or GRANT pg_read_all_stats TO {user}); assume a failover could lose "
-            "acked votes"
+            "(apply init_db.sql and service_role.sql again as an administrator, which grants it "
+            "vote_replication_standbys()); assume a failover could lose acked votes"
         )
     if state.failover_safe:
         return (

@@ -18,6 +18,8 @@ import pytest
 from ruamel.yaml import YAML
 
 import exits
+import health
+from replication import ReplicationState
 from tests.support import ROOT, outside_checkout, run_cli, service_env
 
 DOCS = ROOT / "docs"
@@ -91,6 +93,17 @@ def test_no_advice_to_grant_a_monitoring_role(path: str) -> None:
     assert not re.search(r"(?i)grant[^\n]*pg_read_all_stats|pg_monitor", text), path
     if "POSTGRES_REQUIRE_SYNC_STANDBY" in text or "replication" in text.lower():
         assert "service_role.sql" in text, path
+
+
+def test_the_service_itself_gives_the_same_advice_when_it_cannot_read_the_standbys() -> None:
+    # What it logs (and --check prints) for a role without vote_replication_standbys(), as
+    # docs/high-availability.md shows it.
+    unreadable = ReplicationState(server="db1:5432", standby_names="standby1", synchronous_commit="on",
+                                  standbys=(("standby1", None, None),))  # fmt: skip
+    line = health.describe_replication(unreadable, user="aggregator")
+    assert "apply init_db.sql and service_role.sql again as an administrator" in line
+    assert not re.search(r"pg_read_all_stats|pg_monitor", line), line
+    assert f"WARNING {line}" in (DOCS / "high-availability.md").read_text()
 
 
 def test_dead_letters_are_moved_back_with_the_command_not_a_shovel() -> None:

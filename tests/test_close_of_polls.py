@@ -9,6 +9,7 @@ results exported (under the embargo, only with --polls-closed); the embargo lift
 from __future__ import annotations
 
 import csv
+import getpass
 import io
 import json
 import re
@@ -118,9 +119,11 @@ def test_closing_the_polls_step_by_step(
         what="the queue drained again, the invalid messages kept",
     )
 
-    # 4. Stop the instances: each writes and acks what it holds, exit 0.
+    # 4. Stop the instances: each writes and acks what it holds, exit 0, and ends its log as the runbook shows.
     for svc in instances:
         assert svc.stop() == exits.OK
+        assert "consumer: stopping: no new messages; writing 0 buffered votes" in svc.logs()
+        assert svc.logs().rstrip().endswith("__main__: stopped (exit code 0)"), svc.logs()[-500:]
 
     # 5. Seal and verify: the database holds exactly what the instances' final signed heads vouch
     # for; the officials seal the count with their key; the seal verifies.
@@ -129,14 +132,27 @@ def test_closing_the_polls_step_by_step(
         "verify", *(arg for f in heads_files for arg in ("--heads", f)), "--keys", str(instances_public), env=operator
     )
     assert checked.returncode == exits.OK, checked.stdout + checked.stderr
-    assert "verdict: OK" in checked.stdout
-    assert "per-law counts withheld: RESULTS_EMBARGO" in checked.stdout  # the embargo holds here too
+    # What the runbook shows verify print: no per-law figure (the embargo holds here too), the
+    # chains, the verdict.
+    lines = checked.stdout.splitlines()
+    assert lines[0].startswith("per-law counts withheld: RESULTS_EMBARGO"), checked.stdout
+    assert re.fullmatch(r"hash chains: 2 chains, [\d,]+ links, 1,503 rows chained", lines[1]), checked.stdout
+    assert lines[2:] == [
+        "verdict: OK: 4 laws, 1,503 votes: vote_results matches vote_audit; "
+        "2 hash chains intact, every audit row as chained"
+    ], checked.stdout
     sealed = tmp_path / "seal.jsonl"
     officials = {**operator, "CHAIN_SIGNING_KEY_FILE": str(private_key_file(officials_key, tmp_path / "off.pem"))}
     made = run_cli("seal", "--out", str(sealed), env=officials)
     assert made.returncode == exits.OK, made.stdout + made.stderr
+    # The signed record: appended to --out, printed the same, and the log says the polls are closed.
+    assert made.stdout.splitlines() == sealed.read_text().splitlines()
     record = json.loads(sealed.read_text().splitlines()[-1])
     assert record["totals"] == {law: [oui, non] for law, (oui, non) in expected_totals([*good, *refused]).items()}
+    assert (
+        f"WARNING MainThread seal: sealed the count: 4 laws, 2 chains, totals digest {record['totals_digest']} "
+        "(the polls are closed)"
+    ) in made.stderr
     again = run_cli("verify", "--heads", str(sealed), "--keys", str(officials_public), env=operator)
     assert again.returncode == exits.OK, again.stdout + again.stderr
 
@@ -144,10 +160,24 @@ def test_closing_the_polls_step_by_step(
     withheld = run_cli("results", "--format", "csv", env=operator)
     assert withheld.returncode == exits.CONFIG
     assert withheld.stdout == ""
+    assert withheld.stderr.strip().startswith("error: RESULTS_EMBARGO is true: per-law results are withheld")
     exported = run_cli("results", "--format", "csv", "--polls-closed", env=operator)
     assert exported.returncode == exits.OK, exported.stderr
+    # Logged with the user's name.
+    assert (
+        "WARNING MainThread __main__: results: per-law figures printed under RESULTS_EMBARGO because "
+        f"--polls-closed was given (by {getpass.getuser()})"
+    ) in exported.stderr
     rows = list(csv.DictReader(io.StringIO(exported.stdout)))
-    assert {r["law_id"]: (int(r["oui"]), int(r["non"])) for r in rows} == expected_totals([*good, *refused])
+    totals = expected_totals([*good, *refused])
+    assert {r["law_id"]: (int(r["oui"]), int(r["non"])) for r in rows} == totals
+    table = run_cli("results", "--polls-closed", env=operator)
+    assert table.returncode == exits.OK, table.stderr
+    shown = table.stdout.splitlines()
+    header = ["law", "oui", "non", "total", "oui %", "non %", "leading", "last update (UTC)"]
+    assert re.split(r"\s{2,}", shown[0].strip()) == header, table.stdout
+    oui, non = sum(o for o, _ in totals.values()), sum(n for _, n in totals.values())
+    assert shown[-1].split() == ["all", "laws", f"{oui:,}", f"{non:,}", f"{oui + non:,}"], table.stdout
 
     # 7. Lift the embargo: an instance started with RESULTS_EMBARGO=false shows the totals.
     published = make_service({"RESULTS_EMBARGO": "false"}, queue_name=queue).start()

@@ -382,6 +382,7 @@ def test_the_least_privilege_role_sees_the_standbys_through_its_function_only(
     wait_for(lambda: counted(primary, dbname) == len(votes), timeout=30, what="votes counted under the role")
     assert f"unknown, role {role} cannot see the standbys' state in pg_stat_replication" in svc.logs()
     assert "apply init_db.sql and service_role.sql again" in svc.logs()
+    assert "pg_read_all_stats" not in svc.logs()  # not advised: it would show the role every session's queries
     assert svc.metric("database_failover_safe") == 0
     assert svc.metric("database_standbys") == 1
     assert primary.execute("SELECT pg_has_role(%s, 'pg_read_all_stats', 'USAGE')", (role,)) == [(False,)]
