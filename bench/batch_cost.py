@@ -5,7 +5,7 @@ Run from the repository root, as root (a throwaway PostgreSQL server on a free p
 PostgreSQL's defaults for durability, see bench/growth.py):
 
     .venv/bin/python bench/batch_cost.py                                  # every variant, 1 M stored
-    .venv/bin/python bench/batch_cost.py --stored 200000 --batches 100 --variants today,no_law_choice
+    .venv/bin/python bench/batch_cost.py --stored 200000 --batches 100 --variants today,law_choice_index
 
 Each variant is a database of its own: init_db.sql, --stored votes generated in SQL (as
 bench/growth.py loads them), then the variant's change. Rounds alternate the variants; in each,
@@ -44,7 +44,7 @@ from votes import Vote  # noqa: E402
 # What each variant changes after init_db.sql and the load.
 VARIANTS: dict[str, str] = {
     "today": "",
-    # Schema version 2's index, dropped by migrations/0003_drop_law_choice_index.sql.
+    # The index earlier versions made, which init_db.sql now drops where it exists.
     "law_choice_index": "CREATE INDEX vote_audit_law_choice_idx ON vote_audit (law_id, choice)",
     "no_citizen_index": "DROP INDEX vote_audit_citizen_idx",
     # The key compared bytewise instead of by the database's collation (C.UTF-8 here).
