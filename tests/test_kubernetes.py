@@ -422,3 +422,25 @@ def test_kubernetes_compose_systemd_and_the_image_agree(tmp_path: Path) -> None:
     # A start is given as long under Kubernetes (the startup probe) as under systemd.
     startup = container()["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] == timespan_s(unit["TimeoutStartSec"][-1])
+
+
+def test_the_high_availability_advice_is_the_same_everywhere(tmp_path: Path) -> None:
+    """What docs/high-availability.md recommends with several database servers: the Kubernetes
+    manifest and the HA compose file set it, the systemd environment file proposes it (commented,
+    in its high-availability section)."""
+    names = ("POSTGRES_REQUIRE_SYNC_STANDBY", "RETRY_DELAY_SECONDS", "RETRY_MAX_DELAY_SECONDS")
+    section = ENV_EXAMPLE.read_text().split("# --- High availability", 1)[1].split("\n# ---", 1)[0]
+    proposed = env_file_assignments(section, commented=True)
+    advice = {
+        "kubernetes": manifest_config(tmp_path),
+        "systemd": load_config({name: proposed[name] for name in names}),
+    }
+    for name, service in _compose_aggregators().items():
+        if name.startswith(COMPOSE_HA.name):
+            advice[name] = load_config({n: service["environment"][n] for n in names})
+    assert len(advice) == 5, advice.keys()
+    settings = {
+        where: (c.postgres_require_sync_standby, c.retry_delay_s, c.retry_max_delay_s) for where, c in advice.items()
+    }
+    # docs/high-availability.md#settings: 0.5 s and 1 s, and the hold for a synchronous standby.
+    assert set(settings.values()) == {(True, 0.5, 1.0)}, settings
