@@ -337,6 +337,21 @@ class PatroniCluster:
         with urllib.request.urlopen(request, timeout=60) as resp:
             assert resp.status == 200, resp.read()
 
+    def edit_config(self, **settings: Any) -> dict[str, Any]:
+        """Patroni's dynamic configuration changed (PATCH /config, as `patronictl edit-config`
+        does); the configuration as it now stands in etcd. The members apply it at their next turn."""
+        leader = self.leader()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{leader.rest_port}/config",
+            data=json.dumps(settings).encode(),
+            method="PATCH",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            assert resp.status == 200, resp.read()
+            config: dict[str, Any] = json.load(resp)
+        return config
+
     def env(self, dbname: str, *, order: list[Member] | None = None, **overrides: str) -> dict[str, str]:
         """The service's settings: every member in a libpq host list (pg1, pg2, pg3 unless `order`)."""
         members = order or list(self.members.values())

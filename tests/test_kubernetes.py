@@ -29,6 +29,7 @@ from tests.deploy_files import (
     dockerfile_instructions,
     env_file_assignments,
     healthcheck_command,
+    port_mapping,
     timespan_s,
     unit_settings,
 )
@@ -387,23 +388,59 @@ def test_kubernetes_compose_systemd_and_the_image_agree(tmp_path: Path) -> None:
     for where, grace in grace_s.items():
         assert grace >= budget_s[where] + 10, where
 
-    # The metrics and health port.
+    # The metrics and health port, and the container port each compose file publishes.
     ports = {"kubernetes": k8s.prometheus_port, "systemd": unit_env.prometheus_port, "image": int(dockerfile["EXPOSE"])}
     for name, service in aggregators.items():
         ports[name] = int(service["environment"].get("PROMETHEUS_PORT", config.Config().prometheus_port))
+        for entry in service.get("ports", []):
+            ports[f"{name} ports {entry}"] = int(port_mapping(entry, {})[2])
     assert len(set(ports.values())) == 1, ports
 
-    # Users: never root; the container's uid is the image's; the database role is the same one.
-    assert int(dockerfile["USER"]) == pod["securityContext"]["runAsUser"] != 0
+    # Users: never root; every container (pod or compose) runs as the image's uid; the database
+    # role is the same one everywhere.
+    uids = {"image": int(dockerfile["USER"]), "kubernetes": pod["securityContext"]["runAsUser"]}
+    for name, service in aggregators.items():
+        uids[name] = int(str(service.get("user", dockerfile["USER"])).split(":")[0])
+    assert len(set(uids.values())) == 1, uids
+    assert 0 not in uids.values()
     assert unit["DynamicUser"] == ["yes"]
     roles = {"kubernetes": k8s.postgres_user, "systemd": unit_env.postgres_user}
-    roles["docker-compose.yml"] = load(COMPOSE.read_text())["services"]["aggregator"]["environment"]["POSTGRES_USER"]
+    for name, service in aggregators.items():
+        roles[name] = service["environment"]["POSTGRES_USER"]
     assert len(set(roles.values())) == 1, roles
 
-    # Liveness: the image's HEALTHCHECK (compose uses it) and the pod's liveness probe ask the same path.
-    healthcheck_path = re.search(r"/(\w+)'", " ".join(healthcheck_command()))
-    assert healthcheck_path is not None
-    assert container()["livenessProbe"]["httpGet"]["path"] == f"/{healthcheck_path.group(1)}"
+    # Liveness: the image's HEALTHCHECK (compose uses it, unless a service replaces it) and the
+    # pod's liveness probe ask the same path.
+    paths = {"kubernetes": container()["livenessProbe"]["httpGet"]["path"]}
+    image_check = healthcheck_command()
+    for name, service in {"image": {}, **aggregators}.items():
+        check = service.get("healthcheck", {}).get("test", image_check)
+        path = re.search(r"/(\w+)'", " ".join(check) if isinstance(check, list) else check)
+        assert path is not None, f"{name}: {check}"
+        paths[name] = f"/{path.group(1)}"
+    assert set(paths.values()) == {"/healthz"}, paths
     # A start is given as long under Kubernetes (the startup probe) as under systemd.
     startup = container()["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] == timespan_s(unit["TimeoutStartSec"][-1])
+
+
+def test_the_high_availability_advice_is_the_same_everywhere(tmp_path: Path) -> None:
+    """What docs/high-availability.md recommends with several database servers: the Kubernetes
+    manifest and the HA compose file set it, the systemd environment file proposes it (commented,
+    in its high-availability section)."""
+    names = ("POSTGRES_REQUIRE_SYNC_STANDBY", "RETRY_DELAY_SECONDS", "RETRY_MAX_DELAY_SECONDS")
+    section = ENV_EXAMPLE.read_text().split("# --- High availability", 1)[1].split("\n# ---", 1)[0]
+    proposed = env_file_assignments(section, commented=True)
+    advice = {
+        "kubernetes": manifest_config(tmp_path),
+        "systemd": load_config({name: proposed[name] for name in names}),
+    }
+    for name, service in _compose_aggregators().items():
+        if name.startswith(COMPOSE_HA.name):
+            advice[name] = load_config({n: service["environment"][n] for n in names})
+    assert len(advice) == 5, advice.keys()
+    settings = {
+        where: (c.postgres_require_sync_standby, c.retry_delay_s, c.retry_max_delay_s) for where, c in advice.items()
+    }
+    # docs/high-availability.md#settings: 0.5 s and 1 s, and the hold for a synchronous standby.
+    assert set(settings.values()) == {(True, 0.5, 1.0)}, settings

@@ -1,6 +1,7 @@
 """PostgreSQL under Patroni (etcd as its store), as operators run it: a leader killed with kill -9,
 a planned switchover, the old leader rejoining (pg_rewind), synchronous_mode and
-synchronous_mode_strict with standbys lost. Every scenario ends with every vote counted exactly
+synchronous_mode_strict with standbys lost, and synchronous_mode alone (the leader commits without a
+standby, the service holds). Every scenario ends with every vote counted exactly
 once, and shows that the service never writes to a server that is not the leader.
 
 One cluster of three members (tests/patroni_cluster.py) serves the module, about 15 s to start;
@@ -167,8 +168,9 @@ def test_leader_killed_then_rejoining_loses_doubles_and_splits_nothing(
         f"{promoted - killed:.1f}s after the kill; counting {recovered:.2f}s after that"
     )
 
-    # The old leader comes back (its Patroni restarted): as a replica of the new timeline, rewound
-    # if it had diverged, never accepting a write, although it is first in POSTGRES_HOST.
+    # The old leader comes back (its Patroni restarted): rewound onto the new timeline, as a
+    # replica, never accepting a write, although it is first in POSTGRES_HOST.
+    rejoin_log_from = len(old.logs())
     watch = WritableWatch(old)
     try:
         old.start()
@@ -179,12 +181,15 @@ def test_leader_killed_then_rejoining_loses_doubles_and_splits_nothing(
         watch.stop()
     assert watch.seen_writable == [], "the old leader accepted writes after it came back"
     assert cluster.leader() is new
-    # On the new leader's timeline, following it. Patroni rewinds only a member that diverged (every
-    # run here did: its last WAL was never replicated); either way it follows.
+    # On the new leader's timeline, following it, through pg_rewind. After a kill -9 Patroni first
+    # runs crash recovery in single-user mode, whose shutdown checkpoint no standby ever received:
+    # a killed leader has always diverged from the new timeline, and must be rewound, not copied.
     timelines = {m["name"]: m.get("timeline") for m in cluster.cluster_state()}
     assert timelines[old.name] == timelines[new.name], timelines
-    how = "rewound with pg_rewind" if "running pg_rewind from" in old.logs() else "no rewind needed"
-    print(f"RECOVERY the old leader {old.name} rejoined as a replica ({how})")
+    rejoin_log = old.logs()[rejoin_log_from:]
+    assert f"running pg_rewind from {new.name}" in rejoin_log, rejoin_log[-3000:]
+    assert "pg_rewind exit code=0" in rejoin_log, rejoin_log[-3000:]
+    print(f"RECOVERY the old leader {old.name} rejoined as a replica, rewound with pg_rewind from {new.name}")
 
     assert svc.proc is not None
     assert svc.proc.poll() is None
@@ -303,6 +308,67 @@ def test_strict_synchronous_mode_holds_every_commit_until_a_standby_is_back(
     assert primaries_written(svc) == [f"127.0.0.1:{leader.port}"]
     assert svc.stop() == 0
     assert_all_counted_once(dbname, queue, votes, server=leader)
+    standbys[1].start()
+    cluster.wait_healthy(timeout=120)
+    assert_replicas_agree(cluster, leader, dbname)
+
+
+# -- synchronous_mode without strict ----------------------------------------------------------------
+
+
+def test_synchronous_mode_without_strict_the_service_holds_while_the_leader_commits_alone(
+    cluster: PatroniCluster, services: Callable[[str, dict[str, str]], Service], queue: str
+) -> None:
+    """synchronous_mode alone (synchronous_mode_strict off): with no standby left, Patroni empties
+    synchronous_standby_names and the leader commits alone, so a vote acked then would live on one
+    server only. POSTGRES_REQUIRE_SYNC_STANDBY holds the service all the same, until a standby is
+    synchronous again; then every vote is counted once."""
+    leader = cluster.leader()
+    standbys = [m for m in cluster.members.values() if m is not leader]
+    dbname = new_database(cluster)
+    votes = make_votes(2_000, laws=10, seed=76)
+    first, rest = votes[:1_000], votes[1_000:]
+    env = (
+        cluster.env(dbname, POSTGRES_REQUIRE_SYNC_STANDBY="true", POSTGRES_REPLICATION_CHECK_INTERVAL_SECONDS="0.5")
+        | HA_RETRY
+    )
+    publish(queue, [v.body() for v in first])
+    svc = services(dbname, env).start()
+    wait_for(lambda: counted(leader, dbname) == len(first), timeout=60, what="the first votes counted")
+
+    config = cluster.edit_config(synchronous_mode_strict=False)
+    try:
+        assert config["synchronous_mode"] is True
+        assert config["synchronous_mode_strict"] is False
+        for standby in standbys:
+            standby.stop()
+        wait_for(lambda: svc.metric("vote_consumption_held") == 1, timeout=60, what="the service holding")
+        # Unlike strict mode, the leader now commits without any standby (once Patroni has
+        # emptied synchronous_standby_names, within a turn of its loop).
+        wait_for(
+            lambda: leader.execute("SHOW synchronous_standby_names") == [("",)],
+            timeout=60,
+            what="Patroni to stop waiting for a synchronous standby",
+        )
+        leader.execute("CREATE TABLE alone_probe (x int)", dbname=dbname)
+        status, reason = svc.http("/readyz")
+        assert status == 503
+        assert "POSTGRES_REQUIRE_SYNC_STANDBY" in reason
+        publish(queue, [v.body() for v in rest])
+        assert queue_state(queue) == (len(rest), 0)
+        assert counted(leader, dbname) == len(first)
+
+        back = time.monotonic()
+        standbys[0].start()
+        recovered = seconds_until_counting(leader, dbname, back)
+        print(f"\nRECOVERY synchronous mode, not strict: counting {recovered:.1f}s after a standby was started")
+        wait_for(lambda: counted(leader, dbname) == len(votes), timeout=180, what="every vote counted")
+        assert svc.metric("vote_consumption_held") == 0
+        assert primaries_written(svc) == [f"127.0.0.1:{leader.port}"]
+        assert svc.stop() == 0
+        assert_all_counted_once(dbname, queue, votes, server=leader)
+    finally:
+        cluster.edit_config(synchronous_mode_strict=True)
     standbys[1].start()
     cluster.wait_healthy(timeout=120)
     assert_replicas_agree(cluster, leader, dbname)
