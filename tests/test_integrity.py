@@ -168,6 +168,38 @@ def test_a_rewritten_chain_is_caught(election: tuple[str, Path, Path]) -> None:
                for line in lines), lines  # fmt: skip
 
 
+def test_an_ingest_trigger_that_slips_past_the_check_at_commit_is_caught(
+    dbname: str, svc_role: ServiceRole, tmp_path: Path
+) -> None:
+    """A DBA's trigger that flips choices as they are stored, made to pass what the batch statement
+    returns: it fires AFTER INSERT (the statement returns the rows as inserted), as its owner, on the
+    maintenance path, and moves the totals to match. The service commits and signs its heads;
+    `verify --heads` finds every flipped row."""
+    key, public = key_files(tmp_path)
+    query(
+        dbname,
+        "CREATE FUNCTION flip_after() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
+        "SET search_path = pg_catalog, public AS $$ BEGIN "
+        "IF NEW.choice = 'non' THEN "
+        "  PERFORM set_config('vote_aggregator.maintenance', 'on', true); "
+        "  UPDATE vote_audit SET choice = 'oui' WHERE vote_hash = NEW.vote_hash; "
+        "  UPDATE vote_results SET oui_count = oui_count + 1, non_count = non_count - 1 WHERE law_id = NEW.law_id; "
+        "END IF; RETURN NULL; END $$",
+    )
+    query(dbname, "CREATE TRIGGER flip_after AFTER INSERT ON vote_audit FOR EACH ROW EXECUTE FUNCTION flip_after()")
+    with store(dbname, tmp_path, **svc_role.env()) as database:  # the service, under its own role
+        outcome = database.write_batch([vote(i, choice=("oui", "non")[i % 2]) for i in range(10)], chain="legit")
+        assert outcome.link is not None  # committed: nothing at ingest saw it
+        heads_file = record_heads(database, tmp_path, key, final=True)
+    assert query(dbname, "SELECT law_id, oui_count, non_count FROM vote_results") == [("law-1", 10, 0)]
+    assert query(dbname, "SELECT count(*) FROM vote_audit WHERE choice = 'non'") == [(0,)]
+    code, lines = verify(dbname, heads_file, public)
+    assert code == 1
+    altered = sorted(line.split()[2] for line in lines if line.startswith("altered: vote "))
+    assert altered == sorted(vote(i).vote_hash for i in range(1, 10, 2)), lines
+    assert lines[-1] == "verdict: FAILED: audit rows 5 altered", lines
+
+
 def test_a_forged_link_with_a_huge_seq_is_caught(election: tuple[str, Path, Path], svc_role: ServiceRole) -> None:
     dbname, heads_file, public = election
     huge = 2**62
