@@ -392,6 +392,81 @@ def test_the_service_signs_its_heads_into_the_file_and_the_exchange(
     assert verify_heads(dbname, observed, public)[0] == 0
 
 
+def test_periodic_heads_at_warning_level_anchor_the_chains_of_an_instance_killed_with_kill_9(
+    make_service: MakeService, dbname: str, queue: str, tmp_path: Path
+) -> None:
+    key, public = key_files(tmp_path)
+    exchange = f"{queue}.heads"
+    observer = amqp_connection()
+    channel = observer.channel()
+    channel.exchange_declare(exchange, exchange_type="fanout", durable=True)
+    copy = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(copy, exchange)
+    published: list[str] = []
+
+    def vouched_for(lines: list[str]) -> bool:
+        newest: dict[str, int] = {}
+        for record in map(json.loads, lines):
+            newest[record["chain_id"]] = max(newest.get(record["chain_id"], 0), record["seq"])
+        return newest == dict(query(dbname, "SELECT chain_id, max(seq) FROM vote_chain GROUP BY 1"))
+
+    def heads_cover_every_link() -> bool:
+        while (body := channel.basic_get(copy, auto_ack=True)[2]) is not None:
+            published.append(body.decode())
+        lines = svc.heads_path.read_text().splitlines() if svc.heads_path.exists() else []
+        return vouched_for(lines) and vouched_for(published)
+
+    try:
+        svc = make_service(
+            {
+                "CHAIN_SIGNING_KEY_FILE": str(private_key_file(key, tmp_path / "instance.pem")),
+                "CHAIN_HEADS_EXCHANGE": exchange,
+                "CHAIN_HEADS_INTERVAL_SECONDS": "0.2",
+                "FLUSH_WORKERS": "2",
+                "BATCH_SIZE": "50",
+                "LOG_LEVEL": "WARNING",  # no INFO line: the heads are recorded all the same
+            }
+        ).start(wait_consuming=False)
+        wait_for(lambda: queue_state(queue)[1] == 1, timeout=30, what="the service to start consuming")
+        votes = [VoteMsg(f"{i:04x}", f"citizen-{i}", f"law-{i % 2}", ("oui", "non")[i % 3 == 0]) for i in range(400)]
+        publish(queue, [v.body() for v in votes])
+        wait_for(lambda: audit_count(dbname) == len(votes), timeout=30, what="every vote counted")
+        wait_for(heads_cover_every_link, timeout=30, what="periodic heads up to every chain's last link")
+        svc.kill()  # kill -9: no final head
+    finally:
+        observer.close()
+    lines = svc.heads_path.read_text().splitlines()
+    assert not any(json.loads(line)["final"] for line in lines)
+    assert set(published) <= set(lines)
+    assert "hash chain head" not in svc.logs()  # none logged at WARNING: the file and the exchange have them
+    code, out = verify_heads(dbname, svc.heads_path, public)
+    assert code == 0, out
+    assert not [line for line in out if line.startswith("note: chain")], out  # every link vouched for
+    observed = tmp_path / "observed.jsonl"
+    observed.write_text("".join(line + "\n" for line in published))
+    assert verify_heads(dbname, observed, public)[0] == 0
+
+    # The tail truncated after the kill (the last link of a chain, its rows and their counts): the
+    # periodic heads catch it, as the final ones would have.
+    [(chain_id, last)] = query(dbname, "SELECT chain_id, max(seq) FROM vote_chain GROUP BY 1 ORDER BY 1 LIMIT 1")
+    with maintenance(dbname) as cur:
+        cur.execute("SELECT vote_hashes FROM vote_chain WHERE chain_id = %s AND seq = %s", (chain_id, last))
+        [(hashes,)] = cur.fetchall()
+        cur.execute(
+            "UPDATE vote_results r SET oui_count = r.oui_count - a.oui, non_count = r.non_count - a.non "
+            "FROM (SELECT law_id, count(*) FILTER (WHERE choice = 'oui') AS oui, "
+            "      count(*) FILTER (WHERE choice = 'non') AS non FROM vote_audit "
+            "      WHERE vote_hash = ANY(%s) GROUP BY law_id) a WHERE r.law_id = a.law_id",
+            (hashes,),
+        )
+        cur.execute("DELETE FROM vote_audit WHERE vote_hash = ANY(%s)", (hashes,))
+        cur.execute("DELETE FROM vote_chain WHERE chain_id = %s AND seq = %s", (chain_id, last))
+    assert run_cli("verify", env=service_env(dbname=dbname)).returncode == 0  # consistent without the heads
+    code, out = verify_heads(dbname, svc.heads_path, public)
+    assert code == 1
+    assert any(f"chain {chain_id} has no link {last} (it ends at link {last - 1}" in line for line in out), out
+
+
 # -- closing the polls ----------------------------------------------------------------------------
 
 
