@@ -22,6 +22,7 @@ import chain
 import db
 import heads
 from config import load_config
+from tests.proxy import TcpProxy
 from tests.roles import ServiceRole, apply_scripts
 from tests.support import (
     POSTGRES_HOST,
@@ -41,7 +42,7 @@ from tests.support import (
     service_env,
     wait_for,
 )
-from tests.tampering import maintenance, rechain, vote
+from tests.tampering import QueryRewriter, maintenance, rechain, vote
 
 MakeService = Callable[..., Service]
 
@@ -279,6 +280,29 @@ def test_an_ingest_trigger_is_caught_at_once_and_nothing_is_committed(dbname: st
         with pytest.raises(db.IntegrityFailure, match="differ from the 10 new votes sent"):
             database.write_batch([vote(i, choice=("oui", "non")[i % 2]) for i in range(10)], chain="c")
         assert database.chains.links() == []
+    assert audit_count(dbname) == 0
+    assert query(dbname, "SELECT count(*) FROM vote_chain") == [(0,)]
+
+
+def test_a_tampering_proxy_is_caught_at_once_and_nothing_is_committed(dbname: str, tmp_path: Path) -> None:
+    """Between the service and PostgreSQL, a proxy turns every "non" the service sends into "oui"."""
+    apply_scripts(dbname)
+    rewriters: list[QueryRewriter] = []
+
+    def rewriter() -> QueryRewriter:
+        rewriters.append(QueryRewriter(b'"choice":"non"', b'"choice":"oui"'))
+        return rewriters[-1]
+
+    proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT, rewrite=rewriter)
+    try:
+        through = {"POSTGRES_HOST": "127.0.0.1", "POSTGRES_PORT": str(proxy.port), "POSTGRES_SSLMODE": "disable"}
+        with store(dbname, tmp_path, **through) as database:
+            with pytest.raises(db.IntegrityFailure, match="differ from the 10 new votes sent"):
+                database.write_batch([vote(i, choice=("oui", "non")[i % 2]) for i in range(10)], chain="c")
+            assert database.chains.links() == []
+    finally:
+        proxy.close()
+    assert sum(r.rewritten for r in rewriters) == 5  # the proxy did rewrite the five "non"
     assert audit_count(dbname) == 0
     assert query(dbname, "SELECT count(*) FROM vote_chain") == [(0,)]
 
