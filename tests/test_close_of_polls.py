@@ -133,7 +133,15 @@ def test_closing_the_polls_step_by_step(
     assert "per-law counts withheld: RESULTS_EMBARGO" in checked.stdout  # the embargo holds here too
     sealed = tmp_path / "seal.jsonl"
     officials = {**operator, "CHAIN_SIGNING_KEY_FILE": str(private_key_file(officials_key, tmp_path / "off.pem"))}
-    made = run_cli("seal", "--out", str(sealed), env=officials)
+    made = run_cli(
+        "seal",
+        "--out",
+        str(sealed),
+        *(arg for f in heads_files for arg in ("--heads", f)),
+        "--keys",
+        str(instances_public),
+        env=officials,
+    )
     assert made.returncode == exits.OK, made.stdout + made.stderr
     record = json.loads(sealed.read_text().splitlines()[-1])
     assert record["totals"] == {law: [oui, non] for law, (oui, non) in expected_totals([*good, *refused]).items()}

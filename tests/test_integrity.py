@@ -532,6 +532,53 @@ def test_the_seal_vouches_for_the_totals_and_every_final_head(
     assert "vote_results differs from the sealed totals for law-0" in text
 
 
+def test_the_seal_checks_the_database_against_the_instances_heads_in_the_same_snapshot(
+    election: tuple[str, Path, Path], svc_role: ServiceRole, tmp_path: Path, queue: str
+) -> None:
+    dbname, heads_file, public = election
+    officials, officials_public = key_files(tmp_path, "officials")
+    env = service_env(
+        dbname=dbname, queue=queue, CHAIN_SIGNING_KEY_FILE=str(private_key_file(officials, tmp_path / "off.pem"))
+    )
+    against_heads = ("--heads", str(heads_file), "--keys", str(public))
+    done = run_cli("seal", *against_heads, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list(json.loads(done.stdout)["chains"]) == ["legit"]
+    (tmp_path / "first-seal.jsonl").write_text(done.stdout)
+    assert verify(dbname, tmp_path / "first-seal.jsonl", officials_public)[0] == 0
+    # A rogue chain, written with the service's credentials: the database alone still adds up, the
+    # instances' heads do not vouch for it, and nothing is sealed.
+    with store(dbname, tmp_path, **svc_role.env()) as rogue:
+        rogue.write_batch([vote(i, law="law-0") for i in range(1000, 1060)], chain="rogue")
+    assert run_cli("seal", env=env).returncode == 0  # without --heads, it would be sealed
+    refused = run_cli("seal", "--out", str(tmp_path / "seal.jsonl"), *against_heads, env=env)
+    assert refused.returncode == 1
+    assert "head: chain rogue (1 links) is in the database but no head in" in refused.stdout
+    assert "error: the database does not verify: nothing sealed" in refused.stderr
+    assert not (tmp_path / "seal.jsonl").exists()
+    assert '"kind"' not in refused.stdout
+    # Links past the last head of an instance that did not stop (no final head): not sealed either.
+    (tmp_path / "running").mkdir()
+    with store(dbname, tmp_path, **svc_role.env()) as running:
+        running.write_batch([vote(i) for i in range(2000, 2010)], chain="running")
+        record_heads(running, tmp_path / "running", key_files(tmp_path, "running")[0], final=False)
+        running.write_batch([vote(i) for i in range(2010, 2020)], chain="running")
+    keys = tmp_path / "both.pub.pem"
+    keys.write_bytes(public.read_bytes() + (tmp_path / "running.pub.pem").read_bytes())
+    with maintenance(dbname) as cur:  # the rogue chain gone, with its votes and counts
+        cur.execute("DELETE FROM vote_audit WHERE vote_hash IN (SELECT unnest(vote_hashes) FROM vote_chain "
+                    "WHERE chain_id = 'rogue')")  # fmt: skip
+        cur.execute("DELETE FROM vote_chain WHERE chain_id = 'rogue'")
+        cur.execute("UPDATE vote_results SET oui_count = oui_count - 60 WHERE law_id = 'law-0'")
+    both = ("--heads", str(heads_file), "--heads", str(tmp_path / "running" / "heads.jsonl"), "--keys", str(keys))
+    unvouched = run_cli("seal", *both, env=env)
+    assert unvouched.returncode == 1, unvouched.stdout + unvouched.stderr
+    assert "error: links of running are past every head given with --heads: nothing sealed" in unvouched.stderr
+    bad = run_cli("seal", "--keys", str(public), env=env)
+    assert bad.returncode == 2
+    assert bad.stderr == "error: --keys needs --heads\n"
+
+
 def test_a_seal_is_refused_for_a_database_that_does_not_verify(election: tuple[str, Path, Path], queue: str) -> None:
     dbname, _heads_file, _public = election
     with maintenance(dbname) as cur:
