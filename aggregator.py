@@ -134,6 +134,19 @@ def _parser() -> argparse.ArgumentParser:
     seal_parser.add_argument(
         "--skip-queue-check", action="store_true", help="do not ask RabbitMQ whether RABBITMQ_QUEUE is drained"
     )
+    seal_parser.add_argument(
+        "--heads",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="the instances' signed chain heads: refuses to seal unless the database holds exactly the chains "
+        "they vouch for, every link vouched for (repeatable)",
+    )
+    seal_parser.add_argument(
+        "--keys",
+        metavar="PUBLIC_KEYS",
+        help="PEM file of the instances' Ed25519 public keys the heads must be signed with",
+    )
     _add_dead_letters(commands)
     return parser
 
@@ -204,7 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 embargo=_withheld(config, args),
             )
         if args.command == "seal":
-            return seal.run(config, out_path=args.out, skip_queue_check=args.skip_queue_check)
+            return seal.run(
+                config,
+                out_path=args.out,
+                skip_queue_check=args.skip_queue_check,
+                heads_files=args.heads,
+                keys=args.keys,
+            )
         if args.command == "dead-letters":
             return _dead_letters(config, args)
     except (db.DatabaseMissing, db.DatabaseConfigError) as exc:

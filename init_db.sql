@@ -175,9 +175,11 @@ CREATE TABLE IF NOT EXISTS schema_version (
 -- The primary's standbys as the service needs to see them (POSTGRES_REQUIRE_SYNC_STANDBY), without
 -- pg_read_all_stats, which would also show it every session's queries: this function runs with its
 -- owner's (an administrator's) rights and returns only each standby's name, sync state and lag.
+-- pg_temp named last: left out, PostgreSQL would search it first, and a caller's temporary table
+-- named pg_stat_replication would stand in for the view.
 CREATE OR REPLACE FUNCTION vote_replication_standbys()
 RETURNS TABLE (application_name text, sync_state text, lag_bytes bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT application_name::text, sync_state::text, pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint
     FROM pg_stat_replication ORDER BY application_name
 $$;

@@ -1,7 +1,8 @@
 """`python aggregator.py seal`: the signed record of the count when the polls close.
 
 Run once the queue is drained and every instance has stopped (it checks both). It verifies the
-database first (the recount, every chain and row digest, recomputed in Python) and refuses to seal
+database first (the recount, every chain and row digest, recomputed in Python; with --heads, against
+the instances' signed heads as `verify --heads` does, every link vouched for) and refuses to seal
 anything that does not add up; then it writes one JSON line, signed with CHAIN_SIGNING_KEY_FILE:
 the per-law totals, a digest of them, and every chain's final head. The officials publish that
 line; `python aggregator.py verify --heads SEAL_FILE --keys KEY` later proves that nothing in the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -53,9 +55,20 @@ def seal_record(config: Config, report: verify.Report, chains: dict[str, dict[in
     }
 
 
-def run(config: Config, *, out_path: str | None, skip_queue_check: bool = False, out: TextIO = sys.stdout) -> int:
+def run(
+    config: Config,
+    *,
+    out_path: str | None,
+    skip_queue_check: bool = False,
+    heads_files: Sequence[str] = (),
+    keys: str | None = None,
+    out: TextIO = sys.stdout,
+) -> int:
     try:
         key = heads.load_signing_key(config.chain_signing_key_file, heads_file=config.chain_heads_file)
+        if keys and not heads_files:
+            raise ValueError("--keys needs --heads")
+        signed = verify.SignedHeads.load(heads_files, keys) if heads_files else None
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -68,10 +81,19 @@ def run(config: Config, *, out_path: str | None, skip_queue_check: bool = False,
         if busy:
             print(f"error: {busy}", file=sys.stderr)
             return 1
-    report, chains = verify.run_checks_with_chains(config)
+    # In the same snapshot as the record: nothing can slip in between the check and the seal.
+    report, chains = verify.run_checks_with_chains(config, signed=signed)
     if not report.ok:
         out.write(verify.render(report, embargo=True))
         print("error: the database does not verify: nothing sealed", file=sys.stderr)
+        return 1
+    if report.unvouched:
+        out.write(verify.render(report, embargo=True))
+        print(
+            f"error: links of {', '.join(report.unvouched)} are past every head given with --heads: "
+            "nothing sealed (an instance still running, or killed after its last head)",
+            file=sys.stderr,
+        )
         return 1
     record = heads.sign(key, seal_record(config, report, chains))
     line = json.dumps(record, sort_keys=True) + "\n"

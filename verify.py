@@ -108,6 +108,7 @@ class Report:
     rows: dict[str, list[tuple[str, str | None, int | None]]] = field(default_factory=dict)  # kind -> findings
     row_counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # said, not failed on
+    unvouched: list[str] = field(default_factory=list)  # chains with links past their last head (none final)
 
     @property
     def differing_laws(self) -> list[str]:
@@ -315,6 +316,7 @@ def _check_signed_heads(report: Report, recomputed: dict[str, dict[int, bytes]],
             )
         newest = max(h.seq for h in chain_heads)
         if not finals and last > newest:
+            report.unvouched.append(chain_id)
             report.notes.append(
                 f"chain {chain_id}: links {newest + 1} to {last} are past its last head and not yet vouched for "
                 "(the instance is running, or was killed before its next head)"

@@ -1,4 +1,5 @@
-"""A small TCP proxy for fault injection: pause traffic, cut connections, refuse new ones."""
+"""A small TCP proxy for fault injection: pause traffic, cut connections, refuse new ones, rewrite
+what clients send."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ import select
 import socket
 import struct
 import threading
+from collections.abc import Callable
+
+# Made once per connection: takes each chunk a client sends, returns the bytes to forward (it may
+# hold some back until the rest arrives).
+Rewriter = Callable[[bytes], bytes]
 
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target, under the test's control."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, rewrite: Callable[[], Rewriter] | None = None) -> None:
         self.target = (target_host, target_port)
+        self._rewrite = rewrite
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._paused = threading.Event()
@@ -90,9 +97,10 @@ class TcpProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._pairs.append((client, upstream))
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            rewriter = self._rewrite() if self._rewrite is not None else None
+            threading.Thread(target=self._pump, args=(client, upstream, rewriter), daemon=True).start()
 
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+    def _pump(self, a: socket.socket, b: socket.socket, rewriter: Rewriter | None) -> None:
         peers = {a: b, b: a}
         try:
             while not self._closed.is_set():
@@ -114,6 +122,8 @@ class TcpProxy:
                         finally:
                             with self._lock:
                                 self._held -= 1
+                    if src is a and rewriter is not None:
+                        data = rewriter(data)
                     peers[src].sendall(data)
         except (OSError, ValueError):
             return

@@ -51,3 +51,41 @@ def rechain(cur: psycopg2.extensions.cursor, chain: str) -> None:
             "UPDATE vote_chain SET vote_hashes = %s, row_digests = %s, digest = %s WHERE chain_id = %s AND seq = %s",
             (hashes, bytes(digests), previous, chain, seq),
         )
+
+
+# Protocol codes of the requests a client may send before its startup message, untyped like it.
+_SSL_REQUEST, _GSSENC_REQUEST = 80877103, 80877104
+
+
+class QueryRewriter:
+    """A tampering proxy's rewriting (tests.proxy.TcpProxy(rewrite=...)), one per connection: in every
+    simple query the client sends to PostgreSQL, `old` becomes `new` (as long: the message's length
+    stands). It cuts the client's bytes into protocol messages first, so that a query split across
+    reads is rewritten whole."""
+
+    def __init__(self, old: bytes, new: bytes) -> None:
+        assert len(old) == len(new)
+        self._old, self._new = old, new
+        self._pending = b""
+        self._started = False  # the startup message (untyped) has gone through
+        self.rewritten = 0
+
+    def __call__(self, data: bytes) -> bytes:
+        self._pending += data
+        out = []
+        while True:
+            typed = 1 if self._started else 0
+            if len(self._pending) < typed + 4:
+                break
+            size = typed + int.from_bytes(self._pending[typed : typed + 4], "big")
+            if len(self._pending) < size:
+                break
+            message, self._pending = self._pending[:size], self._pending[size:]
+            if not typed:
+                code = int.from_bytes(message[4:8], "big") if len(message) >= 8 else 0
+                self._started = code not in (_SSL_REQUEST, _GSSENC_REQUEST)
+            elif message[:1] == b"Q" and self._old in message:
+                self.rewritten += message.count(self._old)
+                message = message.replace(self._old, self._new)
+            out.append(message)
+        return b"".join(out)

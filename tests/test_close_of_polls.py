@@ -143,7 +143,15 @@ def test_closing_the_polls_step_by_step(
     ], checked.stdout
     sealed = tmp_path / "seal.jsonl"
     officials = {**operator, "CHAIN_SIGNING_KEY_FILE": str(private_key_file(officials_key, tmp_path / "off.pem"))}
-    made = run_cli("seal", "--out", str(sealed), env=officials)
+    made = run_cli(
+        "seal",
+        "--out",
+        str(sealed),
+        *(arg for f in heads_files for arg in ("--heads", f)),
+        "--keys",
+        str(instances_public),
+        env=officials,
+    )
     assert made.returncode == exits.OK, made.stdout + made.stderr
     # The signed record: appended to --out, printed the same, and the log says the polls are closed.
     assert made.stdout.splitlines() == sealed.read_text().splitlines()

@@ -22,6 +22,7 @@ import chain
 import db
 import heads
 from config import load_config
+from tests.proxy import TcpProxy
 from tests.roles import ServiceRole, apply_scripts
 from tests.support import (
     POSTGRES_HOST,
@@ -41,7 +42,7 @@ from tests.support import (
     service_env,
     wait_for,
 )
-from tests.tampering import maintenance, rechain, vote
+from tests.tampering import QueryRewriter, maintenance, rechain, vote
 
 MakeService = Callable[..., Service]
 
@@ -168,6 +169,38 @@ def test_a_rewritten_chain_is_caught(election: tuple[str, Path, Path]) -> None:
                for line in lines), lines  # fmt: skip
 
 
+def test_an_ingest_trigger_that_slips_past_the_check_at_commit_is_caught(
+    dbname: str, svc_role: ServiceRole, tmp_path: Path
+) -> None:
+    """A DBA's trigger that flips choices as they are stored, made to pass what the batch statement
+    returns: it fires AFTER INSERT (the statement returns the rows as inserted), as its owner, on the
+    maintenance path, and moves the totals to match. The service commits and signs its heads;
+    `verify --heads` finds every flipped row."""
+    key, public = key_files(tmp_path)
+    query(
+        dbname,
+        "CREATE FUNCTION flip_after() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER "
+        "SET search_path = pg_catalog, public AS $$ BEGIN "
+        "IF NEW.choice = 'non' THEN "
+        "  PERFORM set_config('vote_aggregator.maintenance', 'on', true); "
+        "  UPDATE vote_audit SET choice = 'oui' WHERE vote_hash = NEW.vote_hash; "
+        "  UPDATE vote_results SET oui_count = oui_count + 1, non_count = non_count - 1 WHERE law_id = NEW.law_id; "
+        "END IF; RETURN NULL; END $$",
+    )
+    query(dbname, "CREATE TRIGGER flip_after AFTER INSERT ON vote_audit FOR EACH ROW EXECUTE FUNCTION flip_after()")
+    with store(dbname, tmp_path, **svc_role.env()) as database:  # the service, under its own role
+        outcome = database.write_batch([vote(i, choice=("oui", "non")[i % 2]) for i in range(10)], chain="legit")
+        assert outcome.link is not None  # committed: nothing at ingest saw it
+        heads_file = record_heads(database, tmp_path, key, final=True)
+    assert query(dbname, "SELECT law_id, oui_count, non_count FROM vote_results") == [("law-1", 10, 0)]
+    assert query(dbname, "SELECT count(*) FROM vote_audit WHERE choice = 'non'") == [(0,)]
+    code, lines = verify(dbname, heads_file, public)
+    assert code == 1
+    altered = sorted(line.split()[2] for line in lines if line.startswith("altered: vote "))
+    assert altered == sorted(vote(i).vote_hash for i in range(1, 10, 2)), lines
+    assert lines[-1] == "verdict: FAILED: audit rows 5 altered", lines
+
+
 def test_a_forged_link_with_a_huge_seq_is_caught(election: tuple[str, Path, Path], svc_role: ServiceRole) -> None:
     dbname, heads_file, public = election
     huge = 2**62
@@ -247,6 +280,29 @@ def test_an_ingest_trigger_is_caught_at_once_and_nothing_is_committed(dbname: st
         with pytest.raises(db.IntegrityFailure, match="differ from the 10 new votes sent"):
             database.write_batch([vote(i, choice=("oui", "non")[i % 2]) for i in range(10)], chain="c")
         assert database.chains.links() == []
+    assert audit_count(dbname) == 0
+    assert query(dbname, "SELECT count(*) FROM vote_chain") == [(0,)]
+
+
+def test_a_tampering_proxy_is_caught_at_once_and_nothing_is_committed(dbname: str, tmp_path: Path) -> None:
+    """Between the service and PostgreSQL, a proxy turns every "non" the service sends into "oui"."""
+    apply_scripts(dbname)
+    rewriters: list[QueryRewriter] = []
+
+    def rewriter() -> QueryRewriter:
+        rewriters.append(QueryRewriter(b'"choice":"non"', b'"choice":"oui"'))
+        return rewriters[-1]
+
+    proxy = TcpProxy(POSTGRES_HOST, POSTGRES_PORT, rewrite=rewriter)
+    try:
+        through = {"POSTGRES_HOST": "127.0.0.1", "POSTGRES_PORT": str(proxy.port), "POSTGRES_SSLMODE": "disable"}
+        with store(dbname, tmp_path, **through) as database:
+            with pytest.raises(db.IntegrityFailure, match="differ from the 10 new votes sent"):
+                database.write_batch([vote(i, choice=("oui", "non")[i % 2]) for i in range(10)], chain="c")
+            assert database.chains.links() == []
+    finally:
+        proxy.close()
+    assert sum(r.rewritten for r in rewriters) == 5  # the proxy did rewrite the five "non"
     assert audit_count(dbname) == 0
     assert query(dbname, "SELECT count(*) FROM vote_chain") == [(0,)]
 
@@ -360,6 +416,81 @@ def test_the_service_signs_its_heads_into_the_file_and_the_exchange(
     assert verify_heads(dbname, observed, public)[0] == 0
 
 
+def test_periodic_heads_at_warning_level_anchor_the_chains_of_an_instance_killed_with_kill_9(
+    make_service: MakeService, dbname: str, queue: str, tmp_path: Path
+) -> None:
+    key, public = key_files(tmp_path)
+    exchange = f"{queue}.heads"
+    observer = amqp_connection()
+    channel = observer.channel()
+    channel.exchange_declare(exchange, exchange_type="fanout", durable=True)
+    copy = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(copy, exchange)
+    published: list[str] = []
+
+    def vouched_for(lines: list[str]) -> bool:
+        newest: dict[str, int] = {}
+        for record in map(json.loads, lines):
+            newest[record["chain_id"]] = max(newest.get(record["chain_id"], 0), record["seq"])
+        return newest == dict(query(dbname, "SELECT chain_id, max(seq) FROM vote_chain GROUP BY 1"))
+
+    def heads_cover_every_link() -> bool:
+        while (body := channel.basic_get(copy, auto_ack=True)[2]) is not None:
+            published.append(body.decode())
+        lines = svc.heads_path.read_text().splitlines() if svc.heads_path.exists() else []
+        return vouched_for(lines) and vouched_for(published)
+
+    try:
+        svc = make_service(
+            {
+                "CHAIN_SIGNING_KEY_FILE": str(private_key_file(key, tmp_path / "instance.pem")),
+                "CHAIN_HEADS_EXCHANGE": exchange,
+                "CHAIN_HEADS_INTERVAL_SECONDS": "0.2",
+                "FLUSH_WORKERS": "2",
+                "BATCH_SIZE": "50",
+                "LOG_LEVEL": "WARNING",  # no INFO line: the heads are recorded all the same
+            }
+        ).start(wait_consuming=False)
+        wait_for(lambda: queue_state(queue)[1] == 1, timeout=30, what="the service to start consuming")
+        votes = [VoteMsg(f"{i:04x}", f"citizen-{i}", f"law-{i % 2}", ("oui", "non")[i % 3 == 0]) for i in range(400)]
+        publish(queue, [v.body() for v in votes])
+        wait_for(lambda: audit_count(dbname) == len(votes), timeout=30, what="every vote counted")
+        wait_for(heads_cover_every_link, timeout=30, what="periodic heads up to every chain's last link")
+        svc.kill()  # kill -9: no final head
+    finally:
+        observer.close()
+    lines = svc.heads_path.read_text().splitlines()
+    assert not any(json.loads(line)["final"] for line in lines)
+    assert set(published) <= set(lines)
+    assert "hash chain head" not in svc.logs()  # none logged at WARNING: the file and the exchange have them
+    code, out = verify_heads(dbname, svc.heads_path, public)
+    assert code == 0, out
+    assert not [line for line in out if line.startswith("note: chain")], out  # every link vouched for
+    observed = tmp_path / "observed.jsonl"
+    observed.write_text("".join(line + "\n" for line in published))
+    assert verify_heads(dbname, observed, public)[0] == 0
+
+    # The tail truncated after the kill (the last link of a chain, its rows and their counts): the
+    # periodic heads catch it, as the final ones would have.
+    [(chain_id, last)] = query(dbname, "SELECT chain_id, max(seq) FROM vote_chain GROUP BY 1 ORDER BY 1 LIMIT 1")
+    with maintenance(dbname) as cur:
+        cur.execute("SELECT vote_hashes FROM vote_chain WHERE chain_id = %s AND seq = %s", (chain_id, last))
+        [(hashes,)] = cur.fetchall()
+        cur.execute(
+            "UPDATE vote_results r SET oui_count = r.oui_count - a.oui, non_count = r.non_count - a.non "
+            "FROM (SELECT law_id, count(*) FILTER (WHERE choice = 'oui') AS oui, "
+            "      count(*) FILTER (WHERE choice = 'non') AS non FROM vote_audit "
+            "      WHERE vote_hash = ANY(%s) GROUP BY law_id) a WHERE r.law_id = a.law_id",
+            (hashes,),
+        )
+        cur.execute("DELETE FROM vote_audit WHERE vote_hash = ANY(%s)", (hashes,))
+        cur.execute("DELETE FROM vote_chain WHERE chain_id = %s AND seq = %s", (chain_id, last))
+    assert run_cli("verify", env=service_env(dbname=dbname)).returncode == 0  # consistent without the heads
+    code, out = verify_heads(dbname, svc.heads_path, public)
+    assert code == 1
+    assert any(f"chain {chain_id} has no link {last} (it ends at link {last - 1}" in line for line in out), out
+
+
 # -- closing the polls ----------------------------------------------------------------------------
 
 
@@ -399,6 +530,53 @@ def test_the_seal_vouches_for_the_totals_and_every_final_head(
     text = "\n".join(lines)
     assert "chain late (1 links) is in the database but no head in" in text
     assert "vote_results differs from the sealed totals for law-0" in text
+
+
+def test_the_seal_checks_the_database_against_the_instances_heads_in_the_same_snapshot(
+    election: tuple[str, Path, Path], svc_role: ServiceRole, tmp_path: Path, queue: str
+) -> None:
+    dbname, heads_file, public = election
+    officials, officials_public = key_files(tmp_path, "officials")
+    env = service_env(
+        dbname=dbname, queue=queue, CHAIN_SIGNING_KEY_FILE=str(private_key_file(officials, tmp_path / "off.pem"))
+    )
+    against_heads = ("--heads", str(heads_file), "--keys", str(public))
+    done = run_cli("seal", *against_heads, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list(json.loads(done.stdout)["chains"]) == ["legit"]
+    (tmp_path / "first-seal.jsonl").write_text(done.stdout)
+    assert verify(dbname, tmp_path / "first-seal.jsonl", officials_public)[0] == 0
+    # A rogue chain, written with the service's credentials: the database alone still adds up, the
+    # instances' heads do not vouch for it, and nothing is sealed.
+    with store(dbname, tmp_path, **svc_role.env()) as rogue:
+        rogue.write_batch([vote(i, law="law-0") for i in range(1000, 1060)], chain="rogue")
+    assert run_cli("seal", env=env).returncode == 0  # without --heads, it would be sealed
+    refused = run_cli("seal", "--out", str(tmp_path / "seal.jsonl"), *against_heads, env=env)
+    assert refused.returncode == 1
+    assert "head: chain rogue (1 links) is in the database but no head in" in refused.stdout
+    assert "error: the database does not verify: nothing sealed" in refused.stderr
+    assert not (tmp_path / "seal.jsonl").exists()
+    assert '"kind"' not in refused.stdout
+    # Links past the last head of an instance that did not stop (no final head): not sealed either.
+    (tmp_path / "running").mkdir()
+    with store(dbname, tmp_path, **svc_role.env()) as running:
+        running.write_batch([vote(i) for i in range(2000, 2010)], chain="running")
+        record_heads(running, tmp_path / "running", key_files(tmp_path, "running")[0], final=False)
+        running.write_batch([vote(i) for i in range(2010, 2020)], chain="running")
+    keys = tmp_path / "both.pub.pem"
+    keys.write_bytes(public.read_bytes() + (tmp_path / "running.pub.pem").read_bytes())
+    with maintenance(dbname) as cur:  # the rogue chain gone, with its votes and counts
+        cur.execute("DELETE FROM vote_audit WHERE vote_hash IN (SELECT unnest(vote_hashes) FROM vote_chain "
+                    "WHERE chain_id = 'rogue')")  # fmt: skip
+        cur.execute("DELETE FROM vote_chain WHERE chain_id = 'rogue'")
+        cur.execute("UPDATE vote_results SET oui_count = oui_count - 60 WHERE law_id = 'law-0'")
+    both = ("--heads", str(heads_file), "--heads", str(tmp_path / "running" / "heads.jsonl"), "--keys", str(keys))
+    unvouched = run_cli("seal", *both, env=env)
+    assert unvouched.returncode == 1, unvouched.stdout + unvouched.stderr
+    assert "error: links of running are past every head given with --heads: nothing sealed" in unvouched.stderr
+    bad = run_cli("seal", "--keys", str(public), env=env)
+    assert bad.returncode == 2
+    assert bad.stderr == "error: --keys needs --heads\n"
 
 
 def test_a_seal_is_refused_for_a_database_that_does_not_verify(election: tuple[str, Path, Path], queue: str) -> None:

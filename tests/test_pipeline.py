@@ -246,3 +246,35 @@ def test_a_systematic_failure_fails_liveness_and_leaves_its_batch_unsettled(dbna
     assert _value(metrics, "aggregation_errors_total", error_type="systematic_failure") == 1
     assert _value(metrics, "votes_rejected_total", reason="unexpected") == 3
     assert query(dbname, "SELECT count(*) FROM vote_audit") == [(0,)]
+
+
+def test_an_integrity_failure_is_counted_stops_the_service_and_leaves_its_batch_unsettled(dbname: str) -> None:
+    # A DBA's ingest trigger turns every "non" into "oui" as rows are stored: the batch is neither
+    # retried nor dead-lettered, vote_integrity_failures_total (which pages) counts it.
+    apply_schema(dbname)
+    query(
+        dbname,
+        "CREATE FUNCTION flip() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.choice = 'non' THEN NEW.choice := 'oui'; END IF; RETURN NEW; END $$",
+    )
+    query(dbname, "CREATE TRIGGER flip BEFORE INSERT ON vote_audit FOR EACH ROW EXECUTE FUNCTION flip()")
+    fatal: list[str] = []
+    pipeline, database, metrics, settled = _pipeline(dbname, on_fatal=fatal.append)
+    votes = [Vote(f"{n:064x}", f"citizen-{n}", "law-x", ("oui", "non")[n % 2], _vote(n).timestamp) for n in range(10)]
+    try:
+        pipeline.start()
+        pipeline.buffer.extend([Delivery(v, n + 1, 1, time.monotonic()) for n, v in enumerate(votes)])
+        wait_for(lambda: fatal, timeout=10, what="the service told to stop")
+        # What the service does once told to stop (aggregator.py: the consumer stops, the pipeline finishes).
+        pipeline.finish(deadline=time.monotonic() + 10, idle=lambda: time.sleep(0.01))
+        assert not pipeline.writing
+    finally:
+        database.close()
+    assert len(fatal) == 1
+    assert fatal[0].startswith("integrity failure: PostgreSQL stored 10 audit rows that differ from the 10 new votes")
+    assert _value(metrics, "vote_integrity_failures_total") == 1
+    assert _value(metrics, "database_retries_total") == 0
+    assert settled.committed == []
+    assert settled.rejected == []
+    assert pipeline.unsettled == 1
+    assert query(dbname, "SELECT count(*) FROM vote_audit") == [(0,)]

@@ -94,6 +94,7 @@ REFUSED_TO_THE_ROLE = [
     "UPDATE vote_results SET law_id = 'law-2'",
     "CREATE TABLE vote_shadow (id int)",
     "ALTER TABLE vote_audit DISABLE TRIGGER append_only_rows",
+    "SET session_replication_role = replica",
 ]
 
 
@@ -160,6 +161,24 @@ def test_a_shadowed_pg_class_does_not_open_the_maintenance_path(dbname: str, svc
     assert results(dbname) == {"law-1": (100, 0)}
 
 
+def test_a_temporary_table_does_not_stand_in_for_the_replication_view(dbname: str, svc_role: ServiceRole) -> None:
+    """The SECURITY DEFINER function reads pg_catalog's pg_stat_replication, even for a role some
+    administrator let create temporary tables (pg_temp comes last in its search_path)."""
+    query(dbname, f"GRANT TEMPORARY ON DATABASE {dbname} TO {svc_role.name}")
+    conn = role_connect(dbname, svc_role)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "CREATE TEMP TABLE pg_stat_replication AS "
+                "SELECT 'forged-standby'::text AS application_name, 'sync'::text AS sync_state, "
+                "pg_catalog.pg_current_wal_lsn() AS flush_lsn"
+            )
+            cur.execute("SELECT application_name FROM vote_replication_standbys()")
+            assert "forged-standby" not in [name for (name,) in cur.fetchall()]
+    finally:
+        conn.close()
+
+
 def test_replica_mode_does_not_switch_the_append_only_triggers_off(dbname: str) -> None:
     """As a DBA (a superuser): session_replication_role = replica skips ordinary triggers, not ALWAYS ones."""
     apply_scripts(dbname)
@@ -183,6 +202,25 @@ def test_replica_mode_does_not_switch_the_append_only_triggers_off(dbname: str) 
     assert query(dbname, "SELECT vote_hash, choice FROM vote_audit") == [("ab", "oui")]
 
 
+def test_replica_mode_granted_to_the_service_role_does_not_let_it_lower_a_count(
+    dbname: str, svc_role: ServiceRole
+) -> None:
+    """As the service role, once a DBA let it set session_replication_role (PostgreSQL 15's GRANT SET
+    ON PARAMETER): its UPDATE right on vote_results still cannot lower a count."""
+    seed_one_vote(dbname)
+    query(dbname, f"GRANT SET ON PARAMETER session_replication_role TO {svc_role.name}")
+    conn = role_connect(dbname, svc_role)
+    try:
+        assert run_as(conn, "SET session_replication_role = replica") is None
+        assert run_as(conn, "UPDATE vote_results SET oui_count = 0") == "42501"
+        assert run_as(conn, "INSERT INTO vote_results (law_id, oui_count) VALUES ('law-1', 0) "
+                            "ON CONFLICT (law_id) DO UPDATE SET oui_count = 0") == "42501"  # fmt: skip
+    finally:
+        conn.close()
+        query(dbname, f"REVOKE SET ON PARAMETER session_replication_role FROM {svc_role.name}")
+    assert results(dbname) == {"law-1": (1, 0)}
+
+
 def test_every_trigger_fires_always_and_every_function_pins_its_search_path(dbname: str) -> None:
     apply_scripts(dbname)
     triggers = query(
@@ -201,6 +239,17 @@ def test_every_trigger_fires_always_and_every_function_pins_its_search_path(dbna
     for name, config in functions:
         assert config is not None, name
         assert any(c.startswith("search_path=pg_catalog") for c in config), (name, config)
+    # Whatever its name: every function a trigger runs, and every SECURITY DEFINER function, resolves
+    # pg_catalog first and pg_temp last (named, or PostgreSQL searches pg_temp first for relations).
+    unpinned = query(
+        dbname,
+        "SELECT p.oid::regprocedure::text, p.proconfig FROM pg_proc p "
+        "WHERE (p.oid IN (SELECT tgfoid FROM pg_trigger WHERE NOT tgisinternal) OR p.prosecdef) "
+        "AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search\\_path=pg\\_catalog,%%pg\\_temp')",
+    )
+    assert unpinned == []
+    assert query(dbname, "SELECT count(*) FROM pg_proc WHERE prosecdef AND pronamespace = 'public'::regnamespace") \
+        == [(1,)]  # fmt: skip
 
 
 @pytest.mark.parametrize(
