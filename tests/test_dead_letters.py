@@ -13,8 +13,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pika
+import pika.frame
+import pika.spec
 import pytest
 
+from config import Config
+from deadletter_publisher import _Wire
 from tests.proxy import TcpProxy
 from tests.support import (
     POSTGRES_HOST,
@@ -253,6 +257,43 @@ def test_a_mix_of_votes_and_refused_messages_gives_each_refused_one_copy_with_wh
         assert properties.delivery_mode == 2
         assert properties.content_type == "application/json"
     assert_all_counted_once(dbname, queue, good)
+
+
+def test_copies_leave_as_the_frames_pika_would_send() -> None:
+    # The publisher marshals the copies' frames itself (one method frame, each shared set of
+    # properties encoded once): the bytes must be exactly those of pika's basic_publish.
+    emitted: list[bytes] = []
+
+    class Connection:
+        params = pika.ConnectionParameters(frame_max=4096)  # the smallest AMQP allows: bodies of 4088 bytes
+
+        def _output_marshaled_frames(self, frames: list[bytes]) -> None:
+            emitted.extend(frames)
+
+    config = Config(rabbitmq_queue="votes.aggregation")
+    wire = _Wire.on(Connection(), 7, config)  # type: ignore[arg-type]  # the two attributes pika's connection has
+    assert wire is not None
+    why = pika.BasicProperties(
+        delivery_mode=2,
+        content_type="application/json",
+        headers={"x-rejected-reason": "invalid_choice", "x-rejected-detail": "maybe", "x-original-queue": "q"},
+    )
+    other = pika.BasicProperties(delivery_mode=2, headers={"x-rejected-reason": "invalid_json", "x-n": 1})
+    copies = [(b"not json", other), (b'{"choice": "maybe"}', why), (b"", why), (b"x" * 4088, other), (b"y", why)]
+    publish = pika.spec.Basic.Publish(exchange="votes.aggregation.dlx", routing_key="votes.aggregation", mandatory=True)
+    expected: list[bytes] = []
+    for body, properties in copies:
+        assert wire.add(body, properties)
+        expected += [pika.frame.Method(7, publish).marshal(), pika.frame.Header(7, len(body), properties).marshal()]
+        if body:
+            expected.append(pika.frame.Body(7, body).marshal())
+    # A body larger than a frame is left to basic_publish, which splits it.
+    assert not wire.add(b"z" * 4089, why)
+    assert emitted == []
+    wire.flush()
+    assert emitted == [b"".join(expected)]
+    wire.flush()
+    assert len(emitted) == 1
 
 
 def test_killing_the_service_while_it_dead_letters_a_flood_loses_nothing(
