@@ -10,6 +10,10 @@ And the `ha` marker kept true: a test that starts, stops or kills a throwaway se
 from __future__ import annotations
 
 import functools
+import os
+import stat
+import sys
+import tempfile
 from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -31,6 +35,36 @@ from tests.support import (
     scratch_queues,
     stop_all,
 )
+
+
+def _keep_bytecode() -> None:
+    """Compiled bytecode kept for the run, outside the checkout, under PYTHONDONTWRITEBYTECODE too.
+
+    The run starts some two hundred Python processes (the service, its commands, the tools) and
+    every xdist worker imports the test modules: with bytecode not written (a Docker-style shell
+    sets PYTHONDONTWRITEBYTECODE=1) each of them compiled the same sources again, a third of what
+    a command costs. They keep it instead in a directory of this user's under the system temporary
+    directory (PYTHONPYCACHEPREFIX), never in the checkout; the workers, started after this, and
+    every subprocess inherit it. Without PYTHONDONTWRITEBYTECODE, `__pycache__` does the same.
+    """
+    if not sys.flags.dont_write_bytecode:
+        return
+    prefix = Path(tempfile.gettempdir()) / f"vote-aggregator-test-bytecode-{os.getuid()}"
+    try:
+        prefix.mkdir(mode=0o700, exist_ok=True)
+        owned = prefix.lstat()
+    except OSError:
+        return
+    # Only a directory of this user's that no one else can write: bytecode found there is run.
+    if not stat.S_ISDIR(owned.st_mode) or owned.st_uid != os.getuid() or owned.st_mode & 0o022:
+        return
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(prefix)
+    sys.pycache_prefix = str(prefix)
+    sys.dont_write_bytecode = False
+
+
+_keep_bytecode()
 
 
 @pytest.fixture
