@@ -14,12 +14,14 @@ import os
 import stat
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg2 import sql
 
 from tests import skips
 from tests.patroni_cluster import Member
@@ -67,10 +69,39 @@ def _keep_bytecode() -> None:
 _keep_bytecode()
 
 
+@pytest.fixture(scope="session")
+def _spent_databases() -> Iterator[list[str]]:
+    """The tests' databases, dropped when the worker's tests are done rather than after each test.
+
+    DROP DATABASE makes PostgreSQL flush every dirty page of the server and wait (a checkpoint): one
+    after each test made every other worker's writes start again with full-page images in the WAL.
+    """
+    names: list[str] = []
+    yield names
+    admin = pg_connect("postgres")
+    try:
+        with admin.cursor() as cur:
+            for name in names:
+                cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    finally:
+        admin.close()
+
+
 @pytest.fixture
-def dbname() -> Iterator[str]:
-    with scratch_database(pg_connect("postgres"), prefix="agg_test") as name:
+def dbname(_spent_databases: list[str]) -> Iterator[str]:
+    """A new, empty database of the test's own; its sessions are ended after the test, the database
+    itself with the worker's others (_spent_databases)."""
+    name = f"agg_test_{uuid.uuid4().hex[:12]}"
+    admin = pg_connect("postgres")
+    try:
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        _spent_databases.append(name)
         yield name
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+    finally:
+        admin.close()
 
 
 @pytest.fixture
