@@ -21,7 +21,7 @@ RUN pip install --no-cache-dir -r requirements.txt
 # carries both scripts an administrator applies for its version, e.g.
 #   docker run --rm --entrypoint cat vote-aggregator service_role.sql | psql -U postgres -d election_votes
 # (tests/test_deploy.py checks the list).
-COPY aggregator.py amqp.py chain.py commands.py config.py consumer.py db.py dbconnect.py dberrors.py deadletter_publisher.py deadletters.py exits.py heads.py health.py httpauth.py logsetup.py metrics.py pipeline.py replication.py results.py schema.py seal.py summary.py systemd.py verify.py votes.py init_db.sql service_role.sql pyproject.toml ./
+COPY aggregator.py amqp.py chain.py commands.py config.py consumer.py db.py dbconnect.py dberrors.py deadletter_publisher.py deadletters.py exits.py heads.py health.py httpauth.py initdb.py logsetup.py metrics.py pipeline.py replication.py results.py schema.py seal.py service.py summary.py systemd.py verify.py votes.py init_db.sql service_role.sql pyproject.toml ./
 # The migrations --init-db applies before init_db.sql (schema.py).
 COPY migrations/ migrations/
 # Compiled once here, as root: the service's user cannot write to /app.

@@ -1,58 +1,39 @@
 """The vote aggregation service's entry point: `python aggregator.py [--check | --init-db | results | verify]`.
 
-It parses the command line, reads the configuration, wires the parts and
-handles signals; each part lives in its own module (docs/design.md has the
-picture):
-- consumer.py: the pika connection on the main thread (receive, validate, ack, reject);
-- pipeline.py: the buffer, the ack sequencer and the flush workers that write batches;
-- db.py: everything that speaks SQL;
-- health.py, metrics.py, summary.py, systemd.py: what the service says about itself.
+It parses the command line, reads the configuration and runs the command, or the service itself
+(service.py, which wires the parts; docs/design.md has the picture). Each command imports the
+modules it runs and no others: `results` starts without pika, the metrics server or the signing keys.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import logging
 import os
-import signal
 import ssl
 import sys
-import threading
 from collections.abc import Sequence
-from types import FrameType
 
-# config.py and exits.py need only the standard library: --help and --version answer on a fresh
-# clone, before requirements.txt is installed. Everything else waits for main() to say what is missing.
+# config.py, exits.py and logsetup.py need only the standard library: --help and --version answer on
+# a fresh clone, before requirements.txt is installed. Everything else waits for main() to say what is missing.
+import logsetup
 from config import HELP, SECRET_FILES_HELP, Config, ConfigError, load_config, load_env_file, variables, version
 from exits import CONFIG as EXIT_CONFIG
 from exits import FAILURE as EXIT_FAILURE
 from exits import OK as EXIT_OK
 
-try:
-    import pika.exceptions
-
-    import db
-    import deadletters
-    import heads
-    import httpauth
-    import logsetup
-    import results
-    import seal
-    import verify
-    from amqp import amqp_parameters, describe_error, refused_by_broker
-    from commands import check, init_db
-    from consumer import Consumer
-    from deadletter_publisher import DeadLetterPublisher
-    from health import Health, ReplicationWatch
-    from metrics import Metrics
-    from pipeline import Pipeline
-    from summary import Summary
-    from systemd import Notifier
-except ModuleNotFoundError as exc:
-    _MISSING: ModuleNotFoundError | None = exc
-else:
-    _MISSING = None
+# The modules each command runs (the service's: service.py's).
+_MODULES = {
+    "check": ("commands",),
+    "init-db": ("initdb",),
+    "results": ("results",),
+    "verify": ("verify",),
+    "seal": ("seal",),
+    "dead-letters": ("deadletters", "amqp"),
+    "serve": ("service",),
+}
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +153,10 @@ def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if _MISSING is not None:
+    missing = _import_modules(args)
+    if missing is not None:
         print(
-            f"error: Python module {_MISSING.name} is not installed: run `make run`, or "
+            f"error: Python module {missing.name} is not installed: run `make run`, or "
             f"`{sys.executable} -m pip install -r requirements.txt` (README.md#quick-start-local)",
             file=sys.stderr,
         )
@@ -190,16 +172,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     logsetup.configure(level=config.log_level, fmt=config.log_format)
 
     if args.check:
+        from commands import check
+
         problems = check(config)
         for problem in problems:
             print(f"problem: {problem.text}", file=sys.stderr)
         if any(problem.certain for problem in problems):
             return EXIT_CONFIG
         return EXIT_FAILURE if problems else EXIT_OK
+    if args.command == "dead-letters":
+        return _dead_letters(config, args)
+    if args.command is None and not args.init_db:
+        from service import serve
+
+        return serve(config)
+    return _one_shot(config, args)
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    if args.check:
+        return "check"
+    if args.init_db:
+        return "init-db"
+    return str(args.command or "serve")
+
+
+def _import_modules(args: argparse.Namespace) -> ModuleNotFoundError | None:
+    """Import the modules the command runs (_MODULES), or say which one is not installed."""
+    try:
+        for module in _MODULES[_command_name(args)]:
+            importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        return exc
+    return None
+
+
+def _one_shot(config: Config, args: argparse.Namespace) -> int:
+    """--init-db, `results`, `verify` and `seal`: a database error is one line, exit 2 when retrying cannot fix it."""
+    import db
+
     try:
         if args.init_db:
+            from initdb import init_db
+
             return init_db(config)
         if args.command == "results":
+            import results
+
             if _withheld(config, args):
                 print(
                     "error: RESULTS_EMBARGO is true: per-law results are withheld while the polls are open; "
@@ -209,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_CONFIG
             return results.print_results(config, law_id=args.law, fmt=args.format)
         if args.command == "verify":
+            import verify
+
             return verify.print_verify(
                 config,
                 heads=args.head,
@@ -216,23 +237,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keys=args.keys,
                 embargo=_withheld(config, args),
             )
-        if args.command == "seal":
-            return seal.run(
-                config,
-                out_path=args.out,
-                skip_queue_check=args.skip_queue_check,
-                heads_files=args.heads,
-                keys=args.keys,
-            )
-        if args.command == "dead-letters":
-            return _dead_letters(config, args)
+        import seal
+
+        return seal.run(
+            config,
+            out_path=args.out,
+            skip_queue_check=args.skip_queue_check,
+            heads_files=args.heads,
+            keys=args.keys,
+        )
     except (db.DatabaseMissing, db.DatabaseConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except db.DatabaseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    return serve(config)
 
 
 def _withheld(config: Config, args: argparse.Namespace) -> bool:
@@ -258,214 +277,17 @@ def _who() -> str:
 
 
 def _dead_letters(config: Config, args: argparse.Namespace) -> int:
+    import pika.exceptions
+
+    import deadletters
+    from amqp import amqp_parameters, describe_error, refused_by_broker
+
     try:
         return deadletters.run(config, args, parameters=amqp_parameters(config, name="vote-aggregator dead-letters"))
     except (pika.exceptions.AMQPError, OSError) as exc:
         print(f"error: RabbitMQ {config.rabbitmq_url_for_logs()}: {describe_error(exc)}", file=sys.stderr)
         certain = refused_by_broker(exc) or isinstance(exc, ssl.SSLCertVerificationError)
         return EXIT_CONFIG if certain else EXIT_FAILURE
-
-
-def serve(config: Config) -> int:
-    """Run the service until SIGTERM or SIGINT. Returns the exit code."""
-    stop = threading.Event()
-    running: list[Consumer] = []  # the consumer once there is one, for the signal handler
-    _handle_signals(stop, running)
-    notifier = Notifier(os.environ)
-    metrics = Metrics(max_laws=config.metrics_max_laws, version=VERSION, embargo=config.results_embargo)
-    health = Health(stall_timeout_s=config.stall_timeout_s, notifier=notifier)
-    if not _serve_http(config, metrics, health):
-        return EXIT_CONFIG
-    try:
-        heads.check_heads_file(config.chain_heads_file)
-        signing_key = heads.load_signing_key(config.chain_signing_key_file, heads_file=config.chain_heads_file)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return EXIT_CONFIG
-    notifier.notify("STATUS=connecting to PostgreSQL")
-    try:
-        database = _open_database(config, stop)
-    except (db.DatabaseMissing, db.DatabaseConfigError) as exc:
-        logger.error("%s", exc)
-        return EXIT_CONFIG
-    if database is None:
-        return EXIT_OK
-    replication = _replication_watch(config, database, metrics)
-    try:
-        recorder = heads.HeadRecorder(
-            config=config,
-            chains=database.chains,
-            instance=database.instance_id,
-            key=signing_key,
-            before_final=database.settle_pending_links,
-        )
-        code = _count_votes(config, database, metrics, health, notifier, replication, stop, running, recorder)
-    finally:
-        replication.stop()
-        database.close()
-    logger.info("stopped (exit code %d)", code)
-    return code
-
-
-def _handle_signals(stop: threading.Event, running: list[Consumer]) -> None:
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        # A handler only sets flags; the connection thread runs the shutdown.
-        if stop.is_set():
-            # Second signal: leave now. Unacked votes are redelivered and absorbed.
-            os._exit(EXIT_FAILURE)
-        stop.set()
-        for consumer in running:
-            consumer.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-
-def _count_votes(
-    config: Config,
-    database: db.Database,
-    metrics: Metrics,
-    health: Health,
-    notifier: Notifier,
-    replication: ReplicationWatch,
-    stop: threading.Event,
-    running: list[Consumer],
-    recorder: heads.HeadRecorder,
-) -> int:
-    """Wire the consumer and the pipeline, and consume until stopped. Returns the exit code."""
-    _read_totals(database, metrics)
-    replication.start()  # said once before consuming, then on its own thread
-    summary = Summary(interval_s=config.log_summary_interval_s)
-    consumer = Consumer(
-        config=config,
-        metrics=metrics,
-        summary=summary,
-        notifier=notifier,
-        on_turn=health.turned,
-        hold=replication.hold_reason,
-    )
-    running.append(consumer)
-    # A connection of its own: a broker alarm blocks it, never the consuming one (acks go on).
-    dead_letters = DeadLetterPublisher(config=config, metrics=metrics)
-    pipeline = Pipeline(
-        config=config,
-        database=database,
-        metrics=metrics,
-        summary=summary,
-        settle=consumer.settle,
-        on_fatal=lambda _reason: consumer.request_stop(),
-        dead_letters=dead_letters,
-    )
-    health.watch(
-        consumer=consumer, pipeline=pipeline, hold=replication.hold_reason, blocked=lambda: dead_letters.blocked
-    )
-    if stop.is_set():
-        consumer.request_stop()
-    dead_letters.start()
-    pipeline.start()
-    recorder.start()
-    try:
-        code = _exit_code(consumer.run(pipeline), pipeline)
-    finally:
-        # Only now: the flush workers, done, no longer wait for a dead-letter copy.
-        dead_letters.stop()
-        # The final heads, signed, once no batch is being written: they anchor every committed batch.
-        try:
-            recorder.stop()
-        except Exception:
-            logger.exception("could not record the final chain heads")
-            code = EXIT_FAILURE
-        # Until here the shutdown guard bounds it all: publishing the final heads may wait on a
-        # broker that does not answer, or blocks publishers during an alarm.
-        consumer.shutdown_done()
-    # The last heads in the log too, so that a log kept elsewhere anchors them as well.
-    summary.log_heads()
-    return code
-
-
-def _replication_watch(config: Config, database: db.Database, metrics: Metrics) -> ReplicationWatch:
-    return ReplicationWatch(
-        read=database.replication_state,
-        metrics=metrics,
-        interval_s=config.postgres_replication_check_interval_s,
-        require_sync=config.postgres_require_sync_standby,
-        user=config.postgres_user,
-    )
-
-
-def _serve_http(config: Config, metrics: Metrics, health: Health) -> bool:
-    """/metrics, /healthz and /readyz; False (logged) when the port cannot be had or its lock cannot be read."""
-    try:
-        lock = httpauth.load(config)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return False
-    try:
-        metrics.serve(
-            port=config.prometheus_port,
-            addr=config.prometheus_bind_address,
-            readiness=health.readiness,
-            liveness=health.liveness,
-            tls=lock.tls,
-            auth=lock.auth,
-        )
-    except OSError as exc:
-        logger.error(
-            "cannot serve metrics on %s:%d (PROMETHEUS_BIND_ADDRESS, PROMETHEUS_PORT): %s",
-            config.prometheus_bind_address,
-            config.prometheus_port,
-            exc,
-        )
-        return False
-    return True
-
-
-def _open_database(config: Config, stop: threading.Event) -> db.Database | None:
-    """Connect and make sure the schema exists, waiting for PostgreSQL if it is down."""
-    database = db.Database(config=config)
-    delay = 1.0
-    while not stop.is_set():
-        try:
-            database.open()
-            database.ensure_schema()
-            logger.info("connected to PostgreSQL at %s", config.postgres_target_for_logs())
-            _warn_about_privileges(database)
-            return database
-        except db.RetryableError as exc:
-            database.close()
-            logger.warning("PostgreSQL not available (%s); retrying in %.1fs", exc, delay)
-        stop.wait(delay)
-        delay = min(delay * 2, config.retry_max_delay_s)
-    return None
-
-
-def _warn_about_privileges(database: db.Database) -> None:
-    """Least privilege (docs/security.md): say so when the service's role could rewrite the audit trail."""
-    try:
-        warnings = database.privilege_warnings()
-    except db.DatabaseError as exc:
-        logger.warning("could not check the PostgreSQL role's rights (%s)", exc)
-        return
-    for warning in warnings:
-        logger.warning("%s", warning)
-
-
-def _read_totals(database: db.Database, metrics: Metrics) -> None:
-    try:
-        metrics.set_totals(database.read_totals())
-    except db.DatabaseError as exc:
-        logger.warning("could not read current totals (%s); gauges fill in as batches commit", exc)
-    metrics.database_up.set(1)
-
-
-def _exit_code(code: int, pipeline: Pipeline) -> int:
-    """A run that left a batch unsettled, or hit a fatal error, did not end cleanly."""
-    unsettled = pipeline.unsettled
-    if unsettled:
-        logger.error("%d batches were not settled: RabbitMQ redelivers their votes", unsettled)
-    if (unsettled or pipeline.fatal is not None) and code == EXIT_OK:
-        return EXIT_FAILURE
-    return code
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""One-shot commands: `--check` and `--init-db` (`results` lives in results.py, `verify` in verify.py)."""
+"""`--check`: the configuration, both servers and the schema, one line per problem (`--init-db` lives in
+initdb.py, `results` in results.py, `verify` in verify.py)."""
 
 from __future__ import annotations
 
@@ -11,28 +12,11 @@ import pika
 import pika.exceptions
 
 import db
-import exits
 import heads
 import httpauth
 from amqp import amqp_parameters, describe_error, open_connection, refused_by_broker
 from config import Config
-from health import describe_replication
-from schema import SCHEMA_VERSION
-
-
-def init_db(config: Config) -> int:
-    if db.create_database(config):
-        print(f"created database {config.postgres_db}")
-    database = db.Database(config=config)
-    database.open()
-    try:
-        found, applied = database.apply_schema()
-    finally:
-        database.close()
-    was = f"was {found}" if found else "a new schema"
-    steps = f"; migrations applied: {', '.join(applied)}" if applied else ""
-    print(f"schema applied to {config.postgres_target_for_logs()}: version {SCHEMA_VERSION} ({was}){steps}")
-    return exits.OK
+from replication import describe_replication
 
 
 @dataclass(frozen=True)

@@ -20,17 +20,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pika
-import pika.exceptions
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from amqp import amqp_parameters, close_quietly, describe_error, open_connection
 from chain import Chains, Link
 from config import Config
+
+if TYPE_CHECKING:
+    import pika
+
+# pika and amqp.py are imported where HeadRecorder publishes: `verify` and `seal` read and check
+# heads without them (`verify` has no other use for pika, a tenth of its start-up).
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +241,8 @@ class HeadRecorder:
                 logger.warning("could not settle the chains' last links before the final heads: %s", exc)
         self.record(final=True)
         if self._connection is not None:
+            from amqp import close_quietly
+
             close_quietly(self._connection.close)
             self._connection = None
 
@@ -277,6 +282,11 @@ class HeadRecorder:
         exchange = self._config.chain_heads_exchange
         if not exchange:
             return
+        import pika
+        import pika.exceptions
+
+        from amqp import amqp_parameters, close_quietly, describe_error, open_connection
+
         try:
             if self._connection is None or not self._connection.is_open:
                 self._connection = open_connection(amqp_parameters(self._config, name="vote-aggregator chain-heads"))

@@ -151,3 +151,47 @@ class CommitCheck:
             f"synchronous_standby_names={names!r}, {len(have)} of {required} past WAL {flushed}); not acked",
             outcome=self.outcome,
         )
+
+
+def describe_replication(state: ReplicationState, *, user: str) -> str:
+    """One line: what losing the primary would cost the votes already acked.
+
+    Figures that change all the time (replication lag) come last, in brackets, and do not
+    make the line count as changed.
+    """
+    where = f"PostgreSQL replication on {state.server or 'the primary'}"
+    names = state.standby_names
+    if not state.readable:
+        return (
+            f"{where}: unknown, role {user} cannot see the standbys' state in pg_stat_replication "
+            "(apply init_db.sql and service_role.sql again as an administrator, which grants it "
+            "vote_replication_standbys()); assume a failover could lose acked votes"
+        )
+    if state.failover_safe:
+        return (
+            f"{where}: synchronous, every commit waits until {state.required} of "
+            f"synchronous_standby_names={names!r} has it (attached: {', '.join(state.synchronous)}); "
+            "a failover to a synchronous standby loses no acked vote"
+        )
+    if state.required == 0 and not state.standbys:
+        return (
+            f"{where}: no standby; acked votes are as safe as this server's disk, "
+            "and there is no standby to fail over to"
+        )
+    if state.required == 0:
+        lags = [lag for _name, _state, lag in state.standbys if lag is not None]
+        return (
+            f"{where}: asynchronous to {', '.join(name for name, _s, _l in state.standbys)} "
+            "(synchronous_standby_names is empty); a failover can lose the votes acked just before it, "
+            f"and RabbitMQ will not redeliver them [standbys behind by up to {max(lags, default=0)} bytes of WAL]"
+        )
+    if not state.commits_wait:
+        return (
+            f"{where}: synchronous_commit={state.synchronous_commit}, so commits do not wait for "
+            f"synchronous_standby_names={names!r}; a failover can lose the votes acked just before it"
+        )
+    return (
+        f"{where}: commits wait for {state.required} synchronous standby(s) of {names!r} and "
+        f"{len(state.synchronous)} attached: writing stalls until one attaches, and a commit whose wait is "
+        "cut short (a cancel, or the connection dropped) is kept only on the primary and can be lost in a failover"
+    )

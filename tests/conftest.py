@@ -10,12 +10,18 @@ And the `ha` marker kept true: a test that starts, stops or kills a throwaway se
 from __future__ import annotations
 
 import functools
+import os
+import stat
+import sys
+import tempfile
+import uuid
 from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg2 import sql
 
 from tests import skips
 from tests.patroni_cluster import Member
@@ -33,10 +39,69 @@ from tests.support import (
 )
 
 
+def _keep_bytecode() -> None:
+    """Compiled bytecode kept for the run, outside the checkout, under PYTHONDONTWRITEBYTECODE too.
+
+    The run starts some two hundred Python processes (the service, its commands, the tools) and
+    every xdist worker imports the test modules: with bytecode not written (a Docker-style shell
+    sets PYTHONDONTWRITEBYTECODE=1) each of them compiled the same sources again, a third of what
+    a command costs. They keep it instead in a directory of this user's under the system temporary
+    directory (PYTHONPYCACHEPREFIX), never in the checkout; the workers, started after this, and
+    every subprocess inherit it. Without PYTHONDONTWRITEBYTECODE, `__pycache__` does the same.
+    """
+    if not sys.flags.dont_write_bytecode:
+        return
+    prefix = Path(tempfile.gettempdir()) / f"vote-aggregator-test-bytecode-{os.getuid()}"
+    try:
+        prefix.mkdir(mode=0o700, exist_ok=True)
+        owned = prefix.lstat()
+    except OSError:
+        return
+    # Only a directory of this user's that no one else can write: bytecode found there is run.
+    if not stat.S_ISDIR(owned.st_mode) or owned.st_uid != os.getuid() or owned.st_mode & 0o022:
+        return
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(prefix)
+    sys.pycache_prefix = str(prefix)
+    sys.dont_write_bytecode = False
+
+
+_keep_bytecode()
+
+
+@pytest.fixture(scope="session")
+def _spent_databases() -> Iterator[list[str]]:
+    """The tests' databases, dropped when the worker's tests are done rather than after each test.
+
+    DROP DATABASE makes PostgreSQL flush every dirty page of the server and wait (a checkpoint): one
+    after each test made every other worker's writes start again with full-page images in the WAL.
+    """
+    names: list[str] = []
+    yield names
+    admin = pg_connect("postgres")
+    try:
+        with admin.cursor() as cur:
+            for name in names:
+                cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    finally:
+        admin.close()
+
+
 @pytest.fixture
-def dbname() -> Iterator[str]:
-    with scratch_database(pg_connect("postgres"), prefix="agg_test") as name:
+def dbname(_spent_databases: list[str]) -> Iterator[str]:
+    """A new, empty database of the test's own; its sessions are ended after the test, the database
+    itself with the worker's others (_spent_databases)."""
+    name = f"agg_test_{uuid.uuid4().hex[:12]}"
+    admin = pg_connect("postgres")
+    try:
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        _spent_databases.append(name)
         yield name
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+    finally:
+        admin.close()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from ruamel.yaml import YAML
 
 import exits
-import health
+import replication
 from replication import ReplicationState
 from tests.support import ROOT, outside_checkout, run_cli, service_env
 
@@ -100,7 +100,7 @@ def test_the_service_itself_gives_the_same_advice_when_it_cannot_read_the_standb
     # docs/high-availability.md shows it.
     unreadable = ReplicationState(server="db1:5432", standby_names="standby1", synchronous_commit="on",
                                   standbys=(("standby1", None, None),))  # fmt: skip
-    line = health.describe_replication(unreadable, user="aggregator")
+    line = replication.describe_replication(unreadable, user="aggregator")
     assert "apply init_db.sql and service_role.sql again as an administrator" in line
     assert not re.search(r"pg_read_all_stats|pg_monitor", line), line
     assert f"WARNING {line}" in (DOCS / "high-availability.md").read_text()

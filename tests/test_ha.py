@@ -21,7 +21,7 @@ import db
 import replication
 from amqp import declare_queues
 from config import Config, ConfigError, load_config
-from health import describe_replication
+from replication import describe_replication
 from tests.support import (
     RABBITMQ_HOST,
     RABBITMQ_PORT,
