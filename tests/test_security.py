@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import ssl
 import urllib.error
@@ -400,7 +401,36 @@ def test_under_the_embargo_nothing_the_service_serves_or_logs_shows_a_per_law_co
     assert any("hash chain head" in e["message"] for e in entries)  # the log is not empty of what matters
     for entry in entries:
         entry.pop("time")
-        assert leaks(json.dumps(entry)) == [], entry
+        assert leaks(json.dumps(_without_summary_sums(entry))) == [], entry
+
+
+# The summary line's fields (summary.py): sums over every law and choice, which the embargo allows.
+# Which values they take depends on timing ("697 buffered"), so one may equal a per-law figure by
+# chance; the line is checked for anything besides them instead.
+_SUMMARY_SUMS = {
+    "interval_s", "votes_per_s", "received", "counted", "redelivered", "duplicate_attempts", "rejected",
+    "batches", "database_errors", "laws", "buffered",
+}  # fmt: skip
+
+
+def _spellings(value: float) -> set[str]:
+    """How the message may write a field's value: its fields are rounded to 0.1, the message to units."""
+    if isinstance(value, int):
+        return {str(value)}
+    return {str(value)} | {str(n) for n in range(math.floor(value - 0.05), math.ceil(value + 0.05) + 1)}
+
+
+def _without_summary_sums(entry: dict[str, Any]) -> dict[str, Any]:
+    """A summary entry without its sums, once the numbers in its message are shown to be just them."""
+    if "received" not in entry:
+        return entry
+    sums = {key: entry[key] for key in _SUMMARY_SUMS if key in entry}
+    spelled = {text for value in sums.values() for text in _spellings(value)}
+    said = _NUMBER.findall(entry["message"])
+    assert set(said) <= spelled, (said, sums)  # the message's numbers are its fields' values
+    rest = {key: value for key, value in entry.items() if key not in sums}
+    rest["message"] = _NUMBER.sub("#", entry["message"])  # its words are still checked (law ids)
+    return rest
 
 
 # -- the metrics port: TLS and basic auth ------------------------------------------------------------
