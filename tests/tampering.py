@@ -53,6 +53,22 @@ def rechain(cur: psycopg2.extensions.cursor, chain: str) -> None:
         )
 
 
+def truncate_link(cur: psycopg2.extensions.cursor, chain: str, seq: int) -> None:
+    """Remove link `seq` of `chain`, its rows, and their votes from the totals: a tail cut off so
+    that the totals, the rows and the chain still agree with each other."""
+    cur.execute("SELECT vote_hashes FROM vote_chain WHERE chain_id = %s AND seq = %s", (chain, seq))
+    [(hashes,)] = cur.fetchall()
+    cur.execute(
+        "UPDATE vote_results r SET oui_count = r.oui_count - a.oui, non_count = r.non_count - a.non "
+        "FROM (SELECT law_id, count(*) FILTER (WHERE choice = 'oui') AS oui, "
+        "      count(*) FILTER (WHERE choice = 'non') AS non FROM vote_audit "
+        "      WHERE vote_hash = ANY(%s) GROUP BY law_id) a WHERE r.law_id = a.law_id",
+        (hashes,),
+    )
+    cur.execute("DELETE FROM vote_audit WHERE vote_hash = ANY(%s)", (hashes,))
+    cur.execute("DELETE FROM vote_chain WHERE chain_id = %s AND seq = %s", (chain, seq))
+
+
 # Protocol codes of the requests a client may send before its startup message, untyped like it.
 _SSL_REQUEST, _GSSENC_REQUEST = 80877103, 80877104
 

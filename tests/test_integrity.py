@@ -42,7 +42,7 @@ from tests.support import (
     service_env,
     wait_for,
 )
-from tests.tampering import QueryRewriter, maintenance, rechain, vote
+from tests.tampering import QueryRewriter, maintenance, rechain, truncate_link, vote
 
 MakeService = Callable[..., Service]
 
@@ -124,17 +124,7 @@ def test_a_rogue_chain_written_with_the_services_credentials_is_caught(
 def test_a_truncated_tail_is_caught(election: tuple[str, Path, Path]) -> None:
     dbname, heads_file, public = election
     with maintenance(dbname) as cur:
-        cur.execute("SELECT vote_hashes FROM vote_chain WHERE chain_id = 'legit' AND seq = 3")
-        [(hashes,)] = cur.fetchall()
-        cur.execute(
-            "UPDATE vote_results r SET oui_count = r.oui_count - a.oui, non_count = r.non_count - a.non "
-            "FROM (SELECT law_id, count(*) FILTER (WHERE choice = 'oui') AS oui, "
-            "      count(*) FILTER (WHERE choice = 'non') AS non FROM vote_audit "
-            "      WHERE vote_hash = ANY(%s) GROUP BY law_id) a WHERE r.law_id = a.law_id",
-            (hashes,),
-        )
-        cur.execute("DELETE FROM vote_audit WHERE vote_hash = ANY(%s)", (hashes,))
-        cur.execute("DELETE FROM vote_chain WHERE chain_id = 'legit' AND seq = 3")
+        truncate_link(cur, "legit", 3)
     assert run_cli("verify", env=service_env(dbname=dbname)).returncode == 0  # consistent without the heads
     code, lines = verify(dbname, heads_file, public)
     assert code == 1
@@ -474,17 +464,7 @@ def test_periodic_heads_at_warning_level_anchor_the_chains_of_an_instance_killed
     # periodic heads catch it, as the final ones would have.
     [(chain_id, last)] = query(dbname, "SELECT chain_id, max(seq) FROM vote_chain GROUP BY 1 ORDER BY 1 LIMIT 1")
     with maintenance(dbname) as cur:
-        cur.execute("SELECT vote_hashes FROM vote_chain WHERE chain_id = %s AND seq = %s", (chain_id, last))
-        [(hashes,)] = cur.fetchall()
-        cur.execute(
-            "UPDATE vote_results r SET oui_count = r.oui_count - a.oui, non_count = r.non_count - a.non "
-            "FROM (SELECT law_id, count(*) FILTER (WHERE choice = 'oui') AS oui, "
-            "      count(*) FILTER (WHERE choice = 'non') AS non FROM vote_audit "
-            "      WHERE vote_hash = ANY(%s) GROUP BY law_id) a WHERE r.law_id = a.law_id",
-            (hashes,),
-        )
-        cur.execute("DELETE FROM vote_audit WHERE vote_hash = ANY(%s)", (hashes,))
-        cur.execute("DELETE FROM vote_chain WHERE chain_id = %s AND seq = %s", (chain_id, last))
+        truncate_link(cur, chain_id, last)
     assert run_cli("verify", env=service_env(dbname=dbname)).returncode == 0  # consistent without the heads
     code, out = verify_heads(dbname, svc.heads_path, public)
     assert code == 1
