@@ -356,25 +356,38 @@ def test_the_service_stops_on_an_integrity_failure_and_leaves_the_votes_in_rabbi
     wait_for(lambda: queue_state(queue) == (50, 0), timeout=30, what="every vote back in the queue")
 
 
+class HeadsObserver:
+    """An observer's copy of the signed heads: a queue of its own bound to CHAIN_HEADS_EXCHANGE."""
+
+    def __init__(self, exchange: str) -> None:
+        self.exchange = exchange
+        self.published: list[str] = []
+        self._connection = amqp_connection()
+        self._channel = self._connection.channel()
+        self._channel.exchange_declare(exchange, exchange_type="fanout", durable=True)
+        self._copy = self._channel.queue_declare("", exclusive=True).method.queue
+        self._channel.queue_bind(self._copy, exchange)
+
+    def take(self) -> list[str]:
+        """Every record published so far, in order."""
+        while (body := self._channel.basic_get(self._copy, auto_ack=True)[2]) is not None:
+            self.published.append(body.decode())
+        return self.published
+
+    def close(self) -> None:
+        self._connection.close()
+
+
 def test_the_service_signs_its_heads_into_the_file_and_the_exchange(
     make_service: MakeService, dbname: str, queue: str, tmp_path: Path
 ) -> None:
     key, public = key_files(tmp_path)
-    private = tmp_path / "instance.pem"
-    private.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    exchange = f"{queue}.heads"
-    observer = amqp_connection()
-    channel = observer.channel()
-    channel.exchange_declare(exchange, exchange_type="fanout", durable=True)
-    copy = channel.queue_declare("", exclusive=True).method.queue
-    channel.queue_bind(copy, exchange)
+    observer = HeadsObserver(f"{queue}.heads")
     try:
         svc = make_service(
             {
-                "CHAIN_SIGNING_KEY_FILE": str(private),
-                "CHAIN_HEADS_EXCHANGE": exchange,
+                "CHAIN_SIGNING_KEY_FILE": str(private_key_file(key, tmp_path / "instance.pem")),
+                "CHAIN_HEADS_EXCHANGE": observer.exchange,
                 "FLUSH_WORKERS": "2",
                 "BATCH_SIZE": "50",
                 "LOG_LEVEL": "WARNING",  # heads are recorded whatever the log level
@@ -386,12 +399,7 @@ def test_the_service_signs_its_heads_into_the_file_and_the_exchange(
         wait_for(lambda: audit_count(dbname) == len(votes), timeout=30, what="every vote counted")
         assert svc.stop() == 0
         lines = svc.heads_path.read_text().splitlines()
-        published = []
-        while True:
-            _method, _props, body = channel.basic_get(copy, auto_ack=True)
-            if body is None:
-                break
-            published.append(body.decode())
+        published = observer.take()
     finally:
         observer.close()
     chains = {row[0] for row in query(dbname, "SELECT DISTINCT chain_id FROM vote_chain")}
@@ -410,13 +418,7 @@ def test_periodic_heads_at_warning_level_anchor_the_chains_of_an_instance_killed
     make_service: MakeService, dbname: str, queue: str, tmp_path: Path
 ) -> None:
     key, public = key_files(tmp_path)
-    exchange = f"{queue}.heads"
-    observer = amqp_connection()
-    channel = observer.channel()
-    channel.exchange_declare(exchange, exchange_type="fanout", durable=True)
-    copy = channel.queue_declare("", exclusive=True).method.queue
-    channel.queue_bind(copy, exchange)
-    published: list[str] = []
+    observer = HeadsObserver(f"{queue}.heads")
 
     def vouched_for(lines: list[str]) -> bool:
         newest: dict[str, int] = {}
@@ -425,16 +427,14 @@ def test_periodic_heads_at_warning_level_anchor_the_chains_of_an_instance_killed
         return newest == dict(query(dbname, "SELECT chain_id, max(seq) FROM vote_chain GROUP BY 1"))
 
     def heads_cover_every_link() -> bool:
-        while (body := channel.basic_get(copy, auto_ack=True)[2]) is not None:
-            published.append(body.decode())
         lines = svc.heads_path.read_text().splitlines() if svc.heads_path.exists() else []
-        return vouched_for(lines) and vouched_for(published)
+        return vouched_for(lines) and vouched_for(observer.take())
 
     try:
         svc = make_service(
             {
                 "CHAIN_SIGNING_KEY_FILE": str(private_key_file(key, tmp_path / "instance.pem")),
-                "CHAIN_HEADS_EXCHANGE": exchange,
+                "CHAIN_HEADS_EXCHANGE": observer.exchange,
                 "CHAIN_HEADS_INTERVAL_SECONDS": "0.2",
                 "FLUSH_WORKERS": "2",
                 "BATCH_SIZE": "50",
@@ -449,6 +449,7 @@ def test_periodic_heads_at_warning_level_anchor_the_chains_of_an_instance_killed
         svc.kill()  # kill -9: no final head
     finally:
         observer.close()
+    published = observer.published
     lines = svc.heads_path.read_text().splitlines()
     assert not any(json.loads(line)["final"] for line in lines)
     assert set(published) <= set(lines)
