@@ -515,6 +515,9 @@ def test_no_vote_is_acked_while_the_synchronous_standby_is_frozen(
         POSTGRES_REPLICATION_CHECK_INTERVAL_SECONDS="0.5",
         POSTGRES_QUERY_TIMEOUT_SECONDS="1",
         BATCH_SIZE=str(batch),
+        # Only full batches: the one whose commit waits holds `batch` votes however slowly the
+        # second votes arrive (with the tests' 0.2 s, a loaded machine once wrote 69 of them).
+        BATCH_TIMEOUT_SECONDS="60",
         RABBITMQ_PREFETCH_COUNT=str(prefetch),
         **HA_RETRY,
     ).start()
