@@ -51,6 +51,7 @@ from tests.support import (  # noqa: E402
     declare_queue,
     pg_connect,
     run_cli,
+    scratch_database,
     scratch_queues,
     service_env,
     tool_command,
@@ -215,26 +216,20 @@ class Units:
 def measure_units(rounds: int) -> dict[str, float]:
     """Median core-seconds of each unit over `rounds`, one unit after the other in each round."""
     spent: dict[str, list[float]] = {unit: [] for unit in UNITS}
-    admin = pg_connect("postgres")
-    dbname = f"agg_test_cost_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-    try:
-        with tempfile.TemporaryDirectory(prefix="suite-cost-") as workdir, scratch_queues() as queues:
-            units = Units(Path(workdir), dbname, declare_queue(queues))
-            try:
-                actions = units.actions()
-                for _ in range(rounds):
-                    for unit in UNITS:
-                        action = actions[unit]
-                        time.sleep(0.5)  # what the previous unit left to the servers (a checkpoint) ends first
-                        spent[unit].append(machine_cpu(action))
-            finally:
-                units.close()
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
-        admin.close()
+    with (
+        scratch_database(pg_connect("postgres"), prefix="agg_test_cost") as dbname,
+        tempfile.TemporaryDirectory(prefix="suite-cost-") as workdir,
+        scratch_queues() as queues,
+    ):
+        units = Units(Path(workdir), dbname, declare_queue(queues))
+        try:
+            actions = units.actions()
+            for _ in range(rounds):
+                for unit in UNITS:
+                    time.sleep(0.5)  # what the previous unit left to the servers (a checkpoint) ends first
+                    spent[unit].append(machine_cpu(actions[unit]))
+        finally:
+            units.close()
     each = {unit: statistics.median(values) for unit, values in spent.items()}
     # The role's database was created and dropped with it: the database's own cost is its unit's.
     each["service role with its schema"] = max(0.0, each["service role with its schema"] - each["test database"])
